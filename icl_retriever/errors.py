@@ -1,0 +1,38 @@
+"""Exception types: every failure we detect is raised as an ICLRetrieverError subclass."""
+
+from __future__ import annotations
+
+
+class ICLRetrieverError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class PoolError(ICLRetrieverError, ValueError):
+    """A pool file or record is malformed. The message names the file and line when known."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        elif line is not None:
+            where = f"record {line}: "
+        super().__init__(f"{where}{message}")
+
+
+class IndexFormatError(ICLRetrieverError):
+    """An index directory is missing, incomplete, corrupted or incompatible."""
+
+
+class IndexExistsError(IndexFormatError, FileExistsError):
+    """The target index directory exists and overwriting was not requested."""
+
+
+class EncoderMismatchError(IndexFormatError):
+    """The encoder that would embed queries is not the one the index was built with."""
+
+
+class ModelLoadError(ICLRetrieverError):
+    """A model could not be located, verified or loaded."""
+

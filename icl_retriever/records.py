@@ -1,0 +1,178 @@
+"""Demonstration records and the pool formats they are read from.
+
+A pool is validated completely before any embedding work starts, so a bad line at the end of a large
+file fails in seconds, and every error names the file and the line (or record) at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from icl_retriever.errors import PoolError
+
+#: Fields of a record that are not metadata.
+CORE_FIELDS = ("id", "instruction", "input", "output")
+
+
+class Demo(BaseModel):
+    """One demonstration: what the LLM is asked, on what, and a good answer.
+
+    Only ``instruction`` is embedded: it carries the task. ``score`` is set on retrieved results
+    (cosine similarity of the instruction embeddings; higher is closer).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    instruction: str
+    input: str = ""
+    output: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    score: float | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The stored form: everything but the retrieval score."""
+        return self.model_dump(exclude={"score"})
+
+
+def stable_id(instruction: str, input: str, output: str) -> str:
+    """A content hash, so rebuilding the same pool gives the same ids."""
+    payload = json.dumps([instruction, input, output], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def demo_from_record(record: Any, *, path: str | None = None, line: int | None = None, task: str | None = None) -> Demo:
+    """Validate one raw record (dict or Demo) into a :class:`Demo`; unknown fields go to metadata.
+
+    Raises:
+        PoolError: naming the file and line (or record number) and the field at fault.
+    """
+    if isinstance(record, Demo):
+        return record.model_copy(update={"score": None})
+    if not isinstance(record, Mapping):
+        raise PoolError(f"expected a JSON object, got {type(record).__name__}", path=path, line=line)
+    if "instruction" not in record:
+        raise PoolError("record has no 'instruction' field", path=path, line=line)
+    values: dict[str, str] = {}
+    for name in ("instruction", "input", "output"):
+        value = record.get(name, "")
+        if value is None and name != "instruction":
+            value = ""
+        if not isinstance(value, str):
+            raise PoolError(f"field '{name}' must be a string, got {type(value).__name__}", path=path, line=line)
+        values[name] = value
+    if not values["instruction"].strip():
+        raise PoolError("field 'instruction' is empty", path=path, line=line)
+    metadata: dict[str, Any] = {}
+    raw_meta = record.get("metadata")
+    if raw_meta is not None:
+        if not isinstance(raw_meta, Mapping):
+            raise PoolError(f"field 'metadata' must be an object, got {type(raw_meta).__name__}", path=path, line=line)
+        metadata.update(raw_meta)
+    metadata.update({k: v for k, v in record.items() if k not in CORE_FIELDS and k not in ("metadata", "score")})
+    if task is not None:
+        metadata.setdefault("task", task)
+    raw_id = record.get("id")
+    if raw_id is None:
+        demo_id = stable_id(values["instruction"], values["input"], values["output"])
+    elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and str(raw_id).strip():
+        demo_id = str(raw_id)
+    else:
+        raise PoolError(f"field 'id' must be a non-empty string or integer, got {raw_id!r}", path=path, line=line)
+    return Demo(id=demo_id, metadata=metadata, **values)
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise PoolError("no such file", path=str(path))
+    if path.is_dir():
+        raise PoolError("is a directory, expected a pool file (.jsonl or .json)", path=str(path))
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PoolError(f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})", path=str(path), line=line) from exc
+
+
+def _is_ieb(data: Any) -> bool:
+    return isinstance(data, dict) and bool(data) and all(isinstance(v, dict) and "samples" in v for v in data.values())
+
+
+def _iter_file(path: Path) -> Iterator[tuple[str, Demo]]:
+    """Yield (where, demo) pairs; ``where`` locates the record for error messages."""
+    text = _read_text(path)
+    name = str(path)
+    stripped = text.lstrip()
+    whole: Any = None
+    if stripped[:1] in ("[", "{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # not one JSON document: read as JSONL below
+    if isinstance(whole, list):
+        for i, record in enumerate(whole, start=1):
+            where = f"{name} (record {i})"
+            yield where, demo_from_record(record, path=where)
+        return
+    if _is_ieb(whole):
+        for label, group in whole.items():
+            samples = group["samples"]
+            if not isinstance(samples, list):
+                raise PoolError(f"task {label!r}: 'samples' must be a list", path=name)
+            for i, record in enumerate(samples, start=1):
+                where = f"{name} (task {label!r}, sample {i})"
+                yield where, demo_from_record(record, path=where, task=label)
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PoolError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=name, line=lineno) from exc
+        yield f"{name}:{lineno}", demo_from_record(record, path=name, line=lineno)
+
+
+def load_pool(source: str | Path | Iterable[Demo | Mapping[str, Any]]) -> list[Demo]:
+    """Read and validate a whole pool.
+
+    Args:
+        source: a JSONL file (one record per line), a JSON list of Alpaca-style records, an IEB file
+            (``label -> {"samples": [...]}``, the label stored as ``metadata["task"]``), or an
+            iterable of :class:`Demo` / dicts.
+
+    Returns:
+        The demos, in pool order, with ids (content hashes where the pool gave none).
+
+    Raises:
+        PoolError: the pool is empty, a record is malformed, or two records share an id.
+    """
+    if isinstance(source, (str, Path)):
+        name: str | None = str(source)
+        located = list(_iter_file(Path(source)))
+    else:
+        name = None
+        located = [(f"record {i}", demo_from_record(r, line=i)) for i, r in enumerate(source, start=1)]
+    if not located:
+        raise PoolError("pool has no records", path=name)
+    demos = [demo for _, demo in located]
+    seen: dict[str, int] = {}
+    for i, demo in enumerate(demos):
+        if demo.id in seen:
+            if demo.id != stable_id(demo.instruction, demo.input, demo.output):
+                first = located[seen[demo.id]][0]
+                raise PoolError(f"{located[i][0]}: duplicate id {demo.id!r} (first used at {first})")
+            # Identical content without an explicit id: keep both, distinguishable and still stable.
+            n = 2
+            while f"{demo.id}-{n}" in seen:
+                n += 1
+            demo.id = f"{demo.id}-{n}"
+        seen[demo.id] = i
+    return demos

@@ -1,0 +1,191 @@
+"""The retriever: a pool of demos, their PIE embeddings in FAISS, and task-matched look-up."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from icl_retriever.encoder import PIEEncoder
+from icl_retriever.errors import EncoderMismatchError
+from icl_retriever.index_store import Manifest, check_target, load_index, new_flat_index, save_index
+from icl_retriever.records import Demo, load_pool
+
+
+class Retriever:
+    """Return, for a request, the k demonstrations that show the same kind of task.
+
+    >>> r = Retriever.from_index("indexes/default")
+    >>> [d.metadata["task"] for d in r.get_demos("Translate 'good night' into German.", k=2)]
+    ['translation_en_de', 'translation_en_de']
+
+    Build one with :func:`build_index` (on disk) or :meth:`from_demos` (in memory).
+    """
+
+    def __init__(
+        self,
+        encoder: PIEEncoder,
+        index: faiss.Index,
+        demos: Sequence[Demo],
+        *,
+        path: Path | None = None,
+        manifest: Manifest | None = None,
+    ) -> None:
+        if index.ntotal != len(demos):
+            raise ValueError(f"index holds {index.ntotal} vectors but {len(demos)} demos were given")
+        if index.d != encoder.dim:
+            raise EncoderMismatchError(f"index vectors have dim {index.d}, the encoder gives {encoder.dim}")
+        self.encoder = encoder
+        self.index = index
+        self.demos = list(demos)
+        self.path = path
+        self.manifest = manifest
+        # FAISS indexes may be searched concurrently; the torch model may not run two forwards at once.
+        self._encode_lock = threading.Lock()
+
+    # construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_index(cls, path: str | Path, *, encoder: PIEEncoder | None = None, verify: bool = True) -> Retriever:
+        """Open an index directory with the encoder it was built with.
+
+        Args:
+            path: the index directory.
+            encoder: an already loaded encoder to reuse; it must have the index's fingerprint.
+            verify: check data files' sha256 (sizes and shapes are always checked).
+
+        Raises:
+            IndexFormatError: the directory is missing, incomplete or corrupted.
+            EncoderMismatchError: the encoder differs from the one the index was built with.
+            ModelLoadError: the index's model cannot be loaded.
+        """
+        path = Path(path)
+        manifest, index, demos = load_index(path, verify=verify)
+        if encoder is None:
+            cfg = manifest.encoder
+            encoder = PIEEncoder(
+                cfg.model, template=cfg.template, pooling=cfg.pooling, max_length=cfg.max_length, add_period=cfg.add_period
+            )
+        if encoder.fingerprint != manifest.fingerprint:
+            raise EncoderMismatchError(
+                f"{path}: built with encoder {manifest.fingerprint} ({manifest.encoder.model!r}), but the encoder "
+                f"now loaded is {encoder.fingerprint} ({encoder.config.model!r}); rebuild the index with this encoder"
+            )
+        return cls(encoder, index, demos, path=path, manifest=manifest)
+
+    @classmethod
+    def from_demos(
+        cls,
+        demos: str | Path | Iterable[Demo | Mapping[str, Any]],
+        *,
+        encoder: PIEEncoder | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+    ) -> Retriever:
+        """Embed a pool (file or records) into an in-memory retriever; nothing is written."""
+        pool = load_pool(demos)
+        encoder = encoder or PIEEncoder()
+        vectors = encoder.encode(
+            [d.instruction for d in pool], batch_size=batch_size, show_progress_bar=show_progress_bar
+        )
+        return cls(encoder, new_flat_index(vectors), pool)
+
+    def save(self, path: str | Path, *, force: bool = False) -> Manifest:
+        """Write this retriever's index to a directory (atomically; ``force`` to replace one)."""
+        self.manifest = save_index(
+            path,
+            self.index,
+            self.demos,
+            encoder_config=self.encoder.config,
+            fingerprint=self.encoder.fingerprint,
+            force=force,
+        )
+        self.path = Path(path)
+        return self.manifest
+
+    # look-up --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.demos)
+
+    def get_demos(self, query: str, k: int = 4) -> list[Demo]:
+        """The ``k`` demos whose instructions show the query's task, best first, each with ``score``.
+
+        Args:
+            query: the incoming instruction (its input may be included; the task is what counts).
+            k: how many; more than the pool holds returns the whole pool.
+
+        Raises:
+            ValueError: empty query or ``k < 1``.
+        """
+        return self.get_demos_batch([query], k=k)[0]
+
+    def get_demos_batch(self, queries: Sequence[str], k: int = 4) -> list[list[Demo]]:
+        """:meth:`get_demos` for many queries, embedded in one batch."""
+        if isinstance(queries, str):
+            raise TypeError("get_demos_batch takes a sequence of queries; use get_demos for one")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        for i, q in enumerate(queries):
+            if not isinstance(q, str):
+                raise TypeError(f"query {i} is {type(q).__name__}, expected str")
+            if not q.strip():
+                raise ValueError(f"query {i} is empty")
+        if not queries:
+            return []
+        with self._encode_lock:
+            vectors = self.encoder.encode(list(queries), show_progress_bar=False)
+        return self._search(vectors, k)
+
+    def _search(self, vectors: np.ndarray, k: int) -> list[list[Demo]]:
+        k = min(k, len(self.demos))
+        if k == 0:
+            return [[] for _ in range(len(vectors))]
+        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        return [
+            [self.demos[j].model_copy(update={"score": float(s)}) for s, j in zip(row_s, row_i, strict=True) if j >= 0]
+            for row_s, row_i in zip(scores, ids, strict=True)
+        ]
+
+    def __repr__(self) -> str:
+        where = f", path={str(self.path)!r}" if self.path else ""
+        return f"Retriever(demos={len(self.demos)}, encoder={self.encoder!r}{where})"
+
+
+def build_index(
+    pool: str | Path | Iterable[Demo | Mapping[str, Any]],
+    out: str | Path,
+    *,
+    encoder: PIEEncoder | None = None,
+    batch_size: int = 32,
+    force: bool = False,
+    show_progress_bar: bool | None = None,
+) -> Retriever:
+    """Validate a pool, embed its instructions and write an index directory.
+
+    The pool is fully validated and the target checked before any embedding work, and the index
+    is written atomically, so a failure leaves any existing index at ``out`` untouched.
+
+    Args:
+        pool: a pool file (JSONL, JSON list, IEB) or an iterable of :class:`Demo` / dicts.
+        out: the index directory to create.
+        encoder: defaults to the embedded PIE default.
+        force: replace an existing index at ``out``.
+
+    Returns:
+        A :class:`Retriever` over the new index.
+
+    Raises:
+        PoolError: the pool is empty or malformed.
+        IndexExistsError: ``out`` exists and ``force`` is not set.
+    """
+    out = Path(out)
+    check_target(out, force=force)
+    demos = load_pool(pool)
+    retriever = Retriever.from_demos(demos, encoder=encoder, batch_size=batch_size, show_progress_bar=show_progress_bar)
+    retriever.save(out, force=force)
+    return retriever

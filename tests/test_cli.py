@@ -1,0 +1,74 @@
+"""The command line end to end, through a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+POOL_LINES = [
+    {"id": "p1", "instruction": "Write a poem about the sea.", "output": "Waves...", "task": "poem"},
+    {"id": "p2", "instruction": "Compose a poem about winter mornings.", "output": "Frost...", "task": "poem"},
+    {"id": "f1", "instruction": "List three facts about the sea.", "output": "Salty...", "task": "facts"},
+    {"id": "t1", "instruction": "Translate 'thank you' into German.", "output": "Danke", "task": "translate"},
+]
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "icl_retriever.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture()
+def pool(tmp_path: Path) -> Path:
+    path = tmp_path / "pool.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in POOL_LINES), encoding="utf-8")
+    return path
+
+
+def test_build_query_info(tmp_path: Path, pool: Path) -> None:
+    out = tmp_path / "idx"
+    built = cli("build", pool, "--out", out, "--batch-size", "2")
+    assert built.returncode == 0, built.stderr
+    assert "Indexed 4 demos (3 tasks)" in built.stdout
+
+    text = cli("query", out, "Write a poem about the desert.", "-k", "2")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith("1. [") and "(poem)" in text.stdout.splitlines()[0]
+
+    as_json = cli("query", out, "Translate 'good night' into German.", "-k", "1", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    [top] = json.loads(as_json.stdout)
+    assert top["id"] == "t1" and isinstance(top["score"], float)
+
+    info = cli("info", out, "--json")
+    assert info.returncode == 0
+    assert json.loads(info.stdout)["count"] == 4
+
+
+def test_errors_are_one_line_with_nonzero_exit(tmp_path: Path, pool: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "fine"}\n{"instruction": "broken",\n', encoding="utf-8")
+    res = cli("build", bad, "--out", tmp_path / "x")
+    assert res.returncode == 1
+    assert res.stderr.strip().count("\n") == 0
+    assert "bad.jsonl:2: invalid JSON" in res.stderr
+    assert not (tmp_path / "x").exists()
+
+    out = tmp_path / "idx"
+    assert cli("build", pool, "--out", out).returncode == 0
+    again = cli("build", pool, "--out", out)
+    assert again.returncode == 1 and "--force" in again.stderr
+    assert cli("build", pool, "--out", out, "--force").returncode == 0
+
+    missing = cli("query", tmp_path / "nope", "hello")
+    assert missing.returncode == 1 and "no such index directory" in missing.stderr
+
+    bad_k = cli("query", out, "hello", "-k", "0")
+    assert bad_k.returncode == 2 and "k must be" in bad_k.stderr
