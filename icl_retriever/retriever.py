@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 
 from icl_retriever.encoder import PIEEncoder
-from icl_retriever.errors import EncoderMismatchError
+from icl_retriever.errors import EncoderMismatchError, PoolError
 from icl_retriever.index_store import Manifest, check_target, load_index, new_flat_index, save_index
 from icl_retriever.records import Demo, load_pool
 
@@ -40,12 +40,23 @@ class Retriever:
         if index.d != encoder.dim:
             raise EncoderMismatchError(f"index vectors have dim {index.d}, the encoder gives {encoder.dim}")
         self.encoder = encoder
-        self.index = index
-        self.demos = list(demos)
+        # Index and demos are swapped together as one tuple, so a search never sees one without the other.
+        self._state: tuple[faiss.Index, list[Demo]] = (index, list(demos))
         self.path = path
         self.manifest = manifest
         # FAISS indexes may be searched concurrently; the torch model may not run two forwards at once.
         self._encode_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+
+    @property
+    def index(self) -> faiss.Index:
+        """The FAISS index over the demos' instruction embeddings (row i is ``demos[i]``)."""
+        return self._state[0]
+
+    @property
+    def demos(self) -> list[Demo]:
+        """The demos, in index order."""
+        return self._state[1]
 
     # construction ---------------------------------------------------------------------------
 
@@ -107,6 +118,51 @@ class Retriever:
         self.path = Path(path)
         return self.manifest
 
+    # updates (in memory; ``save`` writes them) ----------------------------------------------
+
+    def add(
+        self, demos: str | Path | Iterable[Demo | Mapping[str, Any]], *, upsert: bool = False, batch_size: int = 32
+    ) -> list[str]:
+        """Embed and add demos; only the new ones are embedded.
+
+        Args:
+            demos: a pool file or records, validated like a pool.
+            upsert: replace demos whose id already exists instead of failing.
+
+        Returns:
+            The ids added (or replaced).
+
+        Raises:
+            PoolError: a record is malformed, or an id exists and ``upsert`` is not set.
+        """
+        new = load_pool(demos)
+        with self._write_lock:
+            index, current = self._state
+            existing = {d.id for d in current}
+            clashes = [d.id for d in new if d.id in existing]
+            if clashes and not upsert:
+                raise PoolError(f"id(s) already in the index: {', '.join(map(repr, clashes[:5]))} (use upsert)")
+            with self._encode_lock:
+                vectors = self.encoder.encode([d.instruction for d in new], batch_size=batch_size, show_progress_bar=False)
+            replaced = set(clashes)
+            keep = [i for i, d in enumerate(current) if d.id not in replaced]
+            old_vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.empty((0, index.d), np.float32)
+            merged = np.concatenate([old_vectors[keep], vectors]) if keep else vectors
+            self._state = (new_flat_index(merged), [current[i] for i in keep] + new)
+        return [d.id for d in new]
+
+    def remove(self, ids: Iterable[str]) -> list[str]:
+        """Remove demos by id; returns the ids that were present. Unknown ids are ignored."""
+        drop = set(ids)
+        with self._write_lock:
+            index, current = self._state
+            keep = [i for i, d in enumerate(current) if d.id not in drop]
+            if len(keep) == len(current):
+                return []
+            vectors = index.reconstruct_n(0, index.ntotal)[keep] if keep else np.empty((0, index.d), np.float32)
+            self._state = (new_flat_index(vectors), [current[i] for i in keep])
+            return [d.id for d in current if d.id in drop]
+
     # look-up --------------------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -142,12 +198,13 @@ class Retriever:
         return self._search(vectors, k)
 
     def _search(self, vectors: np.ndarray, k: int) -> list[list[Demo]]:
-        k = min(k, len(self.demos))
+        index, demos = self._state
+        k = min(k, len(demos))
         if k == 0:
             return [[] for _ in range(len(vectors))]
-        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        scores, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         return [
-            [self.demos[j].model_copy(update={"score": float(s)}) for s, j in zip(row_s, row_i, strict=True) if j >= 0]
+            [demos[j].model_copy(update={"score": float(s)}) for s, j in zip(row_s, row_i, strict=True) if j >= 0]
             for row_s, row_i in zip(scores, ids, strict=True)
         ]
 
