@@ -60,6 +60,29 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_add(args: argparse.Namespace) -> int:
+    from icl_retriever.records import load_pool
+    from icl_retriever.retriever import Retriever
+
+    demos = load_pool(args.pool)  # validate everything before loading a model
+    retriever = Retriever.from_index(args.index)
+    ids = retriever.add(demos, upsert=args.upsert, batch_size=args.batch_size, persist=True)
+    print(f"Added {len(ids)} demos to {args.index}; it now holds {len(retriever)}")
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    from icl_retriever.retriever import Retriever
+
+    retriever = Retriever.from_index(args.index)
+    removed = retriever.remove(args.ids, persist=True)
+    missing = sorted(set(args.ids) - set(removed))
+    print(f"Removed {len(removed)} demos from {args.index}; it now holds {len(retriever)}")
+    if missing:
+        print(f"icl-retriever: warning: not in the index: {', '.join(missing)}", file=sys.stderr)
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from icl_retriever.index_store import load_manifest
 
@@ -79,9 +102,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("template", json.dumps(enc.template)),
         ("fingerprint", manifest.fingerprint),
         ("created", manifest.created.isoformat(timespec="seconds")),
+        ("updated", f"{manifest.updated.isoformat(timespec='seconds')} (generation {manifest.generation})"),
         ("format", f"{manifest.format_version} (library {manifest.library_version})"),
     ]
-    rows += [(f"file {name}", f"{entry.size} bytes, sha256 {entry.sha256[:16]}…") for name, entry in manifest.files.items()]
+    rows += [(f"{role} file", f"{e.name}, {e.size} bytes, sha256 {e.sha256[:16]}…") for role, e in manifest.files.items()]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -111,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the index files")
     p.set_defaults(func=_cmd_query)
+
+    p = sub.add_parser("add", help="embed and add demos to an existing index (atomic update)")
+    p.add_argument("index", help="index directory")
+    p.add_argument("pool", help="pool file with the demos to add")
+    p.add_argument("--upsert", action="store_true", help="replace demos whose id already exists")
+    p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
+    p.set_defaults(func=_cmd_add)
+
+    p = sub.add_parser("remove", help="remove demos from an index by id (atomic update)")
+    p.add_argument("index", help="index directory")
+    p.add_argument("--ids", nargs="+", required=True, help="ids of the demos to remove")
+    p.set_defaults(func=_cmd_remove)
 
     p = sub.add_parser("info", help="describe an index directory")
     p.add_argument("index", help="index directory")

@@ -1,23 +1,34 @@
 """The index on disk: one directory with a JSON manifest, a FAISS index and the demos as JSONL.
 
-Save and load are mirror images over fixed file names. Nothing on the load path can execute code:
-the manifest and records are JSON, the vectors are FAISS's own format (read only after its size and
-sha256 match the manifest). A save goes to a temporary sibling directory that is renamed into
-place, so a failed save leaves no partial index and never damages an existing one.
+Save and load are mirror images over one directory. Nothing on the load path can execute code: the
+manifest and records are JSON, and the vectors are FAISS's own format, opened only after the file's
+size, sha256 and header agree with the manifest.
+
+Crash safety: ``manifest.json`` is the commit record. Data files carry a per-version token in their
+names (``index.<token>.faiss``, ``demos.<token>.jsonl``); a write puts the new version's files beside
+the old ones, then switches ``manifest.json`` with one atomic rename, then deletes what the manifest no
+longer names. A process killed at any moment leaves the old or the new version, both loadable. A new
+index is assembled in a temporary sibling directory and renamed into place. Writers are serialised
+with a file lock; readers need none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 import faiss
 import numpy as np
+from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from icl_retriever._version import __version__
@@ -28,47 +39,74 @@ from icl_retriever.records import Demo
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-VECTORS_FILE = "index.faiss"
-DEMOS_FILE = "demos.jsonl"
+VECTORS = "vectors"
+DEMOS = "demos"
+_SUFFIX = {VECTORS: ".faiss", DEMOS: ".jsonl"}
+_DATA_PREFIX = {VECTORS: "index.", DEMOS: "demos."}
+#: FAISS four-character codes we accept: flat inner-product (and, for later index types, HNSW flat).
+_FAISS_FOURCC = {b"IxFI", b"IHNf"}
+_FLAT_HEADER = struct.Struct("<4siqqq?iQ")  # fourcc, d, ntotal, 2 dummies, is_trained, metric, float count
+_LOAD_RETRIES = 5
 
 
 class FileEntry(BaseModel):
-    """Size and hash of one data file, checked at load."""
+    """One data file of the current version: its name, size and hash, checked at load."""
 
     model_config = ConfigDict(extra="forbid")
 
+    name: str
     size: int
     sha256: str
 
 
 class Manifest(BaseModel):
-    """What an index is: format, encoder identity, shape, and the files that hold it."""
+    """What an index is: format, encoder identity, shape, version, and the files that hold it."""
 
     model_config = ConfigDict(extra="forbid")
 
     format_version: int = FORMAT_VERSION
     library_version: str = __version__
     created: datetime
+    updated: datetime
+    generation: int = 1
     encoder: EncoderConfig
     fingerprint: str
     dim: int
     count: int
     index_type: Literal["flat"] = "flat"
     metric: Literal["inner_product"] = "inner_product"
-    files: dict[str, FileEntry]
+    files: dict[Literal["vectors", "demos"], FileEntry]
 
 
-def new_flat_index(vectors: np.ndarray) -> faiss.Index:
+def new_flat_index(vectors: np.ndarray, dim: int | None = None) -> faiss.Index:
     """Exact inner-product index (cosine, since rows are normalised)."""
-    index = faiss.IndexFlatIP(int(vectors.shape[1]))
+    index = faiss.IndexFlatIP(int(dim if dim is not None else vectors.shape[1]))
     if len(vectors):
         index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     return index
 
 
+def all_vectors(index: faiss.Index) -> np.ndarray:
+    """Every stored vector, in id order."""
+    if index.ntotal == 0:
+        return np.empty((0, index.d), dtype=np.float32)
+    return index.reconstruct_n(0, index.ntotal)
+
+
+# writing ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def write_lock(path: Path, timeout: float = 600.0) -> Iterator[None]:
+    """Serialise writers of one index (the lock file sits beside the directory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{path.name}.lock"), timeout=timeout):
+        yield
+
+
 def check_target(path: Path, *, force: bool) -> None:
     """Refuse to write over a file, a non-index directory, or an index without ``force``."""
-    if path.is_file() or path.is_symlink() and not path.is_dir():
+    if path.is_file() or (path.is_symlink() and not path.is_dir()):
         raise IndexExistsError(f"{path}: exists and is a file, not an index directory")
     if path.is_dir() and any(path.iterdir()):
         if not (path / MANIFEST_FILE).is_file():
@@ -86,39 +124,104 @@ def save_index(
     fingerprint: str,
     force: bool = False,
 ) -> Manifest:
-    """Write an index directory atomically and return its manifest.
+    """Write an index directory atomically (under the write lock) and return its manifest.
 
     Raises:
         IndexExistsError: ``path`` holds something and ``force`` is not set (or it is not an index).
     """
     path = Path(path)
-    check_target(path, force=force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    with write_lock(path):
+        return write_version(
+            path, vectors_index, demos, encoder_config=encoder_config, fingerprint=fingerprint, force=force
+        )
+
+
+def write_version(
+    path: Path,
+    vectors_index: faiss.Index,
+    demos: list[Demo],
+    *,
+    encoder_config: EncoderConfig,
+    fingerprint: str,
+    force: bool = False,
+    previous: Manifest | None = None,
+) -> Manifest:
+    """Write one version of an index; the caller holds :func:`write_lock`.
+
+    Args:
+        force: replace an index that exists at ``path``.
+        previous: the manifest this version updates (keeps its created time, bumps its generation).
+    """
+    check_target(path, force=force or previous is not None)
+    now = datetime.now(timezone.utc)
+    if previous is None and (path / MANIFEST_FILE).is_file():
+        previous = _try_manifest(path)  # a forced rebuild continues the generation count
+    base = dict(created=now, generation=1) if previous is None else dict(
+        created=previous.created, generation=previous.generation + 1
+    )
+    fresh = not path.exists()
+    workdir = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}" if fresh else path
+    token = uuid.uuid4().hex[:12]
+    written: list[Path] = []
+    if fresh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        workdir.mkdir()
     try:
         # vectors
-        faiss.write_index(vectors_index, str(tmp / VECTORS_FILE))
+        vectors_path = workdir / f"{_DATA_PREFIX[VECTORS]}{token}{_SUFFIX[VECTORS]}"
+        written.append(vectors_path)
+        faiss.write_index(vectors_index, str(vectors_path))
         # demos, one JSON object per line, in index order
-        with (tmp / DEMOS_FILE).open("w", encoding="utf-8") as fh:
+        demos_path = workdir / f"{_DATA_PREFIX[DEMOS]}{token}{_SUFFIX[DEMOS]}"
+        written.append(demos_path)
+        with demos_path.open("w", encoding="utf-8") as fh:
             for demo in demos:
                 fh.write(json.dumps(demo.record(), ensure_ascii=False) + "\n")
-        # manifest last: it vouches for the files above
+        # manifest last: it vouches for the files above and switches to them in one rename
         manifest = Manifest(
-            created=datetime.now(timezone.utc),
+            **base,
+            updated=now,
             encoder=encoder_config,
             fingerprint=fingerprint,
             dim=int(vectors_index.d),
             count=len(demos),
-            files={name: _entry(tmp / name) for name in (VECTORS_FILE, DEMOS_FILE)},
+            files={VECTORS: _entry(vectors_path), DEMOS: _entry(demos_path)},
         )
-        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, path, force=force)
+        for file in written:
+            _fsync(file)
+        staged = workdir / f".{MANIFEST_FILE}.{token}"
+        written.append(staged)
+        staged.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        _fsync(staged)
+        os.replace(staged, workdir / MANIFEST_FILE)
+        _fsync(workdir)
+        if fresh:
+            os.rename(workdir, path)
+            _fsync(path.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            for file in written:
+                file.unlink(missing_ok=True)
         raise
+    _remove_unreferenced(path, manifest)
     return manifest
+
+
+def _remove_unreferenced(path: Path, manifest: Manifest) -> None:
+    """Delete data files of older versions and leftovers of writers that were killed."""
+    keep = {entry.name for entry in manifest.files.values()}
+    for child in path.iterdir():
+        stale_data = any(child.name.startswith(_DATA_PREFIX[r]) and child.name.endswith(_SUFFIX[r]) for r in _SUFFIX)
+        stale_manifest = child.name.startswith(f".{MANIFEST_FILE}.")
+        if (stale_data or stale_manifest) and child.name not in keep:
+            child.unlink(missing_ok=True)
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# reading ------------------------------------------------------------------------------------
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -136,105 +239,131 @@ def load_manifest(path: str | Path) -> Manifest:
     if not manifest_path.is_file():
         raise IndexFormatError(f"{manifest_path}: missing; {path} is not an icl-retriever index")
     try:
-        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IndexFormatError(f"{manifest_path}: not valid JSON ({exc})") from exc
-    if isinstance(raw, dict) and isinstance(raw.get("format_version"), int) and raw["format_version"] > FORMAT_VERSION:
+        raw = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise IndexFormatError(f"{manifest_path}: not valid JSON ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(raw, dict):
+        raise IndexFormatError(f"{manifest_path}: expected a JSON object, got {type(raw).__name__}")
+    version = raw.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise IndexFormatError(
-            f"{manifest_path}: index format version {raw['format_version']} is newer than this library supports "
+            f"{manifest_path}: index format version {version} is newer than this library supports "
             f"({FORMAT_VERSION}); upgrade icl-retriever"
         )
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "(root)"
         raise IndexFormatError(f"{manifest_path}: field '{field}': {first['msg']}") from exc
+    for role, entry in manifest.files.items():
+        if Path(entry.name).name != entry.name or not entry.name.endswith(_SUFFIX[role]):
+            raise IndexFormatError(f"{manifest_path}: field 'files.{role}.name': {entry.name!r} is not a {role} file name")
+    if manifest.count < 0 or manifest.dim < 1:
+        raise IndexFormatError(f"{manifest_path}: count {manifest.count} / dim {manifest.dim} out of range")
+    return manifest
 
 
 def load_index(path: str | Path, *, verify: bool = True) -> tuple[Manifest, faiss.Index, list[Demo]]:
-    """Read an index directory, checking every file against the manifest before parsing it.
+    """Read the current version of an index directory, checking each file before parsing it.
+
+    A writer may switch versions while we read; then the files we were about to open are gone and
+    we start again from the new manifest.
 
     Args:
-        verify: check sha256 of the data files (sizes and shapes are always checked).
+        verify: check data files' sha256 (sizes, headers and shapes are always checked).
 
     Raises:
         IndexFormatError: a file is missing, truncated, corrupted or disagrees with the manifest.
     """
     path = Path(path)
-    # manifest
-    manifest = load_manifest(path)
-    for name in (VECTORS_FILE, DEMOS_FILE):
-        if name not in manifest.files:
-            raise IndexFormatError(f"{path / MANIFEST_FILE}: lists no entry for {name}")
-        _check_file(path / name, manifest.files[name], verify=verify)
-    # vectors
+    for attempt in range(_LOAD_RETRIES):
+        manifest = load_manifest(path)
+        try:
+            return manifest, _read_vectors(path, manifest, verify), _read_demos(path, manifest, verify)
+        except IndexFormatError:
+            if attempt + 1 < _LOAD_RETRIES and _try_manifest(path) != manifest:
+                continue  # replaced under our feet: read the new version
+            raise
+    raise AssertionError("unreachable")
+
+
+def _try_manifest(path: Path) -> Manifest | None:
     try:
-        index = faiss.read_index(str(path / VECTORS_FILE))
+        return load_manifest(path)
+    except IndexFormatError:
+        return None
+
+
+def _read_vectors(path: Path, manifest: Manifest, verify: bool) -> faiss.Index:
+    file = path / manifest.files[VECTORS].name
+    data = _read_checked(file, manifest.files[VECTORS], verify)
+    if len(data) < _FLAT_HEADER.size or data[:4] not in _FAISS_FOURCC:
+        raise IndexFormatError(f"{file}: not a FAISS index of a supported type (header {data[:4]!r})")
+    if data[:4] == b"IxFI":
+        _, d, ntotal, _, _, _, _, nfloats = _FLAT_HEADER.unpack_from(data)
+        expected_size = _FLAT_HEADER.size + 4 * d * ntotal
+        if (d, ntotal) != (manifest.dim, manifest.count) or nfloats != d * ntotal or len(data) != expected_size:
+            raise IndexFormatError(
+                f"{file}: holds {ntotal} vectors of dim {d} in {len(data)} bytes, "
+                f"manifest says {manifest.count} of dim {manifest.dim}"
+            )
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:
-        raise IndexFormatError(f"{path / VECTORS_FILE}: not a readable FAISS index ({str(exc).splitlines()[0]})") from exc
+        raise IndexFormatError(f"{file}: not a readable FAISS index ({str(exc).splitlines()[0]})") from exc
     if index.d != manifest.dim or index.ntotal != manifest.count:
         raise IndexFormatError(
-            f"{path / VECTORS_FILE}: holds {index.ntotal} vectors of dim {index.d}, "
-            f"manifest says {manifest.count} of dim {manifest.dim}"
+            f"{file}: holds {index.ntotal} vectors of dim {index.d}, manifest says {manifest.count} of dim {manifest.dim}"
         )
-    # demos, one JSON object per line, in index order
-    demos = _read_demos(path / DEMOS_FILE)
-    if len(demos) != manifest.count:
-        raise IndexFormatError(f"{path / DEMOS_FILE}: holds {len(demos)} demos, manifest says {manifest.count}")
-    return manifest, index, demos
+    return index
 
 
-def _read_demos(path: Path) -> list[Demo]:
-    demos: list[Demo] = []
+def _read_demos(path: Path, manifest: Manifest, verify: bool) -> list[Demo]:
+    file = path / manifest.files[DEMOS].name
+    data = _read_checked(file, manifest.files[DEMOS], verify)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise IndexFormatError(f"{path}: not valid UTF-8") from exc
-    for lineno, line in enumerate(text.splitlines(), start=1):
+        raise IndexFormatError(f"{file}: not valid UTF-8") from exc
+    demos: list[Demo] = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line:
+            continue  # the newline that ends the file
         try:
             demos.append(Demo.model_validate_json(line))
         except ValidationError as exc:
-            raise IndexFormatError(f"{path}:{lineno}: invalid demo record ({exc.errors()[0]['msg']})") from exc
+            raise IndexFormatError(f"{file}:{lineno}: invalid demo record ({exc.errors()[0]['msg']})") from exc
+    if len(demos) != manifest.count:
+        raise IndexFormatError(f"{file}: holds {len(demos)} demos, manifest says {manifest.count}")
     return demos
 
 
+def _read_checked(file: Path, expected: FileEntry, verify: bool) -> bytes:
+    """Read a data file whole after checking its size (and hash) against the manifest."""
+    try:
+        with file.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size != expected.size:
+                raise IndexFormatError(
+                    f"{file}: size {size} bytes, manifest says {expected.size} (truncated or replaced?)"
+                )
+            data = fh.read()
+    except FileNotFoundError as exc:
+        raise IndexFormatError(f"{file}: missing from the index directory") from exc
+    if verify:
+        if hashlib.sha256(data).hexdigest() != expected.sha256:
+            raise IndexFormatError(f"{file}: sha256 differs from the manifest (file corrupted or modified)")
+    return data
+
+
 def _entry(path: Path) -> FileEntry:
-    return FileEntry(size=path.stat().st_size, sha256=sha256_file(path))
+    return FileEntry(name=path.name, size=path.stat().st_size, sha256=sha256_file(path))
 
 
-def _check_file(path: Path, expected: FileEntry, *, verify: bool) -> None:
-    if not path.is_file():
-        raise IndexFormatError(f"{path}: missing from the index directory")
-    size = path.stat().st_size
-    if size != expected.size:
-        raise IndexFormatError(f"{path}: size {size} bytes, manifest says {expected.size} (truncated or replaced?)")
-    if verify and sha256_file(path) != expected.sha256:
-        raise IndexFormatError(f"{path}: sha256 differs from the manifest (file corrupted or modified)")
-
-
-def _fsync_dir(directory: Path) -> None:
-    for child in directory.iterdir():
-        with child.open("rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _swap_into_place(tmp: Path, path: Path, *, force: bool) -> None:
-    """Rename the finished directory into place, moving an existing index aside first."""
-    if not path.exists():
-        os.rename(tmp, path)
-        return
-    check_target(path, force=force)
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

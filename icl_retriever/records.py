@@ -78,6 +78,10 @@ def demo_from_record(record: Any, *, path: str | None = None, line: int | None =
     metadata.update({k: v for k, v in record.items() if k not in CORE_FIELDS and k not in ("metadata", "score")})
     if task is not None:
         metadata.setdefault("task", task)
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise PoolError(f"metadata is not plain JSON ({exc})", path=path, line=line) from exc
     raw_id = record.get("id")
     if raw_id is None:
         demo_id = stable_id(values["instruction"], values["input"], values["output"])
@@ -116,6 +120,8 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Demo]]:
             whole = json.loads(text)
         except json.JSONDecodeError:
             whole = None  # not one JSON document: read as JSONL below
+        except RecursionError as exc:
+            raise PoolError("JSON nested too deeply", path=name) from exc
     if isinstance(whole, list):
         for i, record in enumerate(whole, start=1):
             where = f"{name} (record {i})"
@@ -130,13 +136,15 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Demo]]:
                 where = f"{name} (task {label!r}, sample {i})"
                 yield where, demo_from_record(record, path=where, task=label)
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PoolError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=name, line=lineno) from exc
+        except RecursionError as exc:
+            raise PoolError("JSON nested too deeply", path=name, line=lineno) from exc
         yield f"{name}:{lineno}", demo_from_record(record, path=name, line=lineno)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,16 @@ import numpy as np
 
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.errors import EncoderMismatchError, PoolError
-from icl_retriever.index_store import Manifest, check_target, load_index, new_flat_index, save_index
+from icl_retriever.index_store import (
+    Manifest,
+    all_vectors,
+    check_target,
+    load_index,
+    new_flat_index,
+    save_index,
+    write_lock,
+    write_version,
+)
 from icl_retriever.records import Demo, load_pool
 
 
@@ -118,16 +127,23 @@ class Retriever:
         self.path = Path(path)
         return self.manifest
 
-    # updates (in memory; ``save`` writes them) ----------------------------------------------
+    # updates ------------------------------------------------------------------------------
 
     def add(
-        self, demos: str | Path | Iterable[Demo | Mapping[str, Any]], *, upsert: bool = False, batch_size: int = 32
+        self,
+        demos: str | Path | Iterable[Demo | Mapping[str, Any]],
+        *,
+        upsert: bool = False,
+        batch_size: int = 32,
+        persist: bool | None = None,
     ) -> list[str]:
         """Embed and add demos; only the new ones are embedded.
 
         Args:
             demos: a pool file or records, validated like a pool.
             upsert: replace demos whose id already exists instead of failing.
+            persist: write the change to the index directory (atomically, under its write lock);
+                ``None`` means yes when this retriever was opened from or saved to a directory.
 
         Returns:
             The ids added (or replaced).
@@ -136,32 +152,82 @@ class Retriever:
             PoolError: a record is malformed, or an id exists and ``upsert`` is not set.
         """
         new = load_pool(demos)
-        with self._write_lock:
-            index, current = self._state
-            existing = {d.id for d in current}
-            clashes = [d.id for d in new if d.id in existing]
+        with self._encode_lock:
+            vectors = self.encoder.encode([d.instruction for d in new], batch_size=batch_size, show_progress_bar=False)
+
+        def change(index: faiss.Index, current: list[Demo]) -> tuple[faiss.Index, list[Demo]]:
+            new_ids = {d.id for d in new}
+            clashes = [d.id for d in current if d.id in new_ids]
             if clashes and not upsert:
                 raise PoolError(f"id(s) already in the index: {', '.join(map(repr, clashes[:5]))} (use upsert)")
-            with self._encode_lock:
-                vectors = self.encoder.encode([d.instruction for d in new], batch_size=batch_size, show_progress_bar=False)
-            replaced = set(clashes)
-            keep = [i for i, d in enumerate(current) if d.id not in replaced]
-            old_vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.empty((0, index.d), np.float32)
-            merged = np.concatenate([old_vectors[keep], vectors]) if keep else vectors
-            self._state = (new_flat_index(merged), [current[i] for i in keep] + new)
+            keep = [i for i, d in enumerate(current) if d.id not in new_ids]
+            merged = np.concatenate([all_vectors(index)[keep], vectors])
+            return new_flat_index(merged, index.d), [current[i] for i in keep] + new
+
+        self._apply(change, persist)
         return [d.id for d in new]
 
-    def remove(self, ids: Iterable[str]) -> list[str]:
-        """Remove demos by id; returns the ids that were present. Unknown ids are ignored."""
+    def remove(self, ids: Iterable[str], *, persist: bool | None = None) -> list[str]:
+        """Remove demos by id; returns those that were present (unknown ids are ignored).
+
+        Args:
+            persist: as for :meth:`add`.
+        """
         drop = set(ids)
-        with self._write_lock:
-            index, current = self._state
+        removed: list[str] = []
+
+        def change(index: faiss.Index, current: list[Demo]) -> tuple[faiss.Index, list[Demo]]:
             keep = [i for i, d in enumerate(current) if d.id not in drop]
-            if len(keep) == len(current):
-                return []
-            vectors = index.reconstruct_n(0, index.ntotal)[keep] if keep else np.empty((0, index.d), np.float32)
-            self._state = (new_flat_index(vectors), [current[i] for i in keep])
-            return [d.id for d in current if d.id in drop]
+            removed[:] = [d.id for d in current if d.id in drop]
+            return new_flat_index(all_vectors(index)[keep], index.d), [current[i] for i in keep]
+
+        self._apply(change, persist)
+        return removed
+
+    def reload(self) -> bool:
+        """Pick up a newer version of the index directory; returns whether anything changed."""
+        if self.path is None:
+            raise ValueError("this retriever has no index directory to reload from")
+        with self._write_lock:
+            return self._reload()
+
+    def _reload(self) -> bool:
+        assert self.path is not None
+        manifest, index, demos = load_index(self.path)
+        if manifest == self.manifest:
+            return False
+        if manifest.fingerprint != self.encoder.fingerprint:
+            raise EncoderMismatchError(f"{self.path}: now holds an index of another encoder ({manifest.fingerprint})")
+        self._state, self.manifest = (index, demos), manifest
+        return True
+
+    def _apply(self, change: Callable[[faiss.Index, list[Demo]], tuple[faiss.Index, list[Demo]]], persist: bool | None) -> None:
+        """Run ``change`` on the current state, in memory or as a new on-disk version.
+
+        On disk this is a read-modify-write under the directory's file lock: another process may have
+        written a newer version since we loaded ours, so we reload first and change that.
+        """
+        if persist is None:
+            persist = self.path is not None
+        if persist and self.path is None:
+            raise ValueError("this retriever has no index directory; save() it first or pass persist=False")
+        with self._write_lock:
+            if not persist:
+                self._state = change(*self._state)
+                return
+            assert self.path is not None
+            with write_lock(self.path):
+                self._reload()
+                index, demos = change(*self._state)
+                self.manifest = write_version(
+                    self.path,
+                    index,
+                    demos,
+                    encoder_config=self.encoder.config,
+                    fingerprint=self.encoder.fingerprint,
+                    previous=self.manifest,
+                )
+                self._state = (index, demos)
 
     # look-up --------------------------------------------------------------------------------
 

@@ -17,7 +17,12 @@ from icl_retriever import (
     Retriever,
     build_index,
 )
-from icl_retriever.index_store import DEMOS_FILE, MANIFEST_FILE, VECTORS_FILE
+from icl_retriever.index_store import DEMOS, MANIFEST_FILE, VECTORS, load_manifest
+
+
+def data_file(index_dir: Path, role: str) -> Path:
+    """The current version's file for a role (names carry a version token)."""
+    return index_dir / load_manifest(index_dir).files[role].name  # type: ignore[index]
 
 POOL = [
     {"id": "poem-sea", "instruction": "Write a poem about the sea.", "output": "Waves roll...", "task": "poem"},
@@ -37,7 +42,9 @@ def small_index(tmp_path: Path, encoder: PIEEncoder) -> Path:
 
 
 def test_round_trip(small_index: Path, encoder: PIEEncoder) -> None:
-    assert sorted(p.name for p in small_index.iterdir()) == sorted([MANIFEST_FILE, VECTORS_FILE, DEMOS_FILE])
+    names = sorted(p.name for p in small_index.iterdir())
+    assert names == sorted([MANIFEST_FILE, data_file(small_index, VECTORS).name, data_file(small_index, DEMOS).name])
+    assert data_file(small_index, VECTORS).suffix == ".faiss" and data_file(small_index, DEMOS).suffix == ".jsonl"
     r = Retriever.from_index(small_index)  # loads its own encoder from the manifest
     assert len(r) == 5 and r.encoder.fingerprint == encoder.fingerprint
     demos = r.get_demos("Translate 'good night' into German.", k=2)
@@ -79,7 +86,7 @@ def test_existing_index_needs_force_and_survives_a_failed_build(small_index: Pat
     with pytest.raises(PoolError):
         build_index([{"instruction": "ok"}, {"output": "no instruction"}], small_index, encoder=encoder, force=True)
     assert {p.name: p.read_bytes() for p in small_index.iterdir()} == before
-    assert [p.name for p in small_index.parent.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+    assert [p.name for p in small_index.parent.iterdir() if ".tmp-" in p.name] == []  # no temp dirs left
     build_index(POOL[:2], small_index, encoder=encoder, force=True)
     assert len(Retriever.from_index(small_index, encoder=encoder)) == 2
 
@@ -112,13 +119,13 @@ def test_missing_and_wrong_paths(tmp_path: Path, encoder: PIEEncoder) -> None:
 
 
 def test_missing_data_file(small_index: Path, encoder: PIEEncoder) -> None:
-    (small_index / VECTORS_FILE).unlink()
-    with pytest.raises(IndexFormatError, match=r"index\.faiss: missing"):
+    data_file(small_index, VECTORS).unlink()
+    with pytest.raises(IndexFormatError, match=r"\.faiss: missing"):
         Retriever.from_index(small_index, encoder=encoder)
 
 
 def test_corrupted_data_file(small_index: Path, encoder: PIEEncoder) -> None:
-    path = small_index / DEMOS_FILE
+    path = data_file(small_index, DEMOS)
     data = bytearray(path.read_bytes())
     data[10] ^= 1
     path.write_bytes(bytes(data))
