@@ -256,6 +256,9 @@ def load_manifest(path: str | Path) -> Manifest:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "(root)"
         raise IndexFormatError(f"{manifest_path}: field '{field}': {first['msg']}") from exc
+    for role in (VECTORS, DEMOS):
+        if role not in manifest.files:
+            raise IndexFormatError(f"{manifest_path}: field 'files.{role}': missing")
     for role, entry in manifest.files.items():
         if Path(entry.name).name != entry.name or not entry.name.endswith(_SUFFIX[role]):
             raise IndexFormatError(f"{manifest_path}: field 'files.{role}.name': {entry.name!r} is not a {role} file name")

@@ -72,3 +72,22 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path: Path, pool: Path) -> No
 
     bad_k = cli("query", out, "hello", "-k", "0")
     assert bad_k.returncode == 2 and "k must be" in bad_k.stderr
+
+
+def test_add_and_remove(tmp_path: Path, pool: Path) -> None:
+    out = tmp_path / "idx"
+    assert cli("build", pool, "--out", out).returncode == 0
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"id": "s1", "instruction": "Write a SQL query counting users.", "task": "sql"}) + "\n")
+    added = cli("add", out, extra)
+    assert added.returncode == 0, added.stderr
+    assert "now holds 5" in added.stdout
+    dup = cli("add", out, extra)
+    assert dup.returncode == 1 and "already in the index: 's1'" in dup.stderr
+    assert cli("add", out, extra, "--upsert").returncode == 0
+    top = json.loads(cli("query", out, "Write a SQL query listing orders.", "-k", "1", "--json").stdout)[0]
+    assert top["id"] == "s1"
+    removed = cli("remove", out, "--ids", "s1", "unknown")
+    assert removed.returncode == 0 and "now holds 4" in removed.stdout and "unknown" in removed.stderr
+    after = json.loads(cli("query", out, "Write a SQL query listing orders.", "-k", "10", "--json").stdout)
+    assert "s1" not in [d["id"] for d in after]

@@ -1,0 +1,195 @@
+"""Evaluation: metric functions on hand-made embeddings, file loading, and evaluate() with the real encoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from icl_retriever import PIEEncoder, PoolError
+from icl_retriever.evaluation import (
+    EvalReport,
+    evaluate,
+    ict_scores,
+    iis_spearman,
+    load_ict,
+    load_iis,
+    retrieval_precision,
+    twin_count,
+)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TINY_IEB = FIXTURES / "tiny_ieb.json"
+IEB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ieb"
+needs_ieb = pytest.mark.skipif(not IEB.exists(), reason="needs ../shared/data/ieb")
+
+
+# -------------------------------------------------------------------------------- retrieval_precision
+
+# Samples 0 and 1 have the same text (up to whitespace) but different labels; each is the other's
+# nearest neighbour, so counting twins would change P@1 from 0.6 to 0.4.
+TWIN_X = np.array(
+    [[1.0, 0.0, 0.0], [0.99, 0.141, 0.0], [0.8, 0.6, 0.0], [0.0, 0.6, 0.8], [0.0, 0.1, 0.995]], dtype=np.float32
+)
+TWIN_LABELS = ["A", "B", "A", "B", "B"]
+TWIN_TEXTS = ["Write a poem.", " Write a poem.\n", "Compose verse.", "Count rows.", "Sum rows."]
+
+
+def test_retrieval_precision_excludes_identical_texts() -> None:
+    precision = retrieval_precision(TWIN_X, TWIN_LABELS, TWIN_TEXTS, ks=(1, 2))
+    # Nearest allowed neighbours: 0->2 (A), 1->2 (A), 2->1 (B), 3->4 (B), 4->3 (B); every query's top 2 holds one hit.
+    assert precision == pytest.approx({1: 0.6, 2: 0.5})
+
+
+def test_retrieval_precision_uses_twins_when_texts_differ() -> None:
+    distinct = [f"text {i}" for i in range(len(TWIN_TEXTS))]
+    assert retrieval_precision(TWIN_X, TWIN_LABELS, distinct, ks=(1,))[1] == pytest.approx(0.4)
+
+
+def test_retrieval_precision_counts_missing_neighbours_as_misses() -> None:
+    # Samples 0 and 1 have 3 candidates each (self and twin excluded), so their 4th neighbour is a miss:
+    # hits per query are 1, 2, 1, 2, 2 out of k = 4.
+    assert retrieval_precision(TWIN_X, TWIN_LABELS, TWIN_TEXTS, ks=(4,))[4] == pytest.approx(8 / 20)
+    assert retrieval_precision(TWIN_X[:1], TWIN_LABELS[:1], TWIN_TEXTS[:1], ks=(1,))[1] == 0.0
+
+
+def test_retrieval_precision_is_block_independent(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 8)).astype(np.float32)
+    labels = [str(i % 5) for i in range(50)]
+    texts = [f"t{i % 45}" for i in range(50)]  # a few twins
+    whole = retrieval_precision(X, labels, texts)
+    monkeypatch.setattr("icl_retriever.evaluation._BLOCK", 7)
+    assert retrieval_precision(X, labels, texts) == pytest.approx(whole)
+
+
+def test_retrieval_precision_rejects_mismatched_lengths() -> None:
+    with pytest.raises(ValueError, match="lengths differ"):
+        retrieval_precision(TWIN_X, TWIN_LABELS[:-1], TWIN_TEXTS)
+
+
+def test_twin_count_ignores_surrounding_whitespace() -> None:
+    assert twin_count(TWIN_TEXTS) == 2
+    assert twin_count(["a", "b", "a", "a"]) == 3
+
+
+# ------------------------------------------------------------------------------- ict / iis metrics
+
+
+def test_ict_scores_perfect_clusters() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, 16, dtype=np.float32)
+    X = np.concatenate([c + 0.01 * rng.normal(size=(6, 16)) for c in centres]).astype(np.float32)
+    labels = [f"task{i}" for i in range(4) for _ in range(6)]
+    scores = ict_scores(X, labels)
+    assert scores == pytest.approx({"ari": 1.0, "purity": 1.0, "homogeneity": 1.0})
+
+
+@pytest.mark.filterwarnings("ignore:Number of distinct clusters")
+def test_ict_scores_one_cluster_per_two_labels_halves_purity() -> None:
+    X = np.repeat(np.eye(2, 4, dtype=np.float32), 4, axis=0)  # 2 distinct points, 4 labels
+    labels = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    scores = ict_scores(X, labels)
+    assert scores["purity"] == pytest.approx(0.5)
+    assert scores["ari"] < 1.0
+
+
+def test_iis_spearman_sign_follows_the_labels() -> None:
+    X1 = np.tile([1.0, 0.0], (6, 1)).astype(np.float32)
+    X2 = np.array([[1, 0], [1, 0.1], [1, 0.2], [0, 1], [0.1, 1], [0.2, 1]], dtype=np.float32)
+    same = [1, 1, 1, 0, 0, 0]
+    best = spearmanr(range(6), sorted(same)).statistic  # the maximum possible with tied 0/1 labels
+    assert iis_spearman(X1, X2, same) == pytest.approx(best)
+    assert iis_spearman(X1, X2, [1 - v for v in same]) == pytest.approx(-best)
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def test_load_ict_reads_the_fixture() -> None:
+    texts, labels = load_ict(TINY_IEB)
+    assert len(texts) == len(labels) == 48
+    assert len(set(labels)) == 8
+    assert "translate|sentence##convert|sentence" in labels
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "expected a non-empty JSON object"),
+        ('{"a|b": {"samples": [{"category": ["a", "b"]}]}}', "missing or empty \"instruction\""),
+        ('{"a|b": [1, 2]}', 'expected an object with a "samples" list'),
+    ],
+)
+def test_load_ict_names_file_and_problem(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(PoolError, match=message) as info:
+        load_ict(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_ict_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(PoolError, match="file not found"):
+        load_ict(tmp_path / "absent.json")
+
+
+def test_load_iis_validates_labels(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([{"instruction1": "a", "instruction2": "b", "label": 2}]), encoding="utf-8")
+    with pytest.raises(PoolError, match="item 0") as info:
+        load_iis(path)
+    assert info.value.path == str(path)
+    path.write_text(json.dumps([{"instruction1": "a", "instruction2": "b", "label": 1}]), encoding="utf-8")
+    with pytest.raises(PoolError, match="both labels"):
+        load_iis(path)
+
+
+# --------------------------------------------------------------------------------------- evaluate
+
+
+def _iis_file(tmp_path: Path) -> Path:
+    """Pairs from the tiny fixture: same task -> 1, different task -> 0."""
+    data = json.loads(TINY_IEB.read_text(encoding="utf-8"))
+    groups = [[s["instruction"] for s in v["samples"]] for v in data.values()]
+    pairs = [{"instruction1": g[0], "instruction2": g[1], "label": 1} for g in groups]
+    pairs += [{"instruction1": a[2], "instruction2": b[3], "label": 0} for a, b in zip(groups, groups[1:])]
+    path = tmp_path / "iis.json"
+    path.write_text(json.dumps(pairs), encoding="utf-8")
+    return path
+
+
+def test_evaluate_on_the_tiny_fixture(encoder: PIEEncoder, tmp_path: Path) -> None:
+    report = evaluate(encoder, TINY_IEB, _iis_file(tmp_path), show_progress_bar=False)
+    assert (report.n_samples, report.n_labels, report.n_pairs, report.n_twins_excluded) == (48, 8, 15, 0)
+    for value in (report.ari, report.purity, report.homogeneity, report.p_at_1, report.p_at_4):
+        assert value is not None and 0.0 <= value <= 1.0
+    assert report.p_at_1 is not None and report.p_at_1 > 0.5  # the untrained base already groups these
+    assert report.iis_spearman is not None and report.iis_spearman > 0
+    assert report.primary == report.p_at_1
+    table = report.table()
+    assert "P@1" in table and "identical" in table and "IIS Spearman" in table
+
+
+def test_evaluate_needs_a_file(encoder: PIEEncoder) -> None:
+    with pytest.raises(ValueError, match="ict_path"):
+        evaluate(encoder)
+
+
+def test_report_table_without_ict() -> None:
+    report = EvalReport(model="m", iis_spearman=0.5, n_pairs=10)
+    assert report.primary is None
+    assert "P@1" not in report.table() and "0.5000" in report.table()
+
+
+@needs_ieb
+def test_ieb_test_files_load() -> None:
+    texts, labels = load_ict(IEB / "eft_test.json")
+    assert (len(texts), len(set(labels))) == (3291, 145)
+    assert twin_count(texts) > 0
+    pairs = load_iis(IEB / "intention_similarity_test.json")
+    assert len(pairs) == 2496 and {p[2] for p in pairs} == {0, 1}

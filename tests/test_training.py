@@ -1,0 +1,261 @@
+"""Training: task files, triplet batches, the masked InfoNCE loss, and a 3-step run with the real model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from icl_retriever import PIEEncoder, PoolError
+from icl_retriever.default_model import apply_delta, base_model_dir
+from icl_retriever.training import (
+    TrainConfig,
+    TrainingCard,
+    TripletSampler,
+    info_nce,
+    load_task_set,
+    load_tasks,
+    parse_facets,
+    split_tasks,
+    train,
+)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TINY_IEB = FIXTURES / "tiny_ieb.json"
+TINY_JSONL = FIXTURES / "tiny_tasks.jsonl"
+IEB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ieb"
+needs_ieb = pytest.mark.skipif(not IEB.exists(), reason="needs ../shared/data/ieb")
+#: Fixture tasks sharing neither verb nor noun with another task: they get random negatives.
+LONE_TASKS = {"generate|sql", "translate|sentence##convert|sentence"}
+PROBE = ["Write a poem about the moon.", "Translate 'thank you' into Dutch.", "Classify this review's sentiment."]
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def test_load_tasks_ieb_fixture() -> None:
+    tasks = load_task_set(TINY_IEB)
+    assert len(tasks.instructions) == 8
+    assert all(len(v) == 6 for v in tasks.instructions.values())
+    assert tasks.facets["translate|sentence##convert|sentence"] == (
+        frozenset({"translate", "convert"}),
+        frozenset({"sentence"}),
+    )
+
+
+def test_load_tasks_jsonl_dedupes_and_keeps_plain_labels() -> None:
+    tasks = load_task_set(TINY_JSONL)
+    assert load_tasks(TINY_JSONL) == tasks.instructions
+    assert len(tasks.instructions["sort|list"]) == 3  # one duplicate line dropped
+    assert tasks.facets["humor"] == (frozenset(), frozenset())
+    assert tasks.facets["sort|word"] == (frozenset({"sort"}), frozenset({"word"}))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("{broken", "not valid JSON"), ('{"instruction": "x"}', '"task"'), ('{"task": "a|b"}', '"instruction"')],
+)
+def test_load_tasks_jsonl_errors_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "ok", "task": "a|b"}\n\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(PoolError, match=message) as info:
+        load_tasks(path)
+    assert (info.value.path, info.value.line) == (str(path), 3)
+
+
+def test_load_tasks_ieb_errors_name_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"a|b": {"samples": [{"instruction": "x", "category": "a"}]}}', encoding="utf-8")
+    with pytest.raises(PoolError, match=r"bad\.json.*category"):
+        load_tasks(path)
+
+
+def test_parse_facets() -> None:
+    assert parse_facets("Write|Poem") == (frozenset({"write"}), frozenset({"poem"}))
+    assert parse_facets("get|point##find|point") == (frozenset({"get", "find"}), frozenset({"point"}))
+    assert parse_facets("humor") == (frozenset(), frozenset())
+
+
+def test_split_holds_out_whole_tasks_reproducibly() -> None:
+    tasks = load_task_set(TINY_IEB)
+    train_set, val_set = split_tasks(tasks, 0.1, seed=0)
+    assert val_set is not None and len(val_set.instructions) == 2  # at least two, for ARI
+    assert set(train_set.instructions).isdisjoint(val_set.instructions)
+    assert len(train_set.instructions) + len(val_set.instructions) == 8
+    assert split_tasks(tasks, 0.1, seed=0)[1] == val_set
+    assert split_tasks(tasks, 0.0, seed=0) == (tasks, None)
+
+
+# ----------------------------------------------------------------------------------------- batches
+
+
+def _sampler(seed: int = 0) -> TripletSampler:
+    tasks = load_task_set(TINY_IEB)
+    return TripletSampler(tasks.instructions, tasks.facets, seed=seed)
+
+
+def test_triplets_have_same_task_positives_and_related_hard_negatives() -> None:
+    tasks = load_task_set(TINY_IEB)
+    sampler = TripletSampler(tasks.instructions, tasks.facets, seed=0)
+    for _ in range(10):
+        for t in sampler.batch(8):
+            assert t.anchor != t.positive
+            assert {t.anchor, t.positive} <= set(tasks.instructions[t.task])
+            assert t.negative in tasks.instructions[t.neg_task]
+            assert t.neg_task != t.task
+            if t.task not in LONE_TASKS:
+                (verbs, nouns), (neg_verbs, neg_nouns) = tasks.facets[t.task], tasks.facets[t.neg_task]
+                assert verbs & neg_verbs or nouns & neg_nouns, (t.task, t.neg_task)
+
+
+def test_task_without_relatives_gets_a_random_other_task() -> None:
+    sampler = _sampler()
+    negatives = {t.neg_task for _ in range(30) for t in sampler.batch(8) if t.task == "generate|sql"}
+    assert negatives and "generate|sql" not in negatives
+    assert len(negatives) > 1  # drawn from all other tasks
+
+
+def test_batch_takes_each_task_once_when_possible() -> None:
+    sampler = _sampler()
+    for _ in range(12):  # two epochs of 48 anchors, deferral included
+        tasks = [t.task for t in sampler.batch(8)]
+        assert len(set(tasks)) == 8
+    assert len(_sampler().batch(20)) == 20  # more anchors than tasks: repeats allowed
+
+
+def test_epoch_visits_every_anchor() -> None:
+    sampler = _sampler()
+    anchors = [t.anchor for _ in range(6) for t in sampler.batch(8)]
+    assert sampler.n_anchors == 48 and len(set(anchors)) == 48
+
+
+def test_sampler_is_deterministic_per_seed() -> None:
+    assert [_sampler(1).batch(8) for _ in range(1)] == [_sampler(1).batch(8)]
+    assert _sampler(1).batch(8) != _sampler(2).batch(8)
+
+
+def test_sampler_needs_positives() -> None:
+    with pytest.raises(ValueError, match="two instructions"):
+        TripletSampler({"a": ["x"], "b": ["y"]})
+
+
+# -------------------------------------------------------------------------------------------- loss
+
+
+def test_info_nce_masks_same_task_columns() -> None:
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # Keys: positive of query 0, positive of query 1, a negative of task A (query 0's task), one of task C.
+    keys = torch.tensor([[0.6, 0.8], [0.0, 1.0], [1.0, 0.0], [0.8, 0.6]])
+    tasks, key_tasks, temperature = ["A", "B"], ["A", "B", "A", "C"], 0.5
+    logits = queries @ keys.T / temperature
+    # Query 0 loses column 2 (same task, not its positive); query 1 keeps all (no other key of task B).
+    expected_0 = -(logits[0, 0] - torch.logsumexp(logits[0, [0, 1, 3]], 0))
+    expected_1 = -(logits[1, 1] - torch.logsumexp(logits[1], 0))
+    masked = info_nce(queries, keys, tasks, key_tasks, temperature, mask_same_task=True)
+    assert masked.item() == pytest.approx(((expected_0 + expected_1) / 2).item(), rel=1e-6)
+    unmasked = info_nce(queries, keys, tasks, key_tasks, temperature, mask_same_task=False)
+    plain = torch.nn.functional.cross_entropy(logits, torch.arange(2))
+    assert unmasked.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert masked.item() < unmasked.item()
+
+
+def test_info_nce_gradient_is_finite_with_masking() -> None:
+    queries = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
+    keys = torch.nn.functional.normalize(torch.randn(8, 8), dim=-1)
+    loss = info_nce(queries, keys, ["a", "a", "b", "c"], ["a", "a", "b", "c", "a", "b", "d", "d"], 0.05)
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(queries.grad).all()
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def test_config_rejects_unknown_fields_and_double_budgets(tmp_path: Path) -> None:
+    base = {"train_file": TINY_IEB, "output_dir": tmp_path}
+    assert TrainConfig(**base).steps == 500
+    with pytest.raises(ValidationError):
+        TrainConfig(**base, step=3)
+    with pytest.raises(ValidationError, match="steps or epochs"):
+        TrainConfig(**base, steps=3, epochs=1)
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three steps of 4 triplets from the default model, validating every 2 steps."""
+    config = TrainConfig(
+        train_file=TINY_IEB,
+        output_dir=tmp_path_factory.mktemp("run") / "model",
+        steps=3,
+        batch_size=4,
+        lr=1e-4,
+        eval_every=2,
+    )
+    return train(config, show_progress_bar=False)
+
+
+def test_train_output_loads_and_is_described(trained: Path) -> None:
+    files = {p.name for p in trained.iterdir()}
+    assert {"model.safetensors", "pie_config.json", "training_card.json", "delta.safetensors", "config.json"} <= files
+    assert not {p for p in files if p.endswith((".bin", ".pt", ".pth", ".pkl"))}  # no pickle
+    card = TrainingCard.model_validate_json((trained / "training_card.json").read_text(encoding="utf-8"))
+    assert card.steps_done == 3 and card.config["batch_size"] == 4
+    assert (card.train_tasks, card.val_tasks, card.train_instructions, card.val_instructions) == (6, 2, 36, 12)
+    assert card.base_weights_sha256 and len(card.train_file_sha256) == 64
+    assert card.validation is not None and card.best_step in (2, 3)
+    assert [h["step"] for h in card.validation_history] == [2, 3]
+    assert math.isfinite(card.final_train_loss) and card.wall_time_s > 0
+    encoder = PIEEncoder(trained)
+    assert encoder.config.template == 'This sentence of "{instruction}" means:'
+    assert encoder.config.max_length == 128
+
+
+def test_train_changes_the_embedding(trained: Path, encoder: PIEEncoder) -> None:
+    before = encoder.encode(PROBE, show_progress_bar=False)
+    after = PIEEncoder(trained).encode(PROBE, show_progress_bar=False)
+    assert np.abs(after - before).max() > 1e-4
+
+
+def test_delta_reproduces_the_trained_model(trained: Path) -> None:
+    from transformers import AutoModel
+
+    model = PIEEncoder(trained)
+    expected = model.encode(PROBE, show_progress_bar=False)
+    base = AutoModel.from_pretrained(base_model_dir())
+    apply_delta(base, trained / "delta.safetensors")
+    model.model.load_state_dict(base.state_dict())
+    assert np.abs(model.encode(PROBE, show_progress_bar=False) - expected).max() <= 1e-3
+    # Frozen embedding matrices are not in the delta.
+    assert not any("word_embeddings" in name for name in load_file(trained / "delta.safetensors"))
+
+
+def test_train_is_reproducible(tmp_path: Path) -> None:
+    def run(name: str) -> Path:
+        config = TrainConfig(
+            train_file=TINY_JSONL, output_dir=tmp_path / name, steps=2, batch_size=4, val_fraction=0, base_model="default"
+        )
+        return train(config, show_progress_bar=False)
+
+    first, second = load_file(run("a") / "model.safetensors"), load_file(run("b") / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    card = json.loads((tmp_path / "a" / "training_card.json").read_text(encoding="utf-8"))
+    assert card["validation"] is None and card["val_tasks"] == 0
+
+
+# ------------------------------------------------------------------------------------- shared data
+
+
+@needs_ieb
+def test_load_tasks_on_the_ieb_train_file() -> None:
+    tasks = load_tasks(IEB / "eft_train_silver.json")
+    assert len(tasks) == 685
+    assert sum(len(v) for v in tasks.values()) == 16_460
