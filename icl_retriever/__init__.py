@@ -11,7 +11,8 @@ from icl_retriever.errors import (
     PoolError,
 )
 from icl_retriever.records import Demo, load_pool
-from icl_retriever.retriever import Retriever, build_index
+from icl_retriever.build import build_index
+from icl_retriever.retriever import Retriever
 
 __all__ = [
     "Demo",

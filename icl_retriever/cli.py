@@ -23,7 +23,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from icl_retriever.encoder import PIEEncoder
     from icl_retriever.index_store import check_target
     from icl_retriever.records import load_pool
-    from icl_retriever.retriever import build_index
+    from icl_retriever.build import build_index
 
     check_target(Path(args.out), force=args.force)
     demos = load_pool(args.pool)  # validate everything before loading a model
