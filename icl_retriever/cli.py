@@ -27,26 +27,90 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     check_target(Path(args.out), force=args.force)
     demos = load_pool(args.pool)  # validate everything before loading a model
-    encoder = PIEEncoder(args.model)
+    encoder = PIEEncoder(args.model, quantize=args.quantize)
     start = time.perf_counter()
-    retriever = build_index(demos, args.out, encoder=encoder, batch_size=args.batch_size, force=args.force,
-                            show_progress_bar=True)
+    try:
+        retriever = build_index(
+            demos, args.out, encoder=encoder, index_type=args.index_type, hnsw_m=args.hnsw_m,
+            ef_construction=args.ef_construction, ef_search=args.ef_search, nlist=args.nlist, nprobe=args.nprobe,
+            batch_size=args.batch_size, chunk_size=args.chunk_size, force=args.force, resume=not args.no_resume,
+            show_progress_bar=True, topic=not args.no_topic,
+        )
+    except KeyboardInterrupt:
+        print("icl-retriever: interrupted; finished chunks are kept: run the same command again to resume",
+              file=sys.stderr)
+        return 130
     seconds = time.perf_counter() - start
     tasks = {d.metadata.get("task") for d in demos} - {None}
+    manifest = retriever.manifest
+    assert manifest is not None
+    params = ", ".join(f"{k} {v}" for k, v in manifest.index_params.model_dump(exclude_none=True).items())
     print(
         f"Indexed {len(retriever)} demos"
         + (f" ({len(tasks)} tasks)" if tasks else "")
         + f" into {args.out} in {seconds:.1f} s ({len(retriever) / seconds:.0f} demos/s); "
         f"dim {encoder.dim}, model {encoder.config.model}, pooling {encoder.config.pooling}"
+        + (", int8" if encoder.config.quantize else "")
+        + f"; index {manifest.index_type}"
+        + (f" ({params})" if params else "")
+        + (f", recall@10 {manifest.recall_at_10:.3f} vs exact search" if manifest.recall_at_10 is not None else "")
     )
     return 0
 
 
+def _filter_value(text: str) -> object:
+    """A JSON literal (number, true, false, null) as itself; anything else as a string."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if not isinstance(value, (dict, list, str)) else text
+
+
+def _parse_filters(items: Sequence[str] | None) -> dict[str, object] | None:
+    """``KEY=VALUE`` (equality) / ``KEY=V1,V2`` (any of) / ``KEY=[JSON list]`` flags as a metadata filter."""
+    if not items:
+        return None
+    spec: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw:
+            raise ValueError(f"--filter {item!r}: expected KEY=VALUE or KEY=VALUE1,VALUE2")
+        if key in spec:
+            raise ValueError(f"--filter: {key!r} given twice; list its values once: {key}=V1,V2")
+        if raw.startswith("["):
+            try:
+                values = json.loads(raw)
+            except ValueError as exc:
+                raise ValueError(f"--filter {item!r}: not a JSON list ({exc})") from None
+            spec[key] = values if isinstance(values, list) else [values]
+        elif "," in raw:
+            spec[key] = [_filter_value(v.strip()) for v in raw.split(",") if v.strip()]
+        else:
+            spec[key] = _filter_value(raw.strip())
+    return spec
+
+
 def _cmd_query(args: argparse.Namespace) -> int:
+    from icl_retriever.controls import SearchControls
     from icl_retriever.retriever import Retriever
 
+    controls = dict(
+        diversity=args.diversity,
+        fetch_k=args.fetch_k,
+        filter=_parse_filters(args.filter),
+        dedup=args.dedup,
+        exclude_query=args.exclude_query,
+        rerank=args.rerank,
+        max_tokens=args.max_tokens,
+        tokenizer=args.tokenizer,
+        demo_format=args.demo_format.replace("\\n", "\n").replace("\\t", "\t") if args.demo_format else None,
+        **({"rerank_margin": args.rerank_margin} if args.rerank_margin is not None else {}),
+    )
+    SearchControls.parse(k=args.k, **controls)  # a bad flag fails before the model loads
     retriever = Retriever.from_index(args.index, verify=not args.no_verify)
-    demos = retriever.get_demos(args.text, k=args.k)
+    demos = retriever.get_demos(args.text, k=args.k, **controls)
     if args.json:
         print(json.dumps([d.model_dump() for d in demos], ensure_ascii=False, indent=2))
         return 0
@@ -95,7 +159,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("index", str(args.index)),
         ("demos", str(manifest.count)),
         ("dim", str(manifest.dim)),
-        ("index type", f"{manifest.index_type} ({manifest.metric})"),
+        ("index type", f"{manifest.index_type} ({manifest.metric})"
+         + "".join(f", {k} {v}" for k, v in manifest.index_params.model_dump(exclude_none=True).items())
+         + (f", recall@10 {manifest.recall_at_10:.3f}" if manifest.recall_at_10 is not None else "")),
         ("model", enc.model),
         ("pooling", enc.pooling),
         ("max length", str(enc.max_length)),
@@ -109,6 +175,35 @@ def _cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from icl_retriever.training import TrainConfig, train
+
+    fields = TrainConfig.model_fields
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    config = TrainConfig(**given)
+    out = train(config, show_progress_bar=True)
+    card = json.loads((out / "training_card.json").read_text(encoding="utf-8"))
+    val = card.get("validation") or {}
+    print(
+        f"Trained {card['steps_done']} steps in {card['wall_time_s']:.0f} s "
+        f"({card['seconds_per_step']:.2f} s/step) -> {out}; held-out validation: "
+        + (", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "step") or "none")
+    )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from icl_retriever.encoder import PIEEncoder
+    from icl_retriever.evaluation import evaluate
+
+    if args.ict is None and args.iis is None:
+        raise ValueError("give --ict, --iis or both")
+    encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling)
+    report = evaluate(encoder, args.ict, args.iis, batch_size=args.batch_size, show_progress_bar=not args.json)
+    print(report.model_dump_json(indent=2) if args.json else report.table())
     return 0
 
 
@@ -126,12 +221,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory or Hugging Face id (default: the embedded PIE model)")
     p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
     p.add_argument("--force", action="store_true", help="replace an existing index at --out")
+    p.add_argument("--no-topic", action="store_true",
+                   help="skip the topic vectors (plain embeddings of instruction + input) that --rerank "
+                        "task_then_topic needs; halves the embedding work")
+    p.add_argument("--index-type", choices=["auto", "flat", "hnsw", "ivf"], default="auto",
+                   help="flat: exact; hnsw / ivf: approximate, for large pools (default auto: flat below 200,000 "
+                        "demos, hnsw above)")
+    p.add_argument("--hnsw-m", type=int, default=None, metavar="M", help="HNSW links per node (default 32)")
+    p.add_argument("--ef-construction", type=int, default=None, metavar="N", help="HNSW build breadth (default 128)")
+    p.add_argument("--ef-search", type=int, default=None, metavar="N",
+                   help="HNSW search breadth (default: tuned from 64 until recall@10 >= 0.95 on a sample)")
+    p.add_argument("--nlist", type=int, default=None, metavar="N", help="IVF clusters (default about sqrt(demos))")
+    p.add_argument("--nprobe", type=int, default=None, metavar="N",
+                   help="IVF clusters searched (default: tuned from 32 until recall@10 >= 0.95)")
+    p.add_argument("--chunk-size", type=int, default=10_000, metavar="N",
+                   help="instructions embedded and checkpointed at a time; an interrupted build resumes from the "
+                        "last finished chunk (default 10000)")
+    p.add_argument("--no-resume", action="store_true", help="embed everything again, ignoring finished chunks")
+    p.add_argument("--quantize", action="store_true",
+                   help="CPU only: dynamic int8 encoder (faster; the index then needs int8 queries, which it loads)")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("query", help="show the demos an index returns for a request")
     p.add_argument("index", help="index directory")
     p.add_argument("text", help="the request / instruction")
     p.add_argument("-k", type=int, default=4, help="how many demos (default 4)")
+    p.add_argument("--diversity", type=float, default=0.0, metavar="D",
+                   help="0..1: maximal marginal relevance over the --fetch-k best (0, the default: plain ranking)")
+    p.add_argument("--fetch-k", type=int, default=None, metavar="N",
+                   help="candidates examined by --diversity/--rerank/--dedup/--max-tokens (default max(20, 4k))")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE[,VALUE...]",
+                   help="only demos whose metadata KEY equals VALUE (or one of the VALUEs); repeat for more keys "
+                        "(all must match); numbers/true/false are JSON, other values strings")
+    p.add_argument("--dedup", nargs="?", type=float, const=True, default=None, metavar="COSINE",
+                   help="drop near-duplicate demos (cosine above COSINE, default 0.95)")
+    p.add_argument("--exclude-query", action="store_true", help="drop demos whose instruction is the query itself")
+    p.add_argument("--rerank", choices=["task_then_topic"], default=None,
+                   help="task_then_topic: among same-task demos, prefer those closest in content to the query")
+    p.add_argument("--rerank-margin", type=float, default=None, metavar="M",
+                   help="PIE cosine margin that counts as the same task for --rerank (default 0.03)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="pack the best demos whose formatted length fits N tokens in total (never truncates one)")
+    p.add_argument("--tokenizer", default=None, metavar="NAME",
+                   help="tokenizer for --max-tokens: a Hugging Face model name or directory (default: the encoder's)")
+    p.add_argument("--demo-format", default=None, metavar="TEMPLATE",
+                   help=r"how a demo is formatted for --max-tokens, e.g. 'Q: {instruction}\nA: {output}' "
+                        "(default: instruction, input, output on separate lines)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the index files")
     p.set_defaults(func=_cmd_query)
@@ -147,6 +282,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", help="index directory")
     p.add_argument("--ids", nargs="+", required=True, help="ids of the demos to remove")
     p.set_defaults(func=_cmd_remove)
+
+    p = sub.add_parser("train", help="PIE contrastive fine-tuning on task-labelled instructions")
+    p.add_argument("train_file", type=Path, help="IEB-format JSON or JSONL with instruction + task")
+    p.add_argument("--out", dest="output_dir", type=Path, required=True, help="output model directory")
+    p.add_argument("--base-model", default=None,
+                   help='model to fine-tune (default "default": the shipped model; "default-base": the untrained base)')
+    p.add_argument("--template", default=None, help='"short" (default), "pie", "plain" or a string with {instruction}')
+    p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="anchor/positive/negative triplets per step (32)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 500)")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the anchors, instead of --steps")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (3e-5)")
+    p.add_argument("--warmup-ratio", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="InfoNCE temperature (0.05)")
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--symmetric", action="store_true", default=None, help="also rank anchors for each positive")
+    p.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None, help="train with dropout")
+    p.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false", default=None)
+    p.add_argument("--no-mask-same-task", dest="mask_same_task", action="store_false", default=None)
+    p.add_argument("--val-fraction", type=float, default=None, help="fraction of train TASKS held out (0.1)")
+    p.add_argument("--eval-every", type=int, default=None, help="validate every N steps, keep the best (0: end only)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="ICT clustering, IIS similarity and retrieval P@k of a model")
+    p.add_argument("--model", default=None, help="model directory, Hugging Face id, or the default")
+    p.add_argument("--ict", type=Path, default=None, help="IEB-format file (e.g. eft_test.json)")
+    p.add_argument("--iis", type=Path, default=None, help="pair file (e.g. intention_similarity_test.json)")
+    p.add_argument("--template", default=None, help="override the model's template")
+    p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("info", help="describe an index directory")
     p.add_argument("index", help="index directory")

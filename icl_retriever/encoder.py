@@ -7,6 +7,7 @@ autumn" rather than next to "Tell me facts about the sea".
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -55,6 +56,7 @@ class EncoderConfig(BaseModel):
     max_length: int = Field(256, ge=8, description="token budget per prompt, template included")
     add_period: bool = Field(False, description='append "." to instructions not ending in . ? " or \'')
     normalize: bool = True
+    quantize: bool = Field(False, description="dynamic int8 quantisation of the Linear layers (CPU only)")
 
 
 def resolve_template(template: str) -> str:
@@ -129,6 +131,8 @@ def _load_model_unquiet(model: str) -> tuple[Any, Any, dict[str, Any]]:
 
     if model == "default":
         return default_model.load()
+    if model == "default-base":  # the default's base weights, no PIE delta: plain topical embeddings
+        return default_model.load(base=True)
     source: str | Path = model
     saved: dict[str, Any] = {}
     local = Path(model).expanduser()
@@ -149,6 +153,27 @@ def _load_model_unquiet(model: str) -> tuple[Any, Any, dict[str, Any]]:
     return tokenizer, hf_model, saved
 
 
+def _quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 copy of ``model``: int8 weights, activations quantised per batch on the fly.
+
+    Every Linear layer is quantised except the down-projections (``in_features > out_features``: the
+    feed-forward outputs), whose inputs carry activation outliers; on the default model that keeps the
+    cosine to the float32 vectors near 0.99 instead of 0.94, at about 2x the float32 speed instead of 3x.
+    """
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError as exc:  # torch.ao.quantization is deprecated and may be gone in later torch
+        raise ModelLoadError(f"quantize=True needs torch.ao.quantization, missing from torch {torch.__version__}") from exc
+    names = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module.in_features <= module.out_features
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecation notice, once per load, is not the user's to act on
+        return quantize_dynamic(model, names, dtype=torch.qint8)
+
+
 class PIEEncoder:
     """Embed instructions by task with a prompt-based instruction embedding.
 
@@ -166,9 +191,12 @@ class PIEEncoder:
         max_length: token budget for a prompt; longer instructions are truncated with a warning.
         add_period: PIE's rule of ending the instruction with a period; defaults to True for ``"pie"``.
         device: ``"cuda"``, ``"cpu"``, ...; defaults to CUDA when available.
+        quantize: run the Linear layers in dynamic int8 (CPU only; faster on CPU, slightly different
+            vectors, so it is part of the fingerprint: an index built with it needs it at query time).
 
     Raises:
         ModelLoadError: the model cannot be found, verified or loaded.
+        ValueError: ``quantize`` with a non-CPU device.
     """
 
     def __init__(
@@ -180,9 +208,12 @@ class PIEEncoder:
         max_length: int | None = None,
         add_period: bool | None = None,
         device: str | torch.device | None = None,
+        quantize: bool = False,
     ) -> None:
+        if quantize and device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"quantize=True runs on CPU only, not on {device!r}")
         name = "default" if model is None or str(model) == "default" else str(model)
-        if name != "default" and Path(name).expanduser().exists():
+        if name not in ("default", "default-base") and Path(name).expanduser().exists():
             name = str(Path(name).expanduser().resolve())
         self.tokenizer, self.model, saved = _load_model(name)
         self.is_decoder = _is_decoder(self.model.config)
@@ -203,11 +234,16 @@ class PIEEncoder:
             pooling=pooling or saved.get("pooling") or ("last" if self.is_decoder else "mean"),
             max_length=min(int(max_length or saved.get("max_length") or 256), int(min(model_limit, 1_000_000))),
             add_period=add_period if add_period is not None else saved.get("add_period", resolved == TEMPLATES["pie"]),
+            quantize=quantize,
         )
-        self._weights_sha = _hash_state_dict(self.model)
+        self._weights_sha = _hash_state_dict(self.model)  # of the float weights, before any quantisation
+        if quantize:
+            device = "cpu"
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.model.eval()
+        if quantize:
+            self.model = _quantize_dynamic_int8(self.model)
         # Template tokens (plus specials) that every prompt spends; the rest is the instruction's budget.
         probe = self.tokenizer(apply_template("", resolved, False))["input_ids"]
         self._instruction_budget = max(1, self.config.max_length - len(probe))
@@ -216,7 +252,12 @@ class PIEEncoder:
     def fingerprint(self) -> str:
         """Identity of weights + settings; an index only accepts queries from the same fingerprint."""
         payload = json.dumps(
-            {"weights_sha256": self._weights_sha, **self.config.model_dump(exclude={"model"})}, sort_keys=True
+            # quantize is left out while off, so fingerprints of float encoders are what they always were
+            {
+                "weights_sha256": self._weights_sha,
+                **self.config.model_dump(exclude={"model"} | (set() if self.config.quantize else {"quantize"})),
+            },
+            sort_keys=True,
         )
         return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
@@ -319,7 +360,7 @@ class PIEEncoder:
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
         prompts = self.format(texts) if apply_template else self._fit(texts)
-        order = np.argsort([-len(p) for p in prompts], kind="stable")
+        order = self._length_order(prompts, batch_size)
         out = np.empty((len(prompts), self.dim), dtype=np.float32)
         with torch.inference_mode():
             for start in tqdm(
@@ -331,6 +372,33 @@ class PIEEncoder:
                 idx = order[start : start + batch_size]
                 out[idx] = self.embed([prompts[i] for i in idx]).cpu().numpy()
         return out[0] if single else out
+
+    def _length_order(self, prompts: Sequence[str], batch_size: int) -> np.ndarray:
+        """Prompts longest first by token count, so each batch pads little.
+
+        Token counts, not characters: on eft_test, batches of 32 sorted by characters hold 37-50% padding,
+        sorted by tokens 6-8%. Counting costs one tokenizer pass (about 1% of the model's time); a single
+        batch needs no order.
+        """
+        if len(prompts) <= batch_size:
+            return np.arange(len(prompts))
+        ids = self.tokenizer(
+            list(prompts), truncation=True, max_length=self.config.max_length,
+            return_attention_mask=False, return_token_type_ids=False,
+        )["input_ids"]
+        return np.argsort([-len(x) for x in ids], kind="stable")
+
+    def with_template(self, template: str, *, add_period: bool = False) -> PIEEncoder:
+        """This encoder with another template, sharing the loaded tokenizer and model (weights are not copied).
+
+        ``with_template("plain")`` gives the model's plain embedding of the raw text (topic vectors).
+        """
+        other = copy.copy(self)
+        resolved = resolve_template(template)
+        other.config = self.config.model_copy(update={"template": resolved, "add_period": add_period})
+        probe = self.tokenizer(apply_template("", resolved, False))["input_ids"]
+        other._instruction_budget = max(1, other.config.max_length - len(probe))
+        return other
 
     def __repr__(self) -> str:
         c = self.config

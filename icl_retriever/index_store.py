@@ -24,12 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import faiss
 import numpy as np
 from filelock import FileLock
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from icl_retriever._version import __version__
 from icl_retriever.default_model import sha256_file
@@ -41,11 +41,21 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 VECTORS = "vectors"
 DEMOS = "demos"
-_SUFFIX = {VECTORS: ".faiss", DEMOS: ".jsonl"}
-_DATA_PREFIX = {VECTORS: "index.", DEMOS: "demos."}
-#: FAISS four-character codes we accept: flat inner-product (and, for later index types, HNSW flat).
-_FAISS_FOURCC = {b"IxFI", b"IHNf"}
+#: Optional role: plain (topic) embeddings of instruction + input, row i for demo i, as a flat index.
+TOPIC = "topic"
+_SUFFIX = {VECTORS: ".faiss", DEMOS: ".jsonl", TOPIC: ".faiss"}
+_DATA_PREFIX = {VECTORS: "index.", DEMOS: "demos.", TOPIC: "topic."}
+#: FAISS four-character codes we accept, and the index type each one is: flat inner-product, HNSW over
+#: flat storage, IVF with flat lists. Anything else is refused before FAISS parses it.
+_FAISS_FOURCC = {b"IxFI": "flat", b"IHNf": "hnsw", b"IwFl": "ivf"}
 _FLAT_HEADER = struct.Struct("<4siqqq?iQ")  # fourcc, d, ntotal, 2 dummies, is_trained, metric, float count
+_INDEX_HEADER = struct.Struct("<4siqqq?i")  # the part every FAISS index type starts with
+#: ``auto`` index type: exact search below this many demos, HNSW from here on.
+AUTO_HNSW_FROM = 200_000
+#: recall@10 an approximate index aims for when ``ef_search`` / ``nprobe`` are tuned at build time.
+TARGET_RECALL = 0.95
+
+IndexType = Literal["flat", "hnsw", "ivf"]
 _LOAD_RETRIES = 5
 
 
@@ -57,6 +67,43 @@ class FileEntry(BaseModel):
     name: str
     size: int
     sha256: str
+
+
+class IndexParams(BaseModel):
+    """Parameters of the vector index: HNSW's ``M`` / ``ef_construction`` / ``ef_search``, IVF's
+    ``nlist`` / ``nprobe``; empty for flat. ``ef_search`` and ``nprobe`` are applied at load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    M: int | None = Field(None, ge=2, le=1024, description="HNSW: links per node (2 M on the bottom layer)")
+    ef_construction: int | None = Field(None, ge=1, description="HNSW: candidate list size while building")
+    ef_search: int | None = Field(None, ge=1, description="HNSW: candidate list size while searching")
+    nlist: int | None = Field(None, ge=1, description="IVF: number of clusters")
+    nprobe: int | None = Field(None, ge=1, description="IVF: clusters visited per search")
+
+
+#: Which :class:`IndexParams` fields each index type has (all of them required, no others).
+_PARAMS_OF: dict[str, tuple[str, ...]] = {
+    "flat": (),
+    "hnsw": ("M", "ef_construction", "ef_search"),
+    "ivf": ("nlist", "nprobe"),
+}
+
+
+class TopicInfo(BaseModel):
+    """The topic vectors beside the PIE ones: which encoder made them (``rerank="task_then_topic"``).
+
+    ``source`` is ``"base_model"`` when they come from the PIE model's base weights without PIE
+    training (the default encoder: ``"default-base"``), ``"same_model_plain"`` when they come from the
+    index's own model without its template (the fallback for any other model).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: EncoderConfig
+    fingerprint: str
+    source: Literal["base_model", "same_model_plain"]
+    dim: int = Field(ge=1)
 
 
 class Manifest(BaseModel):
@@ -73,9 +120,14 @@ class Manifest(BaseModel):
     fingerprint: str
     dim: int
     count: int
-    index_type: Literal["flat"] = "flat"
+    index_type: IndexType = "flat"
+    index_params: IndexParams = Field(default_factory=IndexParams)
+    recall_at_10: float | None = Field(
+        None, ge=0.0, le=1.0, description="approximate index: share of the exact top 10 it returns (sampled at build)"
+    )
     metric: Literal["inner_product"] = "inner_product"
-    files: dict[Literal["vectors", "demos"], FileEntry]
+    topic: TopicInfo | None = None
+    files: dict[Literal["vectors", "demos", "topic"], FileEntry]
 
 
 def new_flat_index(vectors: np.ndarray, dim: int | None = None) -> faiss.Index:
@@ -91,6 +143,183 @@ def all_vectors(index: faiss.Index) -> np.ndarray:
     if index.ntotal == 0:
         return np.empty((0, index.d), dtype=np.float32)
     return index.reconstruct_n(0, index.ntotal)
+
+
+# index types --------------------------------------------------------------------------------
+
+#: Defaults of the approximate index types (IVF's nlist defaults to :func:`default_nlist`).
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 128
+HNSW_EF_SEARCH = 64
+IVF_NPROBE = 32
+_ADD_BLOCK = 20_000  # vectors per add() call while building an approximate index (progress granularity)
+_MAX_EF_SEARCH = 1024
+
+
+def default_nlist(n: int) -> int:
+    """IVF clusters for ``n`` vectors: about sqrt(n), with at least 39 training points per cluster."""
+    return max(1, min(round(float(np.sqrt(n))), n // 39))
+
+
+def new_index(
+    vectors: np.ndarray,
+    index_type: IndexType = "flat",
+    params: IndexParams | None = None,
+    *,
+    dim: int | None = None,
+    progress: bool = False,
+) -> faiss.Index:
+    """A new inner-product index of ``index_type`` holding ``vectors`` (row i gets id i).
+
+    This is also how an index is rebuilt after an update (see :func:`rebuild_index`): HNSW cannot
+    remove vectors in place, and a rebuild keeps the graph as good as a fresh build.
+
+    Args:
+        params: HNSW ``M`` / ``ef_construction`` / ``ef_search`` (defaults :data:`HNSW_M`, ...); IVF
+            ``nlist`` (default :func:`default_nlist`, capped at the vector count) and ``nprobe``. Fields
+            of other index types must be unset.
+        progress: show a progress bar while filling an approximate index.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    d = int(dim if dim is not None else vectors.shape[1])
+    p = params or IndexParams()
+    stray = [name for name, value in p if value is not None and name not in _PARAMS_OF[index_type]]
+    if stray:
+        raise ValueError(f"index type {index_type!r} takes no parameter(s) {', '.join(stray)}")
+    if index_type == "flat":
+        return new_flat_index(vectors, d)
+    if index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(d, p.M or HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = p.ef_construction or HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = p.ef_search or HNSW_EF_SEARCH
+    elif index_type == "ivf":
+        n = len(vectors)
+        # FAISS's k-means wants >= 39 training points per cluster: a small pool gets fewer clusters.
+        nlist = max(1, min(p.nlist or default_nlist(n), n // 39)) if n else (p.nlist or 1)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = min(p.nprobe or IVF_NPROBE, nlist)
+        index.set_direct_map_type(faiss.DirectMap.Array)  # so stored vectors can be read back for updates
+        if n:
+            sample = np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)
+            index.train(vectors[np.sort(sample)])
+    else:
+        raise ValueError(f"unknown index type {index_type!r}; expected one of {sorted(_PARAMS_OF)}")
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(vectors), desc=f"Indexing ({index_type})", unit=" demos", unit_scale=True,
+              disable=not progress or not len(vectors)) as bar:
+        for start in range(0, len(vectors), _ADD_BLOCK):
+            block = vectors[start : start + _ADD_BLOCK]
+            index.add(block)
+            bar.update(len(block))
+    return index
+
+
+def describe_index(index: faiss.Index) -> tuple[IndexType, IndexParams]:
+    """The index type and parameters of a FAISS index this library builds.
+
+    Raises:
+        ValueError: a FAISS index of another kind or metric.
+    """
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ValueError(f"expected an inner-product index, got metric {index.metric_type}")
+    if isinstance(index, faiss.IndexHNSWFlat):
+        hnsw = index.hnsw
+        return "hnsw", IndexParams(M=hnsw.nb_neighbors(1), ef_construction=hnsw.efConstruction, ef_search=hnsw.efSearch)
+    if isinstance(index, faiss.IndexIVFFlat):
+        return "ivf", IndexParams(nlist=index.nlist, nprobe=index.nprobe)
+    if isinstance(index, faiss.IndexFlat):
+        return "flat", IndexParams()
+    raise ValueError(f"unsupported FAISS index class {type(index).__name__}")
+
+
+def rebuild_index(index: faiss.Index, vectors: np.ndarray) -> faiss.Index:
+    """A new index of the same type and parameters as ``index``, holding ``vectors`` (for add / remove).
+
+    Cost: flat is a copy; HNSW rebuilds its graph (on 2 cores roughly 1-3k vectors/s); IVF keeps
+    ``nlist`` (capped at the new count) and retrains its clusters.
+    """
+    index_type, params = describe_index(index)
+    return new_index(vectors, index_type, params, dim=index.d)
+
+
+def configure_index(index: faiss.Index, params: IndexParams) -> None:
+    """Apply the search-time parameters (HNSW ``ef_search``, IVF ``nprobe``) to a loaded index."""
+    if isinstance(index, faiss.IndexHNSWFlat) and params.ef_search:
+        index.hnsw.efSearch = params.ef_search
+    elif isinstance(index, faiss.IndexIVFFlat) and params.nprobe:
+        index.nprobe = params.nprobe
+
+
+def search(index: faiss.Index, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search``, with a single query run on one OpenMP thread.
+
+    FAISS parallelises over queries; for one query the extra threads only add synchronisation (2
+    threads measured 4-5x slower than 1 on a 2-core machine). OpenMP's thread count is a per-thread
+    setting, so this does not affect searches running concurrently in other threads.
+    """
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if len(x) != 1:
+        return index.search(x, k)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(x, k)
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+class _RecallProbe:
+    """recall@10 of an approximate index against exact search, on a sample of stored vectors as queries.
+
+    A returned neighbour counts as a hit when it is at least as similar as the exact 10th neighbour
+    (within 1e-5), so identical instructions (tied vectors) returned in another order are not misses.
+    """
+
+    def __init__(self, index: faiss.Index, vectors: np.ndarray | None, *, sample: int = 1000, seed: int = 0) -> None:
+        base = all_vectors(index) if vectors is None else np.ascontiguousarray(vectors, dtype=np.float32)
+        n = len(base)
+        self.k = min(10, n)
+        ids = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+        self.queries = np.ascontiguousarray(base[ids])
+        exact, _ = faiss.knn(self.queries, base, self.k, metric=faiss.METRIC_INNER_PRODUCT)
+        self.threshold = exact[:, -1:] - 1e-5
+        self.index = index
+
+    def __call__(self) -> float:
+        scores, ids = self.index.search(self.queries, self.k)
+        return float(((scores >= self.threshold) & (ids >= 0)).sum() / scores.size)
+
+
+def measure_recall(
+    index: faiss.Index,
+    vectors: np.ndarray | None = None,
+    *,
+    tune_to: float | None = None,
+    sample: int = 1000,
+    seed: int = 0,
+) -> float | None:
+    """recall@10 of an approximate index against exact search (``None`` for flat or empty indexes).
+
+    Args:
+        vectors: the index's vectors in id order, if at hand (else they are read back from the index).
+        tune_to: raise HNSW ``efSearch`` / IVF ``nprobe`` (doubling, up to 1024 / nlist) until recall
+            reaches this value or stops improving; the index keeps the setting reached.
+        sample: how many stored vectors to use as queries.
+    """
+    if index.ntotal == 0 or describe_index(index)[0] == "flat":
+        return None
+    probe = _RecallProbe(index, vectors, sample=sample, seed=seed)
+    recall = probe()
+    while tune_to is not None and recall < tune_to:
+        if isinstance(index, faiss.IndexHNSWFlat) and index.hnsw.efSearch < _MAX_EF_SEARCH:
+            index.hnsw.efSearch = min(2 * index.hnsw.efSearch, _MAX_EF_SEARCH)
+        elif isinstance(index, faiss.IndexIVFFlat) and index.nprobe < index.nlist:
+            index.nprobe = min(2 * index.nprobe, index.nlist)
+        else:
+            break
+        recall = probe()
+    return recall
 
 
 # writing ------------------------------------------------------------------------------------
@@ -123,8 +352,14 @@ def save_index(
     encoder_config: EncoderConfig,
     fingerprint: str,
     force: bool = False,
+    recall_at_10: float | None = None,
+    topic_index: faiss.Index | None = None,
+    topic: TopicInfo | None = None,
 ) -> Manifest:
     """Write an index directory atomically (under the write lock) and return its manifest.
+
+    Args:
+        recall_at_10: an approximate index's measured recall (measured here when not given).
 
     Raises:
         IndexExistsError: ``path`` holds something and ``force`` is not set (or it is not an index).
@@ -132,7 +367,8 @@ def save_index(
     path = Path(path)
     with write_lock(path):
         return write_version(
-            path, vectors_index, demos, encoder_config=encoder_config, fingerprint=fingerprint, force=force
+            path, vectors_index, demos, encoder_config=encoder_config, fingerprint=fingerprint, force=force,
+            recall_at_10=recall_at_10, topic_index=topic_index, topic=topic,
         )
 
 
@@ -145,14 +381,28 @@ def write_version(
     fingerprint: str,
     force: bool = False,
     previous: Manifest | None = None,
+    recall_at_10: float | None = None,
+    topic_index: faiss.Index | None = None,
+    topic: TopicInfo | None = None,
 ) -> Manifest:
     """Write one version of an index; the caller holds :func:`write_lock`.
 
     Args:
         force: replace an index that exists at ``path``.
         previous: the manifest this version updates (keeps its created time, bumps its generation).
+        recall_at_10: an approximate index's recall@10; measured here (about 1000 queries) when not given.
+        topic_index, topic: optional topic vectors (a flat index, row i for demo i) and what made them.
     """
     check_target(path, force=force or previous is not None)
+    if (topic_index is None) != (topic is None):
+        raise ValueError("topic_index and topic go together: give both or neither")
+    if topic_index is not None and topic is not None and (topic_index.ntotal, topic_index.d) != (len(demos), topic.dim):
+        raise ValueError(
+            f"topic index holds {topic_index.ntotal} vectors of dim {topic_index.d}, expected {len(demos)} of dim {topic.dim}"
+        )
+    index_type, index_params = describe_index(vectors_index)
+    if recall_at_10 is None:
+        recall_at_10 = measure_recall(vectors_index)
     now = datetime.now(timezone.utc)
     if previous is None and (path / MANIFEST_FILE).is_file():
         previous = _try_manifest(path)  # a forced rebuild continues the generation count
@@ -177,6 +427,13 @@ def write_version(
         with demos_path.open("w", encoding="utf-8") as fh:
             for demo in demos:
                 fh.write(json.dumps(demo.record(), ensure_ascii=False) + "\n")
+        files = {VECTORS: _entry(vectors_path), DEMOS: _entry(demos_path)}
+        # topic vectors (optional), a flat index in the same row order
+        if topic_index is not None:
+            topic_path = workdir / f"{_DATA_PREFIX[TOPIC]}{token}{_SUFFIX[TOPIC]}"
+            written.append(topic_path)
+            faiss.write_index(topic_index, str(topic_path))
+            files[TOPIC] = _entry(topic_path)
         # manifest last: it vouches for the files above and switches to them in one rename
         manifest = Manifest(
             **base,
@@ -185,7 +442,11 @@ def write_version(
             fingerprint=fingerprint,
             dim=int(vectors_index.d),
             count=len(demos),
-            files={VECTORS: _entry(vectors_path), DEMOS: _entry(demos_path)},
+            index_type=index_type,
+            index_params=index_params,
+            recall_at_10=recall_at_10,
+            topic=topic,
+            files=files,
         )
         for file in written:
             _fsync(file)
@@ -264,6 +525,15 @@ def load_manifest(path: str | Path) -> Manifest:
             raise IndexFormatError(f"{manifest_path}: field 'files.{role}.name': {entry.name!r} is not a {role} file name")
     if manifest.count < 0 or manifest.dim < 1:
         raise IndexFormatError(f"{manifest_path}: count {manifest.count} / dim {manifest.dim} out of range")
+    if (TOPIC in manifest.files) != (manifest.topic is not None):
+        raise IndexFormatError(f"{manifest_path}: field 'topic' and 'files.topic' must be both present or both absent")
+    wanted = set(_PARAMS_OF[manifest.index_type])
+    given = {name for name, value in manifest.index_params if value is not None}
+    if given != wanted:
+        raise IndexFormatError(
+            f"{manifest_path}: field 'index_params': a {manifest.index_type} index has parameters "
+            f"{sorted(wanted) or 'none'}, the manifest gives {sorted(given) or 'none'}"
+        )
     return manifest
 
 
@@ -279,16 +549,56 @@ def load_index(path: str | Path, *, verify: bool = True) -> tuple[Manifest, fais
     Raises:
         IndexFormatError: a file is missing, truncated, corrupted or disagrees with the manifest.
     """
+    version = load_version(path, verify=verify, topic=False)
+    return version.manifest, version.index, version.demos
+
+
+class IndexVersion(NamedTuple):
+    """One consistent version of an index directory, as :func:`load_version` reads it."""
+
+    manifest: Manifest
+    index: faiss.Index
+    demos: list[Demo]
+    topic: faiss.Index | None  # the topic vectors; None when the index has none or they were not asked for
+
+
+def load_version(path: str | Path, *, verify: bool = True, topic: bool = True) -> IndexVersion:
+    """:func:`load_index`, plus the topic vectors of the same version when ``topic`` and the index has them."""
     path = Path(path)
     for attempt in range(_LOAD_RETRIES):
         manifest = load_manifest(path)
         try:
-            return manifest, _read_vectors(path, manifest, verify), _read_demos(path, manifest, verify)
+            index = _read_vectors(path, manifest, verify)
+            demos = _read_demos(path, manifest, verify)
+            topic_index = _read_topic(path, manifest, verify) if topic and manifest.topic is not None else None
+            return IndexVersion(manifest, index, demos, topic_index)
         except IndexFormatError:
             if attempt + 1 < _LOAD_RETRIES and _try_manifest(path) != manifest:
                 continue  # replaced under our feet: read the new version
             raise
     raise AssertionError("unreachable")
+
+
+def _read_topic(path: Path, manifest: Manifest, verify: bool) -> faiss.Index:
+    """The topic vectors: a flat inner-product index with one row per demo."""
+    assert manifest.topic is not None
+    file = path / manifest.files[TOPIC].name
+    data = _read_checked(file, manifest.files[TOPIC], verify)
+    dim, count = manifest.topic.dim, manifest.count
+    if len(data) < _FLAT_HEADER.size or data[:4] != b"IxFI":
+        raise IndexFormatError(f"{file}: not a flat FAISS index (header {data[:4]!r})")
+    _, d, ntotal, _, _, _, metric, nfloats = _FLAT_HEADER.unpack_from(data)
+    if (d, ntotal) != (dim, count) or nfloats != d * ntotal or len(data) != _FLAT_HEADER.size + 4 * d * ntotal:
+        raise IndexFormatError(f"{file}: holds {ntotal} vectors of dim {d} in {len(data)} bytes, manifest says {count} of dim {dim}")
+    if metric != faiss.METRIC_INNER_PRODUCT:
+        raise IndexFormatError(f"{file}: not an inner-product index (metric {metric})")
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as exc:
+        raise IndexFormatError(f"{file}: not a readable FAISS index ({str(exc).splitlines()[0]})") from exc
+    if (index.d, index.ntotal) != (dim, count):
+        raise IndexFormatError(f"{file}: holds {index.ntotal} vectors of dim {index.d}, manifest says {count} of dim {dim}")
+    return index
 
 
 def _try_manifest(path: Path) -> Manifest | None:
@@ -301,8 +611,21 @@ def _try_manifest(path: Path) -> Manifest | None:
 def _read_vectors(path: Path, manifest: Manifest, verify: bool) -> faiss.Index:
     file = path / manifest.files[VECTORS].name
     data = _read_checked(file, manifest.files[VECTORS], verify)
-    if len(data) < _FLAT_HEADER.size or data[:4] not in _FAISS_FOURCC:
+    kind = _FAISS_FOURCC.get(data[:4]) if len(data) >= _FLAT_HEADER.size else None
+    if kind is None:
         raise IndexFormatError(f"{file}: not a FAISS index of a supported type (header {data[:4]!r})")
+    if kind != manifest.index_type:
+        raise IndexFormatError(f"{file}: holds a {kind} index, manifest says {manifest.index_type}")
+    if kind != "flat":
+        # Every type starts with the same header; its vectors (flat storage / inverted lists) take 4 d n bytes.
+        _, d, ntotal, _, _, is_trained, metric = _INDEX_HEADER.unpack_from(data)
+        if (d, ntotal) != (manifest.dim, manifest.count) or len(data) < _INDEX_HEADER.size + 4 * d * ntotal:
+            raise IndexFormatError(
+                f"{file}: holds {ntotal} vectors of dim {d} in {len(data)} bytes, "
+                f"manifest says {manifest.count} of dim {manifest.dim}"
+            )
+        if metric != faiss.METRIC_INNER_PRODUCT or (ntotal and not is_trained):
+            raise IndexFormatError(f"{file}: not a trained inner-product index (metric {metric})")
     if data[:4] == b"IxFI":
         _, d, ntotal, _, _, _, _, nfloats = _FLAT_HEADER.unpack_from(data)
         expected_size = _FLAT_HEADER.size + 4 * d * ntotal
@@ -319,6 +642,19 @@ def _read_vectors(path: Path, manifest: Manifest, verify: bool) -> faiss.Index:
         raise IndexFormatError(
             f"{file}: holds {index.ntotal} vectors of dim {index.d}, manifest says {manifest.count} of dim {manifest.dim}"
         )
+    try:
+        kind, params = describe_index(index)
+    except ValueError as exc:
+        raise IndexFormatError(f"{file}: {exc}") from exc
+    build_params = {"ef_search", "nprobe"}  # search-time settings: the manifest's apply
+    if kind != manifest.index_type or params.model_dump(exclude=build_params) != manifest.index_params.model_dump(
+        exclude=build_params
+    ):
+        raise IndexFormatError(
+            f"{file}: is a {kind} index with {params.model_dump(exclude_none=True, exclude=build_params)}, manifest says "
+            f"{manifest.index_type} with {manifest.index_params.model_dump(exclude_none=True, exclude=build_params)}"
+        )
+    configure_index(index, manifest.index_params)
     return index
 
 

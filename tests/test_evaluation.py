@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def test_load_ict_reads_the_fixture() -> None:
     [
         ("{not json", "not valid JSON"),
         ("[]", "expected a non-empty JSON object"),
-        ('{"a|b": {"samples": [{"category": ["a", "b"]}]}}', "missing or empty \"instruction\""),
+        ('{"a|b": {"samples": [{"category": ["a", "b"]}]}}', 'missing or empty "instruction"'),
         ('{"a|b": [1, 2]}', 'expected an object with a "samples" list'),
     ],
 )
@@ -157,7 +158,7 @@ def _iis_file(tmp_path: Path) -> Path:
     data = json.loads(TINY_IEB.read_text(encoding="utf-8"))
     groups = [[s["instruction"] for s in v["samples"]] for v in data.values()]
     pairs = [{"instruction1": g[0], "instruction2": g[1], "label": 1} for g in groups]
-    pairs += [{"instruction1": a[2], "instruction2": b[3], "label": 0} for a, b in zip(groups, groups[1:])]
+    pairs += [{"instruction1": a[2], "instruction2": b[3], "label": 0} for a, b in itertools.pairwise(groups)]
     path = tmp_path / "iis.json"
     path.write_text(json.dumps(pairs), encoding="utf-8")
     return path

@@ -148,13 +148,13 @@ def test_unknown_constructor_field_is_an_error(small_retriever: Retriever) -> No
 
 
 def test_unknown_control_is_an_error_at_once(small_retriever: Retriever, tmp_path: Path) -> None:
-    # get_demos takes no control besides k today, so any control is rejected, before the index is read.
-    with pytest.raises(ValueError, match="unknown search control 'diversity'"):
-        PIERetriever.from_index(tmp_path / "missing", diversity=0.5)
-    with pytest.raises(ValueError, match="unknown search control 'filter'"):
-        PIEExampleSelector.from_index(tmp_path / "missing", filter={"task": "poem"})
-    with pytest.raises(ValidationError, match="unknown search control 'dedup'"):
-        PIERetriever(retriever=small_retriever, search_kwargs={"dedup": True})
+    # A control get_demos does not take is rejected, before the index is read.
+    with pytest.raises(ValueError, match="unknown search control 'diversify'"):
+        PIERetriever.from_index(tmp_path / "missing", diversify=0.5)
+    with pytest.raises(ValueError, match="unknown search control 'where'"):
+        PIEExampleSelector.from_index(tmp_path / "missing", where={"task": "poem"})
+    with pytest.raises(ValidationError, match="unknown search control 'deduplicate'"):
+        PIERetriever(retriever=small_retriever, search_kwargs={"deduplicate": True})
     with pytest.raises(ValidationError, match="'k' is not a search control"):
         PIEExampleSelector(retriever=small_retriever, search_kwargs={"k": 3})
     with pytest.raises(ValueError, match="unknown search control 'mmr'"):

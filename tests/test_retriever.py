@@ -17,7 +17,7 @@ from icl_retriever import (
     Retriever,
     build_index,
 )
-from icl_retriever.index_store import DEMOS, MANIFEST_FILE, VECTORS, load_manifest
+from icl_retriever.index_store import DEMOS, MANIFEST_FILE, TOPIC, VECTORS, load_manifest
 
 
 def data_file(index_dir: Path, role: str) -> Path:
@@ -43,7 +43,9 @@ def small_index(tmp_path: Path, encoder: PIEEncoder) -> Path:
 
 def test_round_trip(small_index: Path, encoder: PIEEncoder) -> None:
     names = sorted(p.name for p in small_index.iterdir())
-    assert names == sorted([MANIFEST_FILE, data_file(small_index, VECTORS).name, data_file(small_index, DEMOS).name])
+    assert names == sorted(
+        [MANIFEST_FILE, *(data_file(small_index, role).name for role in (VECTORS, DEMOS, TOPIC))]
+    )
     assert data_file(small_index, VECTORS).suffix == ".faiss" and data_file(small_index, DEMOS).suffix == ".jsonl"
     r = Retriever.from_index(small_index)  # loads its own encoder from the manifest
     assert len(r) == 5 and r.encoder.fingerprint == encoder.fingerprint

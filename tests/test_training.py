@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from icl_retriever.training import (
     parse_facets,
     split_tasks,
     train,
+    triplet_loss,
 )
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -136,7 +138,8 @@ def test_epoch_visits_every_anchor() -> None:
 
 
 def test_sampler_is_deterministic_per_seed() -> None:
-    assert [_sampler(1).batch(8) for _ in range(1)] == [_sampler(1).batch(8)]
+    first, second = _sampler(1), _sampler(1)
+    assert [first.batch(8) for _ in range(3)] == [second.batch(8) for _ in range(3)]
     assert _sampler(1).batch(8) != _sampler(2).batch(8)
 
 
@@ -171,6 +174,36 @@ def test_info_nce_gradient_is_finite_with_masking() -> None:
     loss = info_nce(queries, keys, ["a", "a", "b", "c"], ["a", "a", "b", "c", "a", "b", "d", "d"], 0.05)
     loss.backward()
     assert math.isfinite(loss.item()) and torch.isfinite(queries.grad).all()
+
+
+class _StubEncoder:
+    """Deterministic unit vectors per prompt, so the loss wiring is testable without a model."""
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        rows = [torch.randn(8, generator=torch.Generator().manual_seed(zlib.crc32(p.encode()))) for p in prompts]
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+
+def test_triplet_loss_variants(tmp_path: Path) -> None:
+    triplets = _sampler().batch(4)
+    prompts = {t: t for trip in triplets for t in (trip.anchor, trip.positive, trip.negative)}
+    stub = _StubEncoder()
+    emb = {t: v for t, v in zip(prompts, stub.embed(list(prompts)), strict=True)}
+    anchors = torch.stack([emb[t.anchor] for t in triplets])
+    positives = torch.stack([emb[t.positive] for t in triplets])
+    negatives = torch.stack([emb[t.negative] for t in triplets])
+    tasks, neg_tasks = [t.task for t in triplets], [t.neg_task for t in triplets]
+
+    def loss(**overrides: object) -> float:
+        config = TrainConfig(train_file=TINY_IEB, output_dir=tmp_path, temperature=0.1, **overrides)
+        return triplet_loss(stub, triplets, config, prompts).item()  # type: ignore[arg-type]
+
+    with_negatives = info_nce(anchors, torch.cat([positives, negatives]), tasks, tasks + neg_tasks, 0.1)
+    assert loss() == pytest.approx(with_negatives.item(), rel=1e-5)
+    in_batch = info_nce(anchors, positives, tasks, tasks, 0.1)
+    assert loss(hard_negatives=False) == pytest.approx(in_batch.item(), rel=1e-5)
+    backward = info_nce(positives, anchors, tasks, tasks, 0.1)
+    assert loss(symmetric=True) == pytest.approx((with_negatives + backward).item() / 2, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -240,7 +273,12 @@ def test_delta_reproduces_the_trained_model(trained: Path) -> None:
 def test_train_is_reproducible(tmp_path: Path) -> None:
     def run(name: str) -> Path:
         config = TrainConfig(
-            train_file=TINY_JSONL, output_dir=tmp_path / name, steps=2, batch_size=4, val_fraction=0, base_model="default"
+            train_file=TINY_JSONL,
+            output_dir=tmp_path / name,
+            steps=2,
+            batch_size=4,
+            val_fraction=0,
+            base_model="default",
         )
         return train(config, show_progress_bar=False)
 

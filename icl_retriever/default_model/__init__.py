@@ -65,13 +65,24 @@ def saved_config() -> dict[str, Any]:
     return json.loads(CONFIG_FILE.read_text(encoding="utf-8"))
 
 
-def load() -> tuple[Any, Any, dict[str, Any]]:
-    """Tokenizer, model (base + trained delta when shipped) and saved settings of the default encoder."""
+#: Settings of ``"default-base"``: the base weights' own, topical embedding of the raw text.
+BASE_CONFIG: dict[str, Any] = {"template": "plain", "pooling": "mean", "max_length": 256, "add_period": False}
+
+
+def load(*, base: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+    """Tokenizer, model (base + trained delta when shipped) and saved settings of the default encoder.
+
+    Args:
+        base: return the verified base weights without the PIE delta and with :data:`BASE_CONFIG`
+            (the model name ``"default-base"``: plain sentence embeddings, used for topic vectors).
+    """
     from transformers import AutoModel, AutoTokenizer
 
     directory = base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModel.from_pretrained(directory)
+    if base:
+        return tokenizer, model, dict(BASE_CONFIG)
     if DELTA_FILE.is_file():
         apply_delta(model, DELTA_FILE)
     return tokenizer, model, saved_config()

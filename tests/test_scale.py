@@ -1,0 +1,330 @@
+"""Scale features: HNSW / IVF indexes on disk, resumable chunked builds, the int8 encoder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from icl_retriever import EncoderMismatchError, IndexFormatError, PIEEncoder, Retriever, build_index
+from icl_retriever.build import resolve_index_type, resume_dir
+from icl_retriever.cli import main
+from icl_retriever.encoder import EncoderConfig
+from icl_retriever.index_store import (
+    MANIFEST_FILE,
+    VECTORS,
+    IndexParams,
+    all_vectors,
+    describe_index,
+    load_index,
+    load_manifest,
+    measure_recall,
+    new_index,
+    rebuild_index,
+    save_index,
+    search,
+)
+from icl_retriever.records import Demo
+
+POOL = [
+    {"id": f"d{i}", "instruction": text, "output": "ok", "task": task}
+    for i, (text, task) in enumerate(
+        [
+            ("Write a poem about the sea.", "poem"),
+            ("Compose a short poem about a busy city.", "poem"),
+            ("Translate 'hello' into German.", "translate"),
+            ("Translate 'thank you' into French.", "translate"),
+            ("Summarize the text below in one sentence.", "summarize"),
+            ("Give a one-line summary of this article.", "summarize"),
+            ("Write a SQL query that lists customers from Spain.", "sql"),
+            ("Write a SQL query counting orders per day.", "sql"),
+            ("Tell me a joke about cats.", "joke"),
+            ("Tell me a joke about programmers.", "joke"),
+        ]
+    )
+]
+QUERY = "Translate 'good night' into German."
+
+
+def ids(demos: list[Demo]) -> list[str]:
+    return [d.id for d in demos]
+
+
+def resync(index_dir: Path, role: str = VECTORS) -> None:
+    """Make the manifest vouch for a data file as it is now (what a forger would do)."""
+    path = index_dir / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    file = index_dir / manifest["files"][role]["name"]
+    manifest["files"][role].update(size=file.stat().st_size, sha256=hashlib.sha256(file.read_bytes()).hexdigest())
+    path.write_text(json.dumps(manifest))
+
+
+def edit_manifest(index_dir: Path, **changes: object) -> None:
+    path = index_dir / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+            manifest[key].update(value)
+        else:
+            manifest[key] = value
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def flat_ids(tmp_path_factory: pytest.TempPathFactory, encoder: PIEEncoder) -> list[str]:
+    r = build_index(POOL, tmp_path_factory.mktemp("flat") / "idx", encoder=encoder, topic=False)
+    assert r.manifest is not None and r.manifest.index_type == "flat" and r.manifest.recall_at_10 is None
+    return ids(r.get_demos(QUERY, k=4))
+
+
+@pytest.fixture(scope="module")
+def hnsw_dir(tmp_path_factory: pytest.TempPathFactory, encoder: PIEEncoder) -> Path:
+    out = tmp_path_factory.mktemp("hnsw") / "idx"
+    build_index(POOL, out, encoder=encoder, index_type="hnsw", hnsw_m=8, ef_construction=40, topic=False)
+    return out
+
+
+# index types ---------------------------------------------------------------------------------
+
+
+def test_hnsw_round_trip(hnsw_dir: Path, encoder: PIEEncoder, flat_ids: list[str]) -> None:
+    manifest = load_manifest(hnsw_dir)
+    assert manifest.index_type == "hnsw"
+    assert manifest.index_params == IndexParams(M=8, ef_construction=40, ef_search=64)  # ef_search: the default, tuned
+    assert manifest.recall_at_10 == 1.0  # ten vectors: the graph finds them all
+    r = Retriever.from_index(hnsw_dir, encoder=encoder)
+    assert isinstance(r.index, faiss.IndexHNSWFlat) and r.index.hnsw.efSearch == 64
+    assert ids(r.get_demos(QUERY, k=4)) == flat_ids
+    # the manifest's search breadth is what a load applies
+    edit_manifest(hnsw_dir, index_params={"ef_search": 17})
+    assert Retriever.from_index(hnsw_dir, encoder=encoder).index.hnsw.efSearch == 17
+
+
+def test_ivf_round_trip(tmp_path: Path, encoder: PIEEncoder, flat_ids: list[str]) -> None:
+    r = build_index(POOL, tmp_path / "idx", encoder=encoder, index_type="ivf", nprobe=3, topic=False)
+    manifest = load_manifest(tmp_path / "idx")
+    assert manifest.index_type == "ivf"
+    assert manifest.index_params == IndexParams(nlist=1, nprobe=1)  # ten demos: one cluster; nprobe capped
+    assert manifest.recall_at_10 == 1.0
+    loaded = Retriever.from_index(tmp_path / "idx", encoder=encoder)
+    assert isinstance(loaded.index, faiss.IndexIVFFlat)
+    assert ids(loaded.get_demos(QUERY, k=4)) == ids(r.get_demos(QUERY, k=4)) == flat_ids
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+def test_approximate_indexes_on_disk(tmp_path: Path, index_type: str) -> None:
+    """Synthetic clustered vectors: params survive save/load, recall is measured and tuned, rebuilds keep the type."""
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((40, 32)).astype(np.float32)
+    x = centers[rng.integers(0, 40, 4000)] + 0.3 * rng.standard_normal((4000, 32)).astype(np.float32)
+    faiss.normalize_L2(x)
+    params = IndexParams(M=12, ef_construction=40, ef_search=8) if index_type == "hnsw" else IndexParams(nlist=40, nprobe=1)
+    index = new_index(x, index_type, params)  # type: ignore[arg-type]
+    low = measure_recall(index, x)
+    tuned = measure_recall(index, x, tune_to=0.99)
+    assert low is not None and tuned is not None and tuned >= max(low, 0.99)
+    kind, after = describe_index(index)
+    assert kind == index_type
+    assert (after.ef_search or after.nprobe or 0) > (params.ef_search or params.nprobe or 0)  # tuning raised it
+    demos = [Demo(id=str(i), instruction=f"i{i}") for i in range(len(x))]
+    cfg = EncoderConfig(model="m", template="{instruction}")
+    manifest = save_index(tmp_path / "idx", index, demos, encoder_config=cfg, fingerprint="f", recall_at_10=tuned)
+    assert manifest.index_type == index_type and manifest.index_params == after and manifest.recall_at_10 == tuned
+    _, loaded, _ = load_index(tmp_path / "idx")
+    assert describe_index(loaded) == (index_type, after)
+    np.testing.assert_array_equal(all_vectors(loaded), x)
+    one = search(loaded, x[:1], 5)
+    assert one[1][0, 0] == 0 and faiss.omp_get_max_threads() >= 1
+    smaller = rebuild_index(loaded, x[:2000])  # what add / remove do
+    assert describe_index(smaller)[0] == index_type and smaller.ntotal == 2000
+    # written without a recall: it is measured on save
+    assert save_index(tmp_path / "again", loaded, demos, encoder_config=cfg, fingerprint="f").recall_at_10 is not None
+
+
+def test_auto_and_parameter_checks(tmp_path: Path, encoder: PIEEncoder) -> None:
+    assert resolve_index_type("auto", 199_999) == "flat"
+    assert resolve_index_type("auto", 200_000) == "hnsw"
+    with pytest.raises(ValueError, match="ef_search apply to hnsw"):
+        build_index(POOL, tmp_path / "a", encoder=encoder, index_type="flat", ef_search=10)
+    with pytest.raises(ValueError, match="nlist apply to ivf"):
+        build_index(POOL, tmp_path / "b", encoder=encoder, index_type="hnsw", nlist=10)
+    with pytest.raises(ValueError, match="index_type must be"):
+        build_index(POOL, tmp_path / "c", encoder=encoder, index_type="annoy")  # type: ignore[arg-type]
+    assert not (tmp_path / "a").exists()
+
+
+# header / allow-list ---------------------------------------------------------------------------
+
+
+def test_header_checks_accept_new_types_and_refuse_garbage(hnsw_dir: Path, tmp_path: Path, encoder: PIEEncoder) -> None:
+    import shutil
+
+    index_dir = tmp_path / "idx"
+    shutil.copytree(hnsw_dir, index_dir)
+    assert len(Retriever.from_index(index_dir, encoder=encoder)) == len(POOL)
+    file = index_dir / load_manifest(index_dir).files[VECTORS].name
+    pristine = file.read_bytes()
+
+    def refused(data: bytes, match: str) -> None:
+        file.write_bytes(data)
+        resync(index_dir)
+        with pytest.raises(IndexFormatError, match=match):
+            Retriever.from_index(index_dir, encoder=encoder)
+
+    rng = np.random.default_rng(1)
+    refused(b"IHNf" + rng.bytes(len(pristine) - 4), "holds .* vectors of dim .* manifest says 10 of dim 384")
+    refused(b"IwPQ" + pristine[4:], "not a FAISS index of a supported type")
+    x = np.asarray(Retriever.from_index(hnsw_dir, encoder=encoder).index.reconstruct_n(0, len(POOL)))
+    l2 = faiss.IndexHNSWFlat(encoder.dim, 8)  # right shape, wrong metric
+    l2.add(x)
+    refused(faiss.serialize_index(l2).tobytes(), "not a trained inner-product index")
+    refused(faiss.serialize_index(new_index(x, "flat")).tobytes(), "holds a flat index, manifest says hnsw")
+    other_m = new_index(x, "hnsw", IndexParams(M=16, ef_construction=40, ef_search=64))
+    refused(faiss.serialize_index(other_m).tobytes(), r"is a hnsw index with \{'M': 16")
+    file.write_bytes(pristine)
+    resync(index_dir)
+    edit_manifest(index_dir, index_params={"M": None})
+    with pytest.raises(IndexFormatError, match="field 'index_params'"):
+        Retriever.from_index(index_dir, encoder=encoder)
+    edit_manifest(index_dir, index_params={"M": 8, "nprobe": 4})
+    with pytest.raises(IndexFormatError, match="field 'index_params'"):
+        Retriever.from_index(index_dir, encoder=encoder)
+
+
+# resumable builds ------------------------------------------------------------------------------
+
+
+class _Counting:
+    """Wraps ``encoder.encode``: counts the texts it embeds and can fail on the n-th call."""
+
+    def __init__(self, encoder: PIEEncoder, fail_on_call: int | None = None) -> None:
+        self.original = PIEEncoder.encode.__get__(encoder)  # the real method, even when already patched
+        self.fail_on_call = fail_on_call
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls.append(list(texts))
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise KeyboardInterrupt("simulated interruption")
+        return self.original(texts, **kwargs)
+
+
+def test_interrupted_build_resumes_from_the_last_finished_chunk(
+    tmp_path: Path, encoder: PIEEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "idx"
+    checkpoints = resume_dir(out, [r["instruction"] for r in POOL], encoder, 4)
+    # chunks of 4: [0:4] [4:8] [8:10]; the second one is interrupted
+    failing = _Counting(encoder, fail_on_call=2)
+    monkeypatch.setattr(encoder, "encode", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False)
+    assert not out.exists()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["chunk-000000.npy"]
+
+    counting = _Counting(encoder)
+    monkeypatch.setattr(encoder, "encode", counting)
+    resumed = build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False)
+    assert [len(c) for c in counting.calls] == [4, 2]  # chunk 0 was not embedded again
+    assert sorted(t for call in counting.calls for t in call) == sorted(r["instruction"] for r in POOL[4:])
+    assert not checkpoints.exists()  # removed after the build
+
+    fresh = build_index(POOL, tmp_path / "fresh", encoder=encoder, chunk_size=4, topic=False)
+    np.testing.assert_allclose(all_vectors(resumed.index), all_vectors(fresh.index), atol=1e-6)
+    assert ids(resumed.demos) == ids(fresh.demos)
+    reloaded = Retriever.from_index(out, encoder=encoder)
+    np.testing.assert_allclose(all_vectors(reloaded.index), all_vectors(fresh.index), atol=1e-6)
+
+
+def test_bad_or_unwanted_chunks_are_embedded_again(
+    tmp_path: Path, encoder: PIEEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "idx"
+    checkpoints = resume_dir(out, [r["instruction"] for r in POOL], encoder, 4)
+    monkeypatch.setattr(encoder, "encode", _Counting(encoder, fail_on_call=3))
+    with pytest.raises(KeyboardInterrupt):
+        build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["chunk-000000.npy", "chunk-000001.npy"]
+    # a chunk that is not a plain float32 array of the right shape is not trusted (nor unpickled)
+    np.save(checkpoints / "chunk-000000.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    (checkpoints / "chunk-000001.npy.tmp-deadbeef").write_bytes(b"half-written")
+    counting = _Counting(encoder)
+    monkeypatch.setattr(encoder, "encode", counting)
+    build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False)
+    assert [len(c) for c in counting.calls] == [4, 2]  # chunks 0 and 2; chunk 1 reused
+    # resume=False embeds everything again
+    monkeypatch.setattr(encoder, "encode", _Counting(encoder, fail_on_call=2))
+    with pytest.raises(KeyboardInterrupt):
+        build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False, force=True)
+    counting = _Counting(encoder)
+    monkeypatch.setattr(encoder, "encode", counting)
+    build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False, force=True, resume=False)
+    assert [len(c) for c in counting.calls] == [4, 4, 2]
+
+
+def test_build_with_topic_vectors_resumes_too(
+    tmp_path: Path, encoder: PIEEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from icl_retriever.retriever import default_topic_encoder
+
+    topic_encoder, _ = default_topic_encoder(encoder)
+    monkeypatch.setattr(topic_encoder, "encode", _Counting(topic_encoder, fail_on_call=2))
+    with pytest.raises(KeyboardInterrupt):  # interrupted in the topic vectors' second chunk
+        build_index(POOL, tmp_path / "idx", encoder=encoder, index_type="hnsw", chunk_size=4)
+    pie, topic = _Counting(encoder), _Counting(topic_encoder)
+    monkeypatch.setattr(encoder, "encode", pie)
+    monkeypatch.setattr(topic_encoder, "encode", topic)
+    r = build_index(POOL, tmp_path / "idx", encoder=encoder, index_type="hnsw", chunk_size=4)
+    assert pie.calls == [] and [len(c) for c in topic.calls] == [4, 2]  # only what had not finished
+    assert r.topic_index is not None and r.topic_index.ntotal == len(POOL)
+    assert not list(tmp_path.glob(".idx.build-*"))
+    loaded = Retriever.from_index(tmp_path / "idx", encoder=encoder)
+    assert loaded.topic_index is not None and isinstance(loaded.index, faiss.IndexHNSWFlat)
+
+
+# int8 encoder ----------------------------------------------------------------------------------
+
+
+def test_quantized_encoder_fingerprint_and_load(tmp_path: Path, encoder: PIEEncoder) -> None:
+    # float encoders keep the fingerprint they had before the quantize setting existed
+    legacy = json.dumps(
+        {"weights_sha256": encoder._weights_sha, **encoder.config.model_dump(exclude={"model", "quantize"})},
+        sort_keys=True,
+    )
+    assert encoder.fingerprint == "sha256:" + hashlib.sha256(legacy.encode()).hexdigest()
+    with pytest.raises(ValueError, match="CPU only"):
+        PIEEncoder(quantize=True, device="cuda")
+    int8 = PIEEncoder(quantize=True)
+    assert int8.config.quantize and int8.fingerprint != encoder.fingerprint
+    a, b = encoder.encode([QUERY, "Write a poem about rain."]), int8.encode([QUERY, "Write a poem about rain."])
+    assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+    assert (a * b).sum(axis=1).min() > 0.9
+    build_index(POOL, tmp_path / "idx", encoder=int8, topic=False)
+    assert load_manifest(tmp_path / "idx").encoder.quantize
+    loaded = Retriever.from_index(tmp_path / "idx")  # loads the int8 encoder the manifest names
+    assert loaded.encoder.config.quantize and loaded.encoder.fingerprint == int8.fingerprint
+    assert loaded.get_demos(QUERY, k=1)[0].metadata["task"] == "translate"
+    with pytest.raises(EncoderMismatchError):
+        Retriever.from_index(tmp_path / "idx", encoder=encoder)
+
+
+# command line ----------------------------------------------------------------------------------
+
+
+def test_cli_build_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in POOL), encoding="utf-8")
+    out = tmp_path / "idx"
+    argv = ["build", str(pool), "--out", str(out), "--index-type", "hnsw", "--hnsw-m", "8", "--ef-search", "20",
+            "--chunk-size", "4", "--no-topic"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "index hnsw (M 8, ef_construction 128, ef_search 20), recall@10 1.000" in printed
+    assert main(["info", str(out)]) == 0
+    assert "hnsw (inner_product), M 8, ef_construction 128, ef_search 20, recall@10 1.000" in capsys.readouterr().out
+    assert main(["build", str(pool), "--out", str(tmp_path / "x"), "--index-type", "flat", "--nprobe", "3"]) == 2
+    assert "nprobe apply to ivf" in capsys.readouterr().err
