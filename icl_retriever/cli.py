@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true", default=None, help="also rank anchors for each positive")
     p.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None, help="train with dropout")
     p.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false", default=None)
+    p.add_argument("--hard-negative-facets", choices=["verb_or_noun", "verb", "noun"], default=None,
+                   help="what a hard negative's task shares with the anchor's (default verb_or_noun, as the paper)")
     p.add_argument("--no-mask-same-task", dest="mask_same_task", action="store_false", default=None)
     p.add_argument("--val-fraction", type=float, default=None, help="fraction of train TASKS held out (0.1)")
     p.add_argument("--eval-every", type=int, default=None, help="validate every N steps, keep the best (0: end only)")

@@ -248,6 +248,19 @@ class PIEEncoder:
         probe = self.tokenizer(apply_template("", resolved, False))["input_ids"]
         self._instruction_budget = max(1, self.config.max_length - len(probe))
 
+    @classmethod
+    def from_config(cls, config: EncoderConfig, *, device: str | torch.device | None = None) -> PIEEncoder:
+        """The encoder a saved :class:`EncoderConfig` describes (an index manifest holds one)."""
+        return cls(
+            config.model,
+            template=config.template,
+            pooling=config.pooling,
+            max_length=config.max_length,
+            add_period=config.add_period,
+            quantize=config.quantize,
+            device=device,
+        )
+
     @property
     def fingerprint(self) -> str:
         """Identity of weights + settings; an index only accepts queries from the same fingerprint."""

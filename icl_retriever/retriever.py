@@ -218,15 +218,7 @@ class Retriever:
         version = load_version(path, verify=verify)
         manifest = version.manifest
         if encoder is None:
-            cfg = manifest.encoder
-            encoder = PIEEncoder(
-                cfg.model,
-                template=cfg.template,
-                pooling=cfg.pooling,
-                max_length=cfg.max_length,
-                add_period=cfg.add_period,
-                quantize=cfg.quantize,
-            )
+            encoder = PIEEncoder.from_config(manifest.encoder)
         if encoder.fingerprint != manifest.fingerprint:
             raise EncoderMismatchError(
                 f"{path}: built with encoder {manifest.fingerprint} ({manifest.encoder.model!r}), but the encoder "
@@ -320,10 +312,7 @@ class Retriever:
             elif info.source == "same_model_plain" and cfg.model == self.encoder.config.model:
                 enc = self.encoder.with_template(cfg.template, add_period=cfg.add_period)
             else:
-                enc = PIEEncoder(
-                    cfg.model, template=cfg.template, pooling=cfg.pooling, max_length=cfg.max_length,
-                    add_period=cfg.add_period, quantize=cfg.quantize,
-                )
+                enc = PIEEncoder.from_config(cfg)
             if enc.fingerprint != info.fingerprint:
                 raise EncoderMismatchError(
                     f"{self.path or 'index'}: topic vectors were made by encoder {info.fingerprint} ({cfg.model!r}), "

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -86,6 +86,11 @@ class TrainConfig(BaseModel):
     temperature: float = Field(0.05, gt=0)
     grad_accum: int = Field(1, ge=1, description="forward passes per optimizer step")
     hard_negatives: bool = True
+    hard_negative_facets: Literal["verb_or_noun", "verb", "noun"] = Field(
+        "verb_or_noun",
+        description="what a hard negative shares with the anchor's task; the paper's verb_or_noun also pushes apart"
+        " verb synonyms of one noun (write|poem vs compose|poem), which silver labels do not merge",
+    )
     mask_same_task: bool = True
     symmetric: bool = False
     # Off by default, measured: 60 steps on eft_train_silver.json, held-out tasks, seeds 0 / 1: dropout off gave
@@ -242,7 +247,12 @@ class TripletSampler:
     """
 
     def __init__(
-        self, tasks: Mapping[str, Sequence[str]], facets: Mapping[str, Facets] | None = None, *, seed: int = 0
+        self,
+        tasks: Mapping[str, Sequence[str]],
+        facets: Mapping[str, Facets] | None = None,
+        *,
+        seed: int = 0,
+        share: Literal["verb_or_noun", "verb", "noun"] = "verb_or_noun",
     ) -> None:
         self._tasks = {t: list(v) for t, v in tasks.items() if v}
         if len(self._tasks) < 2:
@@ -251,7 +261,7 @@ class TripletSampler:
         if not self._anchor_tasks:
             raise ValueError("no task has two instructions, so no anchor has a positive")
         facets = facets or {t: parse_facets(t) for t in self._tasks}
-        self._related = _related_tasks({t: facets.get(t, (frozenset(), frozenset())) for t in self._tasks})
+        self._related = _related_tasks({t: facets.get(t, (frozenset(), frozenset())) for t in self._tasks}, share)
         self._names = list(self._tasks)
         self._rng = random.Random(seed)
         self._queue: deque[tuple[str, int]] = deque()
@@ -299,8 +309,8 @@ class TripletSampler:
         return Triplet(texts[index], positive, self._rng.choice(self._tasks[neg_task]), task, neg_task)
 
 
-def _related_tasks(facets: Mapping[str, Facets]) -> dict[str, list[str]]:
-    """Task -> other tasks sharing a verb or a noun (sorted, for reproducible sampling)."""
+def _related_tasks(facets: Mapping[str, Facets], share: str = "verb_or_noun") -> dict[str, list[str]]:
+    """Task -> other tasks sharing a verb and/or a noun, as ``share`` says (sorted, for reproducible sampling)."""
     by_verb: dict[str, set[str]] = {}
     by_noun: dict[str, set[str]] = {}
     for task, (verbs, nouns) in facets.items():
@@ -310,7 +320,8 @@ def _related_tasks(facets: Mapping[str, Facets]) -> dict[str, list[str]]:
             by_noun.setdefault(noun, set()).add(task)
     related: dict[str, list[str]] = {}
     for task, (verbs, nouns) in facets.items():
-        others = set().union(*(by_verb[v] for v in verbs), *(by_noun[n] for n in nouns)) - {task}
+        groups = [by_verb[v] for v in verbs if share != "noun"] + [by_noun[n] for n in nouns if share != "verb"]
+        others = set().union(*groups) - {task}
         related[task] = sorted(others)
     return related
 
@@ -549,7 +560,9 @@ def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
     set_seed(config.seed)
     # Data: hold out whole tasks, then sample triplets from the rest.
     train_set, val_set = split_tasks(load_task_set(config.train_file), config.val_fraction, config.seed)
-    sampler = TripletSampler(train_set.instructions, train_set.facets, seed=config.seed)
+    sampler = TripletSampler(
+        train_set.instructions, train_set.facets, seed=config.seed, share=config.hard_negative_facets
+    )
     anchors_per_step = config.batch_size * config.grad_accum
     total = config.steps or max(1, math.ceil((config.epochs or 0) * sampler.n_anchors / anchors_per_step))
     # Model, and every prompt formatted (and truncated, with one warning) up front.

@@ -194,3 +194,14 @@ def test_ieb_test_files_load() -> None:
     assert twin_count(texts) > 0
     pairs = load_iis(IEB / "intention_similarity_test.json")
     assert len(pairs) == 2496 and {p[2] for p in pairs} == {0, 1}
+
+
+def test_iis_ceiling_is_reached_by_a_perfect_tie_free_score() -> None:
+    from scipy.stats import spearmanr
+
+    from icl_retriever.evaluation import iis_ceiling
+
+    labels = np.array([1] * 60 + [0] * 40)
+    perfect = labels + np.linspace(0, 0.5, 100)  # every positive above every negative, no ties
+    assert iis_ceiling(labels) == pytest.approx(np.sqrt(3 * 0.6 * 0.4))
+    assert spearmanr(perfect, labels).statistic == pytest.approx(iis_ceiling(labels), abs=1e-3)  # finite n
