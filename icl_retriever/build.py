@@ -129,34 +129,28 @@ def build_index(
     if show_progress_bar is None:
         show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
 
-    instructions = [d.instruction for d in demos]
-    checkpoints = resume_dir(out, instructions, encoder, chunk_size)
-    vectors = embed_pool(
-        instructions,
-        encoder,
-        resume_dir=checkpoints,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        resume=resume,
-        show_progress_bar=show_progress_bar,
-    )
-    # topic vectors next, so that an interruption never costs a finished (HNSW) indexing step
-    topic_index = topic_info = topic_encoder = None
-    if topic:
-        topic_encoder, source = default_topic_encoder(encoder)
-        texts = [topic_text(d) for d in demos]
-        topic_checkpoints = resume_dir(out, texts, topic_encoder, chunk_size)
-        topic_vectors = embed_pool(
+    checkpoints: list[Path] = []  # deleted once the index is written
+
+    def checkpointed(texts: list[str], enc: PIEEncoder, **kw: Any) -> np.ndarray:
+        """Embed in resumable chunks checkpointed beside ``out`` (one checkpoint set per text list and encoder)."""
+        checkpoints.append(resume_dir(out, texts, enc, chunk_size))
+        return embed_pool(
             texts,
-            topic_encoder,
-            resume_dir=topic_checkpoints,
+            enc,
+            resume_dir=checkpoints[-1],
             batch_size=batch_size,
             chunk_size=chunk_size,
             resume=resume,
             show_progress_bar=show_progress_bar,
-            desc="Embedding topics",
+            **kw,
         )
-        del texts
+
+    vectors = checkpointed([d.instruction for d in demos], encoder)
+    # topic vectors next, so that an interruption never costs a finished (HNSW) indexing step
+    topic_index = topic_info = topic_encoder = None
+    if topic:
+        topic_encoder, source = default_topic_encoder(encoder)
+        topic_vectors = checkpointed([topic_text(d) for d in demos], topic_encoder, desc="Embedding topics")
         topic_index = new_flat_index(topic_vectors, topic_encoder.dim)
         del topic_vectors
         topic_info = TopicInfo(
@@ -189,9 +183,8 @@ def build_index(
         topic_index=topic_index,
         topic=topic_info,
     )
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    if topic:
-        shutil.rmtree(topic_checkpoints, ignore_errors=True)
+    for directory in checkpoints:
+        shutil.rmtree(directory, ignore_errors=True)
     return Retriever(
         encoder, index, demos, path=out, manifest=manifest, topic_index=topic_index, topic=topic_info,
         topic_encoder=topic_encoder,
