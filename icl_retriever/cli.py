@@ -178,6 +178,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from icl_retriever.training import TrainConfig, train
 
@@ -190,7 +197,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(
         f"Trained {card['steps_done']} steps in {card['wall_time_s']:.0f} s "
         f"({card['seconds_per_step']:.2f} s/step) -> {out}; held-out validation: "
-        + (", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "step") or "none")
+        + (", ".join(f"{k} {v:.4f}" for k, v in val.items() if k not in ("step", "tiebreak")) or "none")
     )
     return 0
 
@@ -199,10 +206,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from icl_retriever.encoder import PIEEncoder
     from icl_retriever.evaluation import evaluate
 
-    if args.ict is None and args.iis is None:
-        raise ValueError("give --ict, --iis or both")
+    if args.ict is None and args.iis is None and args.cross_group is None and args.pool is None:
+        raise ValueError("give at least one of --ict, --iis, --cross-group, --pool")
     encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling)
-    report = evaluate(encoder, args.ict, args.iis, batch_size=args.batch_size, show_progress_bar=not args.json)
+    report = evaluate(
+        encoder, args.ict, args.iis, cross_group_path=args.cross_group, pool_path=args.pool,
+        label_field=args.label_field, batch_size=args.batch_size, show_progress_bar=not args.json,
+    )
     print(report.model_dump_json(indent=2) if args.json else report.table())
     return 0
 
@@ -284,7 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_remove)
 
     p = sub.add_parser("train", help="PIE contrastive fine-tuning on task-labelled instructions")
-    p.add_argument("train_file", type=Path, help="IEB-format JSON or JSONL with instruction + task")
+    p.add_argument("train_files", type=Path, nargs="+", metavar="TRAIN_FILE",
+                   help="IEB-format JSON or JSONL with instruction + task (or, with --label-field, demo pools); "
+                        "several files are mixed in every batch")
+    p.add_argument("--mix", type=_floats, default=None, metavar="W1,W2,...",
+                   help="share of each train file's anchors in every batch (default: equal)")
+    p.add_argument("--label-field", default=None, metavar="FIELD",
+                   help="read the train files as demo pools whose metadata FIELD is the task (e.g. task)")
+    p.add_argument("--with-input", action="store_true", default=None,
+                   help="also train on 'instruction + input' of samples that have an input")
+    p.add_argument("--val-file", dest="val_files", type=Path, action="append", default=None, metavar="FILE",
+                   help="extra validation file in IEB format (cross-group P@1 when samples carry 'dataset'); repeatable")
+    p.add_argument("--distill", type=float, default=None, metavar="W",
+                   help="weight of keeping each text's embedding near the starting model's (default 0)")
     p.add_argument("--out", dest="output_dir", type=Path, required=True, help="output model directory")
     p.add_argument("--base-model", default=None,
                    help='model to fine-tune (default "default": the shipped model; "default-base": the untrained base)')
@@ -306,14 +328,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mask-same-task", dest="mask_same_task", action="store_false", default=None)
     p.add_argument("--val-fraction", type=float, default=None, help="fraction of train TASKS held out (0.1)")
     p.add_argument("--eval-every", type=int, default=None, help="validate every N steps, keep the best (0: end only)")
+    p.add_argument("--patience", type=int, default=None, metavar="N",
+                   help="with --eval-every: stop after N validations without improvement (default 0: never)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="ICT clustering, IIS similarity and retrieval P@k of a model")
+    p = sub.add_parser("eval", help="ICT clustering, IIS similarity, cross-group and pool retrieval P@k of a model")
     p.add_argument("--model", default=None, help="model directory, Hugging Face id, or the default")
     p.add_argument("--ict", type=Path, default=None, help="IEB-format file (e.g. eft_test.json)")
     p.add_argument("--iis", type=Path, default=None, help="pair file (e.g. intention_similarity_test.json)")
+    p.add_argument("--cross-group", type=Path, default=None, metavar="FILE",
+                   help="IEB-format file whose samples carry a 'dataset' (e.g. sni_dev.json): P@1 of the nearest "
+                        "neighbour from another dataset")
+    p.add_argument("--pool", type=Path, default=None, metavar="FILE",
+                   help="demo pool (e.g. examples/demos.jsonl): leave-one-out P@k by --label-field")
+    p.add_argument("--label-field", default="task", metavar="FIELD", help="metadata field holding a pool demo's task")
     p.add_argument("--template", default=None, help="override the model's template")
     p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None)
     p.add_argument("--batch-size", type=int, default=32)

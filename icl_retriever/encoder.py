@@ -224,6 +224,10 @@ class PIEEncoder:
                 raise ModelLoadError(f"model {name!r}: tokenizer has neither a pad nor an eos token")
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
+        # _fit measures untruncated lengths on purpose and warns in our words; transformers' own notice
+        # ("Token indices sequence length is longer than ...") would only confuse, so mark it as given.
+        if isinstance(getattr(self.tokenizer, "deprecation_warnings", None), dict):
+            self.tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
 
         template_name = template or saved.get("template") or ("pie" if self.is_decoder else "short")
         resolved = resolve_template(template_name)

@@ -7,6 +7,14 @@
 * P@k (retrieval): leave-one-out nearest neighbours on the ICT set. This is what a demonstration
   retriever does; near-duplicate instructions would make it trivially easy, so a query never sees a
   sample with identical instruction text (its "twins").
+
+IEB's ``verb|noun`` is one notion of a task among several, so two more views are measured:
+
+* cross-group P@1, for files whose samples carry a group (SNI's source ``dataset``): the nearest
+  neighbour *from another group* must share the query's label. Tasks of one dataset share wording, so
+  only this says whether the model recognises a task category in text it has never seen phrased that way.
+* pool P@k: leave-one-out retrieval on a demo pool (any pool format) labelled by a metadata field,
+  e.g. the default pool's ``task``: the user's own taxonomy.
 """
 
 from __future__ import annotations
@@ -29,12 +37,15 @@ if TYPE_CHECKING:
 __all__ = [
     "EvalReport",
     "IEBSample",
+    "cross_group_precision",
     "evaluate",
     "ict_scores",
     "iis_spearman",
     "iter_ieb_samples",
     "load_ict",
+    "load_grouped",
     "load_iis",
+    "load_pool_labels",
     "retrieval_precision",
     "twin_count",
 ]
@@ -67,6 +78,18 @@ class EvalReport(BaseModel):
     p_at_1: float | None = None
     p_at_4: float | None = None
     n_twins_excluded: int | None = Field(None, description="samples sharing their exact text with another sample")
+    # Cross-group retrieval (e.g. SNI dev by source dataset).
+    cross_group_p_at_1: float | None = Field(
+        None, description="nearest neighbour from another group shares the label (queries whose label has one)"
+    )
+    n_cross_group_queries: int | None = None
+    n_groups: int | None = None
+    # Leave-one-out retrieval on a demo pool by a metadata label.
+    pool_p_at_1: float | None = None
+    pool_p_at_4: float | None = None
+    n_pool: int | None = None
+    n_pool_labels: int | None = None
+    files: dict[str, str] = Field(default_factory=dict, description="benchmark -> file measured")
 
     @property
     def primary(self) -> float | None:
@@ -96,9 +119,20 @@ class EvalReport(BaseModel):
                 ("IIS Spearman", num(self.iis_spearman)),
                 ("IIS ceiling (perfect separation)", num(self.iis_ceiling)),
             ]
+        if self.n_cross_group_queries is not None:
+            rows += [
+                ("cross-group queries / groups", f"{self.n_cross_group_queries} / {self.n_groups}"),
+                ("cross-group P@1", num(self.cross_group_p_at_1)),
+            ]
+        if self.n_pool is not None:
+            rows += [
+                ("pool demos / labels", f"{self.n_pool} / {self.n_pool_labels}"),
+                ("pool P@1 (leave-one-out)", num(self.pool_p_at_1)),
+                ("pool P@4 (leave-one-out)", num(self.pool_p_at_4)),
+            ]
         width = max(len(name) for name, _ in rows)
         lines = [f"{name:<{width}}  {value}" for name, value in rows]
-        if self.n_samples is not None:
+        if self.n_samples is not None or self.n_pool is not None:
             lines.append("P@k: neighbours whose instruction text is identical to the query's are excluded.")
         return "\n".join(lines)
 
@@ -112,6 +146,8 @@ class IEBSample(NamedTuple):
     label: str
     instruction: str
     category: tuple[str, str] | None
+    group: str | None = None
+    input: str = ""
 
 
 def _read_json(path: Path) -> Any:
@@ -148,7 +184,13 @@ def iter_ieb_samples(path: str | Path) -> Iterator[IEBSample]:
                 isinstance(category, list) and len(category) == 2 and all(isinstance(c, str) for c in category)
             ):
                 raise PoolError(f'label {label!r}, sample {i}: "category" must be [verb, noun]', path=str(path))
-            yield IEBSample(label, text, tuple(category) if category else None)  # type: ignore[arg-type]
+            group = sample.get("dataset")
+            if group is not None and not isinstance(group, str):
+                raise PoolError(f'label {label!r}, sample {i}: "dataset" must be a string', path=str(path))
+            extra = sample.get("input") or ""
+            if not isinstance(extra, str):
+                raise PoolError(f'label {label!r}, sample {i}: "input" must be a string', path=str(path))
+            yield IEBSample(label, text, tuple(category) if category else None, group, extra)  # type: ignore[arg-type]
 
 
 def load_ict(path: str | Path) -> tuple[list[str], list[str]]:
@@ -162,6 +204,45 @@ def load_ict(path: str | Path) -> tuple[list[str], list[str]]:
     if len(set(labels)) < 2:
         raise PoolError("clustering needs at least two task labels", path=str(path))
     return [s.instruction for s in samples], labels
+
+
+def load_grouped(path: str | Path) -> tuple[list[str], list[str], list[str]]:
+    """Instructions, labels and groups (each sample's ``dataset``) of an IEB-format file such as ``sni_dev.json``.
+
+    Raises:
+        PoolError: see :func:`iter_ieb_samples`; also when a sample has no ``dataset`` or there is one group only.
+    """
+    samples = list(iter_ieb_samples(path))
+    missing = [s for s in samples if not s.group]
+    if missing:
+        raise PoolError(
+            f'label {missing[0].label!r}: a sample has no "dataset" (cross-group P@1 needs each sample\'s group)',
+            path=str(path),
+        )
+    if len({s.group for s in samples}) < 2:
+        raise PoolError("cross-group P@1 needs at least two groups (datasets)", path=str(path))
+    return [s.instruction for s in samples], [s.label for s in samples], [str(s.group) for s in samples]
+
+
+def load_pool_labels(path: str | Path, label_field: str = "task") -> tuple[list[str], list[str]]:
+    """Instructions and ``metadata[label_field]`` of a demo pool (any format :func:`load_pool` reads).
+
+    Raises:
+        PoolError: the pool is unreadable, or a demo lacks the label (the message names its id).
+    """
+    from icl_retriever.records import load_pool
+
+    demos = load_pool(path)
+    texts, labels = [], []
+    for demo in demos:
+        label = demo.metadata.get(label_field)
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise PoolError(f"demo {demo.id!r} has no metadata field {label_field!r}", path=str(path))
+        texts.append(demo.instruction)
+        labels.append(str(label))
+    if len(set(labels)) < 2:
+        raise PoolError(f"pool P@k needs at least two distinct {label_field!r} values", path=str(path))
+    return texts, labels
 
 
 def load_iis(path: str | Path) -> list[tuple[str, str, int]]:
@@ -282,6 +363,34 @@ def retrieval_precision(
     return {k: float(hits[:, :k].sum(axis=1).mean() / k) for k in ks}
 
 
+def cross_group_precision(X: np.ndarray, labels: Sequence[str], groups: Sequence[str]) -> tuple[float, int]:
+    """P@1 where a query's candidates are the samples of *other* groups only.
+
+    Counted over the queries whose label occurs in another group (for the rest no right answer exists).
+
+    Returns:
+        ``(P@1, number of queries counted)``.
+    """
+    n = len(X)
+    if not n == len(labels) == len(groups):
+        raise ValueError(f"lengths differ: {n} embeddings, {len(labels)} labels, {len(groups)} groups")
+    label_ids, group_ids = _ids(labels), _ids(groups)
+    pairs = set(zip(label_ids.tolist(), group_ids.tolist(), strict=True))
+    groups_per_label = Counter(label for label, _ in pairs)
+    countable = np.array([groups_per_label[label] > 1 for label in label_ids.tolist()])
+    if not countable.any():
+        return float("nan"), 0
+    Xn = _normalise(X)
+    rows = np.flatnonzero(countable)
+    hits = 0
+    for start in range(0, len(rows), _BLOCK):
+        block = rows[start : start + _BLOCK]
+        scores = Xn[block] @ Xn.T
+        scores[group_ids[block, None] == group_ids[None, :]] = -np.inf  # itself and its group
+        hits += int((label_ids[scores.argmax(axis=1)] == label_ids[block]).sum())
+    return hits / len(rows), len(rows)
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 
 
@@ -294,25 +403,36 @@ def evaluate(
     ict_path: str | Path | None = None,
     iis_path: str | Path | None = None,
     *,
+    cross_group_path: str | Path | None = None,
+    pool_path: str | Path | None = None,
+    label_field: str = "task",
     batch_size: int = 32,
     show_progress_bar: bool | None = None,
 ) -> EvalReport:
-    """Score ``encoder`` on an ICT file (clustering + retrieval) and/or an IIS file (pair similarity).
+    """Score ``encoder`` on any of: an ICT file (clustering + retrieval), an IIS file (pair similarity),
+    a grouped file (cross-group P@1) and a labelled demo pool (leave-one-out P@k).
 
     Args:
         encoder: the encoder to score; its template, pooling and max length are used as configured.
         ict_path: IEB-format file such as ``eft_test.json``.
         iis_path: pair file such as ``intention_similarity_test.json``.
+        cross_group_path: IEB-format file whose samples carry ``dataset``, such as ``sni_dev.json``.
+        pool_path: demo pool file whose demos carry ``metadata[label_field]``.
+        label_field: the pool's label field.
         batch_size: prompts per forward pass.
         show_progress_bar: passed to :meth:`PIEEncoder.encode`.
 
     Raises:
         PoolError: a file is missing or malformed.
-        ValueError: neither file was given.
+        ValueError: no file was given.
     """
-    if ict_path is None and iis_path is None:
-        raise ValueError("give ict_path, iis_path or both")
-    report: dict[str, Any] = {"model": encoder.config.model}
+    paths = {"ict": ict_path, "iis": iis_path, "cross_group": cross_group_path, "pool": pool_path}
+    if all(p is None for p in paths.values()):
+        raise ValueError("give at least one of ict_path, iis_path, cross_group_path, pool_path")
+    report: dict[str, Any] = {
+        "model": encoder.config.model,
+        "files": {name: str(p) for name, p in paths.items() if p is not None},
+    }
     encode_kw: dict[str, Any] = {"batch_size": batch_size, "show_progress_bar": show_progress_bar}
     if ict_path is not None:
         texts, labels = load_ict(ict_path)
@@ -337,4 +457,14 @@ def evaluate(
             "n_pairs": len(pairs),
             "iis_ceiling": iis_ceiling(labels),
         }
+    if cross_group_path is not None:
+        texts, labels, groups = load_grouped(cross_group_path)
+        p_at_1, n_queries = cross_group_precision(encoder.encode(texts, **encode_kw), labels, groups)
+        report |= {"cross_group_p_at_1": _finite(p_at_1), "n_cross_group_queries": n_queries,
+                   "n_groups": len(set(groups))}
+    if pool_path is not None:
+        texts, labels = load_pool_labels(pool_path, label_field)
+        precision = retrieval_precision(encoder.encode(texts, **encode_kw), labels, texts, ks=(1, 4))
+        report |= {"pool_p_at_1": precision[1], "pool_p_at_4": precision[4], "n_pool": len(texts),
+                   "n_pool_labels": len(set(labels))}
     return EvalReport(**report)

@@ -14,6 +14,7 @@ holds out whole tasks of the train file.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from icl_retriever import default_model
 from icl_retriever.encoder import PIE_CONFIG_FILE, PIEEncoder, Pooling
 from icl_retriever.errors import PoolError
-from icl_retriever.evaluation import ict_scores, iter_ieb_samples, retrieval_precision
+from icl_retriever.evaluation import cross_group_precision, ict_scores, iter_ieb_samples, retrieval_precision
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ DEFAULT_STEPS = 500
 #: 2 CPU cores a batch of 96 prompts (32 triplets) took 1.6 s in chunks of 16, 2.0 s in 32s, 6.5 s at once.
 EMBED_CHUNK = 16
 CARD_FILE = "training_card.json"
+#: Defaults for fitting a labelled demo pool (``label_field``), where no held-out benchmark guards the start.
+POOL_FIT: dict[str, Any] = {"eval_every": 10, "patience": 3, "distill": 1.0}
 DELTA_FILE = "delta.safetensors"
 #: A verb set and a noun set; tasks sharing either are each other's hard negatives.
 Facets = tuple[frozenset[str], frozenset[str]]
@@ -69,7 +72,21 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    train_file: Path = Field(description="IEB dict JSON or JSONL with instruction + task")
+    train_files: list[Path] = Field(
+        min_length=1, description="IEB dict JSON, JSONL with instruction + task, or (with label_field) demo pools"
+    )
+    mix: list[float] | None = Field(
+        None, description="share of each train file's anchors in every batch (default: equal shares)"
+    )
+    label_field: str | None = Field(None, description="read train files as demo pools labelled by this metadata field")
+    with_input: bool = Field(False, description="also train on 'instruction + input' of samples that have an input")
+    val_files: list[Path] = Field(
+        default_factory=list, description="extra validation files (IEB format; cross-group P@1 if samples carry dataset)"
+    )
+    distill: float | None = Field(
+        None, ge=0, description="weight of 1 - cos(trained, starting model) on every batch text: keeps the start's "
+        f"geometry (default 0; {POOL_FIT['distill']} with label_field)"
+    )
     output_dir: Path
     base_model: str = Field("default", description="anything PIEEncoder accepts")
     template: str = Field("short", description="template name or text with {instruction}")
@@ -98,16 +115,41 @@ class TrainConfig(BaseModel):
     dropout: bool = Field(False, description="train in model.train() mode (dropout on)")
     seed: int = 0
     val_fraction: float = Field(0.1, ge=0, lt=1, description="fraction of train-file TASKS held out")
-    eval_every: int = Field(0, ge=0, description="validate every N steps and keep the best; 0: only at the end")
+    eval_every: int | None = Field(
+        None, ge=0, description=f"validate every N steps and keep the best; 0: only at the end (default 0; "
+        f"{POOL_FIT['eval_every']} with label_field)"
+    )
+    patience: int | None = Field(
+        None, ge=0, description=f"stop after N validations without a better score; 0: never (default 0; "
+        f"{POOL_FIT['patience']} with label_field)"
+    )
     device: str | None = None
     freeze_embeddings: bool = Field(True, description="freeze embedding matrices: smaller delta, less overfit")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "train_file" in data:
+            data = dict(data)
+            if "train_files" in data:
+                raise ValueError("give train_file or train_files, not both")
+            data["train_files"] = [data.pop("train_file")]
+        return data
+
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
+        if self.mix is not None and (len(self.mix) != len(self.train_files) or min(self.mix) <= 0):
+            raise ValueError(f"mix needs one positive share per train file ({len(self.train_files)}), got {self.mix}")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")
         if self.steps is None and self.epochs is None:
             self.steps = DEFAULT_STEPS
+        # Fitting a user's own pool starts from a model that already works: validate often, stop as soon as
+        # held-out labels stop improving, and stay near the start so other notions of task survive.
+        defaults = POOL_FIT if self.label_field else {"eval_every": 0, "patience": 0, "distill": 0.0}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         return self
 
 
@@ -120,10 +162,16 @@ class TaskSet:
 
     instructions: dict[str, list[str]]
     facets: dict[str, Facets]
+    #: task -> instruction -> group (e.g. SNI's source dataset); empty when the file has no groups.
+    groups: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def subset(self, tasks: Sequence[str]) -> TaskSet:
         """The same data restricted to ``tasks``."""
-        return TaskSet({t: self.instructions[t] for t in tasks}, {t: self.facets[t] for t in tasks})
+        return TaskSet(
+            {t: self.instructions[t] for t in tasks},
+            {t: self.facets[t] for t in tasks},
+            {t: self.groups[t] for t in tasks if t in self.groups},
+        )
 
     @property
     def n_instructions(self) -> int:
@@ -146,7 +194,15 @@ def parse_facets(label: str) -> Facets:
     return frozenset(verbs), frozenset(nouns)
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, str, None]]:
+class _Sample(NamedTuple):
+    task: str
+    text: str
+    category: tuple[str, str] | None
+    group: str | None
+    input: str
+
+
+def _iter_jsonl(path: Path) -> Iterator[_Sample]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError as exc:
@@ -167,25 +223,51 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, str, None]]:
             raise PoolError('missing or empty "instruction"', path=str(path), line=number)
         if not isinstance(task, str) or not task.strip():
             raise PoolError('missing or empty "task"', path=str(path), line=number)
-        yield task.strip(), text, None
+        group, extra = record.get("dataset"), record.get("input") or ""
+        if group is not None and not isinstance(group, str) or not isinstance(extra, str):
+            raise PoolError('"dataset" and "input" must be strings', path=str(path), line=number)
+        yield _Sample(task.strip(), text, None, group, extra)
 
 
-def load_task_set(path: str | Path) -> TaskSet:
-    """Read a train file: ``.jsonl``/``.ndjson`` as one ``{"instruction", "task"}`` per line, else IEB JSON.
+def _iter_pool(path: Path, label_field: str) -> Iterator[_Sample]:
+    from icl_retriever.records import load_pool
+
+    for demo in load_pool(path):
+        label = demo.metadata.get(label_field)
+        if label is None or not str(label).strip():
+            raise PoolError(f"demo {demo.id!r} has no metadata field {label_field!r} to train on", path=str(path))
+        group = demo.metadata.get("dataset")
+        yield _Sample(str(label).strip(), demo.instruction, None, str(group) if group is not None else None, demo.input)
+
+
+def load_task_set(path: str | Path, *, label_field: str | None = None, with_input: bool = False) -> TaskSet:
+    """Read a train file: ``.jsonl``/``.ndjson`` as one ``{"instruction", "task"}`` per line, else IEB JSON;
+    with ``label_field``, any demo pool labelled by that metadata field.
 
     Instructions are stripped and de-duplicated within a task. Facets come from ``verb|noun`` labels
-    and, in IEB files, from each sample's ``category``.
+    and, in IEB files, from each sample's ``category``; groups from each sample's ``dataset``. With
+    ``with_input``, a sample with an input adds "instruction + input" as one more text of its task.
 
     Raises:
         PoolError: the file is missing, malformed (message gives the line for JSONL) or empty.
     """
     path = Path(path)
-    records = _iter_jsonl(path) if path.suffix.lower() in {".jsonl", ".ndjson"} else iter_ieb_samples(path)
+    if label_field:
+        records: Iterator[Any] = _iter_pool(path, label_field)
+    elif path.suffix.lower() in {".jsonl", ".ndjson"}:
+        records = _iter_jsonl(path)
+    else:
+        records = (_Sample(s.label, s.instruction, s.category, s.group, s.input) for s in iter_ieb_samples(path))
     instructions: dict[str, dict[str, None]] = {}  # dict as an ordered set
+    groups: dict[str, dict[str, str]] = {}
     verbs: dict[str, set[str]] = {}
     nouns: dict[str, set[str]] = {}
-    for task, text, category in records:
-        instructions.setdefault(task, {})[text.strip()] = None
+    for task, text, category, group, extra in records:
+        texts = [text.strip()] + ([f"{text.strip()}\n\n{extra.strip()}"] if with_input and extra.strip() else [])
+        for t in texts:
+            instructions.setdefault(task, {})[t] = None
+            if group:
+                groups.setdefault(task, {})[t] = group
         task_verbs, task_nouns = parse_facets(task)
         verbs.setdefault(task, set()).update(task_verbs)
         nouns.setdefault(task, set()).update(task_nouns)
@@ -197,6 +279,7 @@ def load_task_set(path: str | Path) -> TaskSet:
     return TaskSet(
         {t: list(v) for t, v in instructions.items()},
         {t: (frozenset(verbs[t]), frozenset(nouns[t])) for t in instructions},
+        groups,
     )
 
 
@@ -244,6 +327,9 @@ class TripletSampler:
         tasks: task -> unique instructions.
         facets: task -> (verbs, nouns); defaults to :func:`parse_facets` of each task label.
         seed: makes the stream reproducible.
+        share: what a hard negative's task shares with the anchor's.
+        groups: task -> instruction -> group (source dataset). A positive then comes from another group
+            when the task has one, so the model learns the task, not the dataset's wording.
     """
 
     def __init__(
@@ -253,8 +339,10 @@ class TripletSampler:
         *,
         seed: int = 0,
         share: Literal["verb_or_noun", "verb", "noun"] = "verb_or_noun",
+        groups: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self._tasks = {t: list(v) for t, v in tasks.items() if v}
+        self._groups = {t: dict(g) for t, g in (groups or {}).items()}
         if len(self._tasks) < 2:
             raise ValueError("need at least two tasks with instructions")
         self._anchor_tasks = [t for t, v in self._tasks.items() if len(v) >= 2]
@@ -300,7 +388,11 @@ class TripletSampler:
 
     def _triplet(self, task: str, index: int) -> Triplet:
         texts = self._tasks[task]
-        positive = texts[self._other(len(texts), index)]
+        groups = self._groups.get(task)
+        if groups and (others := [t for t in texts if groups.get(t) != groups.get(texts[index])]):
+            positive = self._rng.choice(others)
+        else:
+            positive = texts[self._other(len(texts), index)]
         related = self._related[task]
         if related:
             neg_task = self._rng.choice(related)
@@ -363,14 +455,14 @@ def _embed(encoder: PIEEncoder, prompts: Sequence[str], chunk: int) -> torch.Ten
     return torch.cat(parts)[inverse.to(parts[0].device)]
 
 
-def triplet_loss(
-    encoder: PIEEncoder, triplets: Sequence[Triplet], config: TrainConfig, prompts: Mapping[str, str]
-) -> torch.Tensor:
-    """The training loss of one batch: InfoNCE over in-batch positives (+ hard negatives)."""
+def _texts(triplets: Sequence[Triplet], config: TrainConfig) -> list[str]:
+    """Anchors, then positives, then (with hard negatives) negatives: the rows of one source's batch."""
     texts = [t.anchor for t in triplets] + [t.positive for t in triplets]
-    if config.hard_negatives:
-        texts += [t.negative for t in triplets]
-    emb = _embed(encoder, [prompts[t] for t in texts], EMBED_CHUNK)
+    return texts + [t.negative for t in triplets] if config.hard_negatives else texts
+
+
+def _loss_of(emb: torch.Tensor, triplets: Sequence[Triplet], config: TrainConfig) -> torch.Tensor:
+    """InfoNCE over in-batch positives (+ hard negatives) given the rows laid out by :func:`_texts`."""
     n = len(triplets)
     anchors, keys = emb[:n], emb[n:]
     tasks = [t.task for t in triplets]
@@ -382,20 +474,109 @@ def triplet_loss(
     return loss
 
 
+def triplet_loss(
+    encoder: PIEEncoder, triplets: Sequence[Triplet], config: TrainConfig, prompts: Mapping[str, str]
+) -> torch.Tensor:
+    """The training loss of one batch of one source: InfoNCE over in-batch positives (+ hard negatives)."""
+    emb = _embed(encoder, [prompts[t] for t in _texts(triplets, config)], EMBED_CHUNK)
+    return _loss_of(emb, triplets, config)
+
+
+class _Teacher:
+    """A frozen copy of the starting model; its embeddings anchor the trained ones (``distill``).
+
+    Contrastive training on one notion of a task (IEB's ``verb|noun``) happily discards what the start
+    knew about everything else; pulling each batch text towards where the start put it keeps that.
+    """
+
+    def __init__(self, encoder: PIEEncoder) -> None:
+        self._encoder = copy.copy(encoder)
+        self._encoder.model = copy.deepcopy(encoder.model).eval().requires_grad_(False)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            with torch.inference_mode():
+                rows = _embed(self._encoder, missing, EMBED_CHUNK)
+            self._cache.update(zip(missing, rows.clone(), strict=True))
+        return torch.stack([self._cache[p] for p in prompts])
+
+
+@dataclass
+class _Source:
+    """One train file: its training tasks, held-out tasks, sampler and anchors per batch."""
+
+    name: str
+    train: TaskSet
+    val: TaskSet | None
+    sampler: TripletSampler
+    count: int
+
+
+def _batch_loss(
+    encoder: PIEEncoder,
+    sources: Sequence[_Source],
+    config: TrainConfig,
+    prompts: Mapping[str, str],
+    teacher: _Teacher | None,
+) -> torch.Tensor:
+    """One step's loss: each source's InfoNCE weighted by its anchors, plus the distillation term.
+
+    Sources are ranked separately: a batch from IEB and one from SNI may hold the same task under two
+    names (``summarize|article`` and ``Summarization``), which must not be each other's negatives.
+    """
+    batches = [(src, src.sampler.batch(src.count)) for src in sources]
+    rows = [prompts[t] for _, triplets in batches for t in _texts(triplets, config)]
+    emb = _embed(encoder, rows, EMBED_CHUNK)
+    loss = emb.new_zeros(())
+    offset = 0
+    for src, triplets in batches:
+        n = len(_texts(triplets, config))
+        loss = loss + src.count * _loss_of(emb[offset : offset + n], triplets, config)
+        offset += n
+    loss = loss / sum(src.count for src in sources)
+    if teacher is not None and config.distill > 0:
+        loss = loss + config.distill * (1 - (emb * teacher(rows).to(emb.device)).sum(-1)).mean()
+    return loss
+
+
 # --------------------------------------------------------------------------------------- validation
 
 
-def _validate(encoder: PIEEncoder, tasks: TaskSet, batch_size: int) -> dict[str, float]:
-    """P@1 and ARI on held-out tasks, with dropout off."""
+def _validate_set(encoder: PIEEncoder, tasks: TaskSet, batch_size: int) -> dict[str, float]:
+    """P@1 and ARI on held-out tasks (plus cross-group P@1 when the tasks carry groups)."""
     texts = [t for v in tasks.instructions.values() for t in v]
     labels = [task for task, v in tasks.instructions.items() for _ in v]
+    X = encoder.encode(texts, batch_size=batch_size, show_progress_bar=False)
+    metrics = {"p_at_1": retrieval_precision(X, labels, texts, ks=(1,))[1], "ari": ict_scores(X, labels)["ari"]}
+    if tasks.groups:
+        groups = [tasks.groups.get(task, {}).get(t, f"?{task}") for task, v in tasks.instructions.items() for t in v]
+        p_at_1, n = cross_group_precision(X, labels, groups)
+        if n:
+            metrics["cross_group_p_at_1"] = p_at_1
+    return metrics
+
+
+def _validate(
+    encoder: PIEEncoder, held_out: Sequence[tuple[str, TaskSet]], batch_size: int
+) -> dict[str, float]:
+    """Metrics of every validation set as ``"<name>.<metric>"``, and ``score``, the mean of their P@1s.
+
+    A set's P@1 is its cross-group P@1 when it has one (a task recognised across datasets), else
+    leave-one-out P@1. The best checkpoint has the highest score; the first set's ARI breaks ties.
+    """
     was_training = encoder.model.training
     encoder.model.eval()
     try:
-        X = encoder.encode(texts, batch_size=batch_size, show_progress_bar=False)
+        per_set = {name: _validate_set(encoder, tasks, batch_size) for name, tasks in held_out}
     finally:
         encoder.model.train(was_training)
-    return {"p_at_1": retrieval_precision(X, labels, texts, ks=(1,))[1], "ari": ict_scores(X, labels)["ari"]}
+    out = {f"{name}.{k}": v for name, metrics in per_set.items() for k, v in metrics.items()}
+    primary = [m.get("cross_group_p_at_1", m["p_at_1"]) for m in per_set.values()]
+    out["score"] = float(np.mean(primary))
+    out["tiebreak"] = next(iter(per_set.values()))["ari"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------- card
@@ -409,8 +590,10 @@ class TrainingCard(BaseModel):
     base_model: str
     base_weights_sha256: str | None
     base_delta_sha256: str | None = Field(description="shipped delta the default started from, if any")
-    train_file: str
-    train_file_sha256: str
+    train_files: list[str]
+    train_files_sha256: list[str]
+    val_files: list[str] = Field(default_factory=list)
+    anchors_per_batch: dict[str, int] = Field(default_factory=dict, description="train file -> anchors in each batch")
     template_text: str
     config: dict[str, Any]
     train_tasks: int
@@ -494,9 +677,9 @@ def _load_encoder(config: TrainConfig) -> PIEEncoder:
 
 def _fit(
     encoder: PIEEncoder,
-    sampler: TripletSampler,
+    sources: Sequence[_Source],
     prompts: Mapping[str, str],
-    val_set: TaskSet | None,
+    held_out: Sequence[tuple[str, TaskSet]],
     config: TrainConfig,
     total: int,
     show_progress_bar: bool,
@@ -504,17 +687,18 @@ def _fit(
     """Run ``total`` optimizer steps; with ``eval_every``, end on the best-validating checkpoint."""
     from transformers import get_linear_schedule_with_warmup
 
+    teacher = _Teacher(encoder) if config.distill > 0 else None
     optimizer = _optimizer(encoder.model, config)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total), total)
     fit = _Fit(losses=[], step_time=0.0, history=[], best_step=None, final=None)
-    best: tuple[tuple[float, float], dict[str, torch.Tensor]] | None = None  # (P@1, ARI): ARI breaks ties
+    best: tuple[tuple[float, float], dict[str, torch.Tensor]] | None = None
     encoder.model.train(config.dropout)
     bar = tqdm(range(1, total + 1), desc="Training", unit="step", disable=not show_progress_bar)
     for step in bar:
         tick = time.perf_counter()
         step_loss = 0.0
         for _ in range(config.grad_accum):
-            loss = triplet_loss(encoder, sampler.batch(config.batch_size), config, prompts) / config.grad_accum
+            loss = _batch_loss(encoder, sources, config, prompts, teacher) / config.grad_accum
             loss.backward()
             step_loss += loss.item()
         if config.max_grad_norm:
@@ -525,32 +709,69 @@ def _fit(
         fit.losses.append(step_loss)
         fit.step_time += time.perf_counter() - tick
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if val_set and config.eval_every and (step % config.eval_every == 0 or step == total):
-            metrics = _validate(encoder, val_set, config.batch_size)
+        if held_out and config.eval_every and (step % config.eval_every == 0 or step == total):
+            metrics = _validate(encoder, held_out, config.batch_size)
             fit.history.append({"step": step, **metrics})
             logger.info("step %d: validation %s", step, metrics)
-            score = (metrics["p_at_1"], metrics["ari"])
+            if show_progress_bar:
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "tiebreak"))
+            score = (metrics["score"], metrics["tiebreak"])
             if best is None or score > best[0]:
                 best = (score, {k: v.detach().clone() for k, v in encoder.model.state_dict().items()})
                 fit.best_step, fit.final = step, fit.history[-1]
+            elif config.patience and len(fit.history) - fit.history.index(fit.final or {}) > config.patience:
+                logger.info("step %d: no better validation in %d checks; stopping early", step, config.patience)
+                break
     bar.close()
     encoder.model.eval()
     if best is not None:
         encoder.model.load_state_dict(best[1])
-    elif val_set:
-        fit.final = _validate(encoder, val_set, config.batch_size)
+    elif held_out:
+        fit.final = _validate(encoder, held_out, config.batch_size)
         fit.history.append({"step": total, **fit.final})
     return fit
 
 
+def _shares(batch_size: int, weights: Sequence[float]) -> list[int]:
+    """Split ``batch_size`` anchors by ``weights`` (largest remainder), at least one per source."""
+    raw = [batch_size * w / sum(weights) for w in weights]
+    counts = [max(1, math.floor(r)) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - math.floor(raw[i]), reverse=True):
+        if sum(counts) >= batch_size:
+            break
+        counts[i] += 1
+    return counts
+
+
+def _sources(config: TrainConfig) -> list[_Source]:
+    """Read, split and sample every train file; names are file stems (made unique)."""
+    counts = _shares(config.batch_size, config.mix or [1.0] * len(config.train_files))
+    sources: list[_Source] = []
+    for i, (path, count) in enumerate(zip(config.train_files, counts, strict=True)):
+        tasks = load_task_set(path, label_field=config.label_field, with_input=config.with_input)
+        train_set, val_set = split_tasks(tasks, config.val_fraction, config.seed)
+        sampler = TripletSampler(
+            train_set.instructions, train_set.facets, seed=config.seed + i,
+            share=config.hard_negative_facets, groups=train_set.groups,
+        )
+        name = Path(path).stem if all(Path(o).stem != Path(path).stem for o in config.train_files[:i]) else f"{Path(path).stem}{i}"
+        sources.append(_Source(name, train_set, val_set, sampler, count))
+    return sources
+
+
+def _val_file_set(path: Path) -> TaskSet:
+    """A validation file (IEB format) as a task set; groups (dataset) make it a cross-group check."""
+    return load_task_set(path)
+
+
 def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
-    """Fine-tune ``config.base_model`` contrastively on ``config.train_file``; return the output directory.
+    """Fine-tune ``config.base_model`` contrastively on ``config.train_files``; return the output directory.
 
     Writes ``model.safetensors``, tokenizer files, ``pie_config.json``, ``training_card.json`` and, from
     the default model, ``delta.safetensors``.
 
     Raises:
-        PoolError: the train file is missing or malformed.
+        PoolError: a train or validation file is missing or malformed.
         ModelLoadError: the base model cannot be loaded.
         ValueError: the data cannot support training (e.g. too few tasks for the validation split).
     """
@@ -558,25 +779,25 @@ def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
 
     started = time.perf_counter()
     set_seed(config.seed)
-    # Data: hold out whole tasks, then sample triplets from the rest.
-    train_set, val_set = split_tasks(load_task_set(config.train_file), config.val_fraction, config.seed)
-    sampler = TripletSampler(
-        train_set.instructions, train_set.facets, seed=config.seed, share=config.hard_negative_facets
-    )
+    # Data: per train file, hold out whole tasks, then sample triplets from the rest.
+    sources = _sources(config)
+    held_out = [(src.name, src.val) for src in sources if src.val is not None]
+    held_out += [(Path(p).stem, _val_file_set(Path(p))) for p in config.val_files]
     anchors_per_step = config.batch_size * config.grad_accum
-    total = config.steps or max(1, math.ceil((config.epochs or 0) * sampler.n_anchors / anchors_per_step))
+    n_anchors = sum(src.sampler.n_anchors for src in sources)
+    total = config.steps or max(1, math.ceil((config.epochs or 0) * n_anchors / anchors_per_step))
     # Model, and every prompt formatted (and truncated, with one warning) up front.
     encoder = _load_encoder(config)
-    texts = [t for v in train_set.instructions.values() for t in v]
+    texts = list(dict.fromkeys(t for src in sources for v in src.train.instructions.values() for t in v))
     prompts = dict(zip(texts, encoder.format(texts), strict=True))
-    before = _validate(encoder, val_set, config.batch_size) if val_set else None
-    fit = _fit(encoder, sampler, prompts, val_set, config, total, show_progress_bar)
+    before = _validate(encoder, held_out, config.batch_size) if held_out else None
+    fit = _fit(encoder, sources, prompts, held_out, config, total, show_progress_bar)
     # Outputs: the model directory, the shippable delta, the card.
     out = Path(config.output_dir)
     _save(encoder, out)
     from_default = config.base_model in ("default", "default-base")
     delta = _save_default_delta(encoder.model, out / DELTA_FILE) if from_default else None
-    card = _card(config, encoder, train_set, val_set, sampler, fit, before, delta, time.perf_counter() - started)
+    card = _card(config, encoder, sources, fit, before, delta, time.perf_counter() - started)
     (out / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return out
 
@@ -584,9 +805,7 @@ def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
 def _card(
     config: TrainConfig,
     encoder: PIEEncoder,
-    train_set: TaskSet,
-    val_set: TaskSet | None,
-    sampler: TripletSampler,
+    sources: Sequence[_Source],
     fit: _Fit,
     before: dict[str, float] | None,
     delta: dict[str, int] | None,
@@ -598,21 +817,24 @@ def _card(
     shipped = config.base_model == "default" and default_model.DELTA_FILE.is_file()
     shipped_delta = default_model.DELTA_FILE if shipped else None
     steps = len(fit.losses)
+    vals = [src.val for src in sources if src.val is not None]
     return TrainingCard(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         versions={"torch": torch.__version__, "transformers": transformers_version, "numpy": np.__version__},
         base_model=config.base_model,
         base_weights_sha256=default_model.BASE_SHA256 if default else None,
         base_delta_sha256=default_model.sha256_file(shipped_delta) if shipped_delta else None,
-        train_file=str(Path(config.train_file).resolve()),
-        train_file_sha256=default_model.sha256_file(Path(config.train_file)),
+        train_files=[str(Path(p).resolve()) for p in config.train_files],
+        train_files_sha256=[default_model.sha256_file(Path(p)) for p in config.train_files],
+        val_files=[str(Path(p).resolve()) for p in config.val_files],
+        anchors_per_batch={src.name: src.count for src in sources},
         template_text=encoder.config.template,
         config=config.model_dump(mode="json"),
-        train_tasks=len(train_set.instructions),
-        train_instructions=train_set.n_instructions,
-        anchor_instructions=sampler.n_anchors,
-        val_tasks=len(val_set.instructions) if val_set else 0,
-        val_instructions=val_set.n_instructions if val_set else 0,
+        train_tasks=sum(len(src.train.instructions) for src in sources),
+        train_instructions=sum(src.train.n_instructions for src in sources),
+        anchor_instructions=sum(src.sampler.n_anchors for src in sources),
+        val_tasks=sum(len(v.instructions) for v in vals),
+        val_instructions=sum(v.n_instructions for v in vals),
         steps_done=steps,
         wall_time_s=round(wall, 2),
         seconds_per_step=round(fit.step_time / steps, 3),

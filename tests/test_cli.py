@@ -91,3 +91,29 @@ def test_add_and_remove(tmp_path: Path, pool: Path) -> None:
     assert removed.returncode == 0 and "now holds 4" in removed.stdout and "unknown" in removed.stderr
     after = json.loads(cli("query", out, "Write a SQL query listing orders.", "-k", "10", "--json").stdout)
     assert "s1" not in [d["id"] for d in after]
+
+
+def test_eval_several_notions_of_task_in_one_call(pool: Path) -> None:
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    result = cli("eval", "--ict", fixtures / "tiny_ieb.json", "--cross-group", fixtures / "tiny_sni.json",
+                 "--pool", pool, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n_labels"] == 8 and report["n_cross_group_queries"] == 10 and report["n_pool_labels"] == 3
+    assert set(report["files"]) == {"ict", "cross_group", "pool"}
+    missing = cli("eval")
+    assert missing.returncode == 2 and "--cross-group" in missing.stderr
+
+
+def test_train_on_a_labelled_pool_then_build_with_it(tmp_path: Path) -> None:
+    pool = Path(__file__).resolve().parents[1] / "examples" / "demos.jsonl"
+    model = tmp_path / "model"
+    trained = cli("train", pool, "--label-field", "task", "--out", model, "--steps", "2", "--batch-size", "4",
+                  "--eval-every", "1", "--distill", "1")
+    assert trained.returncode == 0, trained.stderr
+    assert "held-out validation: demos.p_at_1" in trained.stdout
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in POOL_LINES), encoding="utf-8")
+    built = cli("build", small, "--out", tmp_path / "idx", "--model", model, "--no-topic")
+    assert built.returncode == 0, built.stderr
+    assert str(model) in cli("info", tmp_path / "idx").stdout

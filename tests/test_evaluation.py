@@ -13,7 +13,10 @@ from scipy.stats import spearmanr
 from icl_retriever import PIEEncoder, PoolError
 from icl_retriever.evaluation import (
     EvalReport,
+    cross_group_precision,
     evaluate,
+    load_grouped,
+    load_pool_labels,
     ict_scores,
     iis_spearman,
     load_ict,
@@ -24,6 +27,9 @@ from icl_retriever.evaluation import (
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TINY_IEB = FIXTURES / "tiny_ieb.json"
+TINY_SNI = FIXTURES / "tiny_sni.json"
+DEFAULT_POOL = Path(__file__).resolve().parents[1] / "examples" / "demos.jsonl"
+SNI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sni"
 IEB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ieb"
 needs_ieb = pytest.mark.skipif(not IEB.exists(), reason="needs ../shared/data/ieb")
 
@@ -205,3 +211,46 @@ def test_iis_ceiling_is_reached_by_a_perfect_tie_free_score() -> None:
     perfect = labels + np.linspace(0, 0.5, 100)  # every positive above every negative, no ties
     assert iis_ceiling(labels) == pytest.approx(np.sqrt(3 * 0.6 * 0.4))
     assert spearmanr(perfect, labels).statistic == pytest.approx(iis_ceiling(labels), abs=1e-3)  # finite n
+
+
+# ------------------------------------------------------------------------------ cross-group and pool
+
+
+def test_cross_group_precision_looks_only_at_other_groups() -> None:
+    # 0 and 1 share a group and a label; across groups 0 -> 2 (same label),
+    # 1 -> 3 (other label); 2 and 3 look back at 0 and 1. Label "C" lives in one group only: not counted.
+    X = np.array([[1, 0, 0], [0.5, 0.85, 0], [0.9, 0, 0.4], [0.6, 0.8, 0], [0, 0, 1]], dtype=np.float32)
+    labels, groups = ["A", "A", "A", "B", "C"], ["g1", "g1", "g2", "g2", "g3"]
+    p_at_1, n = cross_group_precision(X, labels, groups)
+    assert n == 3  # the three A samples: A exists in g1 and g2; B and C in one group each
+    # 0 -> 2 (A) hit; 1 -> 3 (B) miss; 2 -> 0 (A) hit.
+    assert p_at_1 == pytest.approx(2 / 3)
+    assert cross_group_precision(X[:2], labels[:2], groups[:2]) == (pytest.approx(float("nan"), nan_ok=True), 0)
+
+
+def test_load_grouped_and_pool_labels(tmp_path: Path) -> None:
+    texts, labels, groups = load_grouped(TINY_SNI)
+    assert len(texts) == len(labels) == len(groups) == 11 and "europarl" in groups
+    with pytest.raises(PoolError, match="dataset"):
+        load_grouped(TINY_IEB)
+    texts, labels = load_pool_labels(DEFAULT_POOL, "task")
+    assert (len(texts), len(set(labels))) == (385, 77)
+    with pytest.raises(PoolError, match="no metadata field 'nope'"):
+        load_pool_labels(DEFAULT_POOL, "nope")
+
+
+def test_evaluate_cross_group_and_pool(encoder: PIEEncoder) -> None:
+    report = evaluate(encoder, cross_group_path=TINY_SNI, pool_path=DEFAULT_POOL, show_progress_bar=False)
+    assert report.n_cross_group_queries == 10 and report.n_groups == 9  # every label but Title Generation
+    assert report.cross_group_p_at_1 is not None and 0 <= report.cross_group_p_at_1 <= 1
+    assert (report.n_pool, report.n_pool_labels) == (385, 77)
+    assert report.pool_p_at_1 is not None and report.pool_p_at_4 is not None
+    assert report.files == {"cross_group": str(TINY_SNI), "pool": str(DEFAULT_POOL)}
+    table = report.table()
+    assert "cross-group P@1" in table and "pool P@1" in table and "ICT" not in table
+
+
+@pytest.mark.skipif(not SNI.is_dir(), reason="needs ../shared/data/sni")
+def test_sni_dev_loads() -> None:
+    texts, labels, groups = load_grouped(SNI / "sni_dev.json")
+    assert (len(texts), len(set(labels)), len(set(groups))) == (171, 40, 64)

@@ -31,6 +31,8 @@ from icl_retriever.training import (
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TINY_IEB = FIXTURES / "tiny_ieb.json"
 TINY_JSONL = FIXTURES / "tiny_tasks.jsonl"
+TINY_SNI = FIXTURES / "tiny_sni.json"
+DEFAULT_POOL = Path(__file__).resolve().parents[1] / "examples" / "demos.jsonl"
 IEB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ieb"
 needs_ieb = pytest.mark.skipif(not IEB.exists(), reason="needs ../shared/data/ieb")
 #: Fixture tasks sharing neither verb nor noun with another task: they get random negatives.
@@ -242,7 +244,7 @@ def test_train_output_loads_and_is_described(trained: Path) -> None:
     card = TrainingCard.model_validate_json((trained / "training_card.json").read_text(encoding="utf-8"))
     assert card.steps_done == 3 and card.config["batch_size"] == 4
     assert (card.train_tasks, card.val_tasks, card.train_instructions, card.val_instructions) == (6, 2, 36, 12)
-    assert card.base_weights_sha256 and len(card.train_file_sha256) == 64
+    assert card.base_weights_sha256 and len(card.train_files_sha256[0]) == 64
     assert card.validation is not None and card.best_step in (2, 3)
     assert [h["step"] for h in card.validation_history] == [2, 3]
     assert math.isfinite(card.final_train_loss) and card.wall_time_s > 0
@@ -287,6 +289,93 @@ def test_train_is_reproducible(tmp_path: Path) -> None:
     assert all(torch.equal(first[k], second[k]) for k in first)
     card = json.loads((tmp_path / "a" / "training_card.json").read_text(encoding="utf-8"))
     assert card["validation"] is None and card["val_tasks"] == 0
+
+
+# ------------------------------------------------------------------------------ mixtures and groups
+
+
+def test_groups_and_inputs_are_read() -> None:
+    tasks = load_task_set(TINY_SNI)
+    assert tasks.groups["Translation"]["Translate the given English sentence into French."] == "europarl"
+    with_input = load_task_set(TINY_SNI, with_input=True)
+    assert len(with_input.instructions["Title Generation"]) == 2  # the definition, and definition + input
+    assert with_input.instructions["Title Generation"][1].endswith("discover a new species of frog in the Andes...")
+
+
+def test_positives_come_from_another_group_when_there_is_one() -> None:
+    tasks = load_task_set(TINY_SNI, with_input=True)
+    sampler = TripletSampler(tasks.instructions, tasks.facets, seed=0, groups=tasks.groups)
+    seen = 0
+    for _ in range(20):
+        for t in sampler.batch(4):
+            groups = tasks.groups[t.task]
+            if len(set(groups.values())) > 1:
+                assert groups[t.anchor] != groups[t.positive], t
+                seen += 1
+            else:  # one dataset only: another text of the task
+                assert t.positive != t.anchor and t.positive in tasks.instructions[t.task]
+    assert seen > 0
+
+
+def test_label_field_reads_a_demo_pool(tmp_path: Path) -> None:
+    tasks = load_task_set(DEFAULT_POOL, label_field="task")
+    assert len(tasks.instructions) == 77
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"instruction": "a", "metadata": {"task": "x"}}\n{"instruction": "b"}\n', encoding="utf-8")
+    with pytest.raises(PoolError, match="no metadata field 'task'"):
+        load_task_set(pool, label_field="task")
+
+
+def test_config_takes_one_file_or_several(tmp_path: Path) -> None:
+    one = TrainConfig(train_file=TINY_IEB, output_dir=tmp_path)
+    assert one.train_files == [TINY_IEB]
+    with pytest.raises(ValidationError, match="one positive share per train file"):
+        TrainConfig(train_files=[TINY_IEB, TINY_SNI], mix=[1.0], output_dir=tmp_path)
+    with pytest.raises(ValidationError, match="not both"):
+        TrainConfig(train_file=TINY_IEB, train_files=[TINY_IEB], output_dir=tmp_path)
+
+
+def test_batch_shares() -> None:
+    from icl_retriever.training import _shares
+
+    assert _shares(32, [1, 1]) == [16, 16]
+    assert _shares(32, [2, 1]) == [21, 11]
+    assert _shares(4, [100, 1]) == [3, 1]  # every source keeps an anchor
+    assert sum(_shares(7, [1, 1, 1])) == 7
+
+
+def test_mixture_with_distillation_trains_and_records_each_source(tmp_path: Path) -> None:
+    """Two sources in every batch, a validation file, distillation, early stopping: one tiny real run."""
+    config = TrainConfig(
+        train_files=[TINY_IEB, TINY_SNI], mix=[1, 1], with_input=True, val_files=[TINY_SNI],
+        output_dir=tmp_path / "mix", steps=4, batch_size=4, lr=1e-4, eval_every=1, patience=1,
+        distill=1.0, base_model="default-base", val_fraction=0.25,
+    )
+    out = train(config, show_progress_bar=False)
+    card = TrainingCard.model_validate_json((out / "training_card.json").read_text(encoding="utf-8"))
+    assert card.anchors_per_batch == {"tiny_ieb": 2, "tiny_sni": 2}
+    assert card.val_files == [str(TINY_SNI.resolve())]
+    assert card.validation is not None
+    assert {"tiny_ieb.p_at_1", "tiny_sni.cross_group_p_at_1", "score"} <= set(card.validation)
+    assert 1 <= card.steps_done <= 4 and len(card.validation_history) == card.steps_done
+    if card.steps_done < 4:  # stopped early: the last `patience` checks were no better than the best
+        best = max(h["score"] for h in card.validation_history)
+        assert all(h["score"] <= best for h in card.validation_history[-1:])
+
+
+def test_distillation_keeps_the_start(tmp_path: Path) -> None:
+    """The same steps with a strong distillation weight move the embedding less."""
+
+    def moved(distill: float) -> float:
+        config = TrainConfig(
+            train_file=TINY_IEB, output_dir=tmp_path / f"d{distill}", steps=3, batch_size=4, lr=3e-4,
+            val_fraction=0, distill=distill, base_model="default-base",
+        )
+        start = PIEEncoder("default-base", template="short", max_length=128).encode(PROBE, show_progress_bar=False)
+        after = PIEEncoder(train(config, show_progress_bar=False)).encode(PROBE, show_progress_bar=False)
+        return float(1 - (start * after).sum(axis=1).mean())
+
+    assert moved(50.0) < moved(0.0)
 
 
 # ------------------------------------------------------------------------------------- shared data
