@@ -9,7 +9,7 @@ out for validation, early stopping, distillation to the start) fits a model on h
 
 for the shipped default and the fitted model. The same split is then run the other way round.
 
-Run: python -m benchmarks.fit_own_pool [--steps 60] [--batch-size 16] [--lr 2e-5] [--distill 1.0]
+Run: python -m benchmarks.fit_own_pool [--steps 60] [--batch-size 16] [--lr 1e-5] [--distill 5.0]
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--distill", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--distill", type=float, default=5.0)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--patience", type=int, default=3)
     args = ap.parse_args()

@@ -61,7 +61,7 @@ DEFAULT_STEPS = 500
 EMBED_CHUNK = 16
 CARD_FILE = "training_card.json"
 #: Defaults for fitting a labelled demo pool (``label_field``), where no held-out benchmark guards the start.
-POOL_FIT: dict[str, Any] = {"eval_every": 10, "patience": 3, "distill": 1.0}
+POOL_FIT: dict[str, Any] = {"eval_every": 10, "patience": 3, "distill": 5.0}
 DELTA_FILE = "delta.safetensors"
 #: A verb set and a noun set; tasks sharing either are each other's hard negatives.
 Facets = tuple[frozenset[str], frozenset[str]]

@@ -39,5 +39,5 @@ def test_default_differs_from_its_base(encoder: PIEEncoder) -> None:
 def test_training_card_describes_the_default() -> None:
     card = json.loads((default_model.HERE / "training_card.json").read_text())
     assert card["base_weights_sha256"] == default_model.BASE_SHA256
-    assert card["steps_done"] > 0 and card["train_file_sha256"]
+    assert card["steps_done"] > 0 and card["train_files_sha256"] and all(len(h) == 64 for h in card["train_files_sha256"])
     assert card["config"]["temperature"] == 0.05

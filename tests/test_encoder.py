@@ -69,6 +69,24 @@ def test_long_instruction_is_truncated_with_a_warning(encoder: PIEEncoder) -> No
     assert encoder.format(["word " * 20_000])[0].endswith(encoder.config.template.split("{instruction}")[1])
 
 
+def test_no_transformers_length_notice_for_long_instructions() -> None:
+    """Only our own warning reaches the user, not transformers' "Token indices sequence length is longer"."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        fresh = PIEEncoder("default-base")  # a tokenizer that has not warned yet
+        with pytest.warns(UserWarning, match="truncated"):
+            fresh.encode(["word " * 2_000, "short"], batch_size=1)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [r for r in records if "sequence length is longer" in r.getMessage()]
+
+
 def test_rejects_bad_template() -> None:
     with pytest.raises(ValueError, match="instruction"):
         PIEEncoder(template="no placeholder here")

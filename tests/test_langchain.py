@@ -35,7 +35,7 @@ pytestmark = pytest.mark.anyio
 #: Requests and the task of the demos they must get (top 2) from the default pool.
 # Queries whose two best demos in the default pool share the query's task with the shipped model.
 QUERIES = {
-    "Fix the grammar in this sentence: 'She don't like apples.'": "grammar_correction",
+    "Correct the grammar of this sentence: 'He go to school yesterday.'": "grammar_correction",
     "Draft an email to my landlord asking to fix the heating.": "email_drafting",
     "Give me a slogan for a coffee shop.": "slogan_writing",
     "Pull out the main keywords from this paragraph about coffee farming.": "keyword_extraction",
