@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from icl_retriever.errors import first_validation_error
 from icl_retriever.records import Demo
 
 #: Cosine above which two demos count as near-duplicates when ``dedup=True``.
@@ -72,11 +73,8 @@ class SearchControls(BaseModel):
         try:
             return cls(**controls)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "controls"
-            cause = (err.get("ctx") or {}).get("error")
-            message = str(cause) if cause is not None else f"{field}: {err['msg']}"
-            raise ValueError(message) from None
+            field, cause, msg = first_validation_error(exc, "controls")
+            raise ValueError(str(cause) if cause is not None else f"{field}: {msg}") from None
 
     @field_validator("k", "fetch_k", "max_tokens", mode="before")
     @classmethod

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from icl_retriever.controls import DEFAULT_FETCH_K, DEFAULT_RERANK_MARGIN, mmr_order, task_then_topic_order, topic_text
 from icl_retriever.encoder import PIEEncoder, _quiet_transformers
-from icl_retriever.errors import ModelLoadError, PoolError
+from icl_retriever.errors import ModelLoadError, PoolError, first_validation_error
 from icl_retriever.records import Demo, load_pool
 
 __all__ = [
@@ -600,10 +600,8 @@ class DownstreamConfig(BaseModel):
         try:
             return cls(**settings)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "config"
-            cause = (err.get("ctx") or {}).get("error")
-            raise ValueError(f"{field}: {cause if cause is not None else err['msg']}") from None
+            field, cause, msg = first_validation_error(exc, "config")
+            raise ValueError(f"{field}: {cause if cause is not None else msg}") from None
 
 
 class QueryOutcome(BaseModel):

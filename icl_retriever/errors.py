@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ICLRetrieverError(Exception):
     """Base class of every error this library raises on purpose."""
@@ -36,3 +38,14 @@ class EncoderMismatchError(IndexFormatError):
 class ModelLoadError(ICLRetrieverError):
     """A model could not be located, verified or loaded."""
 
+
+
+def first_validation_error(exc: Any, fallback: str) -> tuple[str, Any, str]:
+    """``(field, cause, message)`` of a pydantic ``ValidationError``'s first error, for one-line messages.
+
+    ``cause`` is the exception a validator raised (``None`` for pydantic's own checks); ``field`` is the
+    dotted location, or ``fallback`` for a model-level error.
+    """
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or fallback
+    return field, (err.get("ctx") or {}).get("error"), err["msg"]
