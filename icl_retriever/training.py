@@ -527,14 +527,14 @@ def _batch_loss(
     names (``summarize|article`` and ``Summarization``), which must not be each other's negatives.
     """
     batches = [(src, src.sampler.batch(src.count)) for src in sources]
-    rows = [prompts[t] for _, triplets in batches for t in _texts(triplets, config)]
+    texts = [_texts(triplets, config) for _, triplets in batches]
+    rows = [prompts[t] for part in texts for t in part]
     emb = _embed(encoder, rows, EMBED_CHUNK)
     loss = emb.new_zeros(())
     offset = 0
-    for src, triplets in batches:
-        n = len(_texts(triplets, config))
-        loss = loss + src.count * _loss_of(emb[offset : offset + n], triplets, config)
-        offset += n
+    for (src, triplets), part in zip(batches, texts, strict=True):
+        loss = loss + src.count * _loss_of(emb[offset : offset + len(part)], triplets, config)
+        offset += len(part)
     loss = loss / sum(src.count for src in sources)
     if teacher is not None and config.distill > 0:
         loss = loss + config.distill * (1 - (emb * teacher(rows).to(emb.device)).sum(-1)).mean()
@@ -754,14 +754,10 @@ def _sources(config: TrainConfig) -> list[_Source]:
             train_set.instructions, train_set.facets, seed=config.seed + i,
             share=config.hard_negative_facets, groups=train_set.groups,
         )
-        name = Path(path).stem if all(Path(o).stem != Path(path).stem for o in config.train_files[:i]) else f"{Path(path).stem}{i}"
+        stem = Path(path).stem
+        name = stem if all(Path(o).stem != stem for o in config.train_files[:i]) else f"{stem}{i}"
         sources.append(_Source(name, train_set, val_set, sampler, count))
     return sources
-
-
-def _val_file_set(path: Path) -> TaskSet:
-    """A validation file (IEB format) as a task set; groups (dataset) make it a cross-group check."""
-    return load_task_set(path)
 
 
 def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
@@ -782,7 +778,7 @@ def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
     # Data: per train file, hold out whole tasks, then sample triplets from the rest.
     sources = _sources(config)
     held_out = [(src.name, src.val) for src in sources if src.val is not None]
-    held_out += [(Path(p).stem, _val_file_set(Path(p))) for p in config.val_files]
+    held_out += [(Path(p).stem, load_task_set(p)) for p in config.val_files]  # groups make it cross-group
     anchors_per_step = config.batch_size * config.grad_accum
     n_anchors = sum(src.sampler.n_anchors for src in sources)
     total = config.steps or max(1, math.ceil((config.epochs or 0) * n_anchors / anchors_per_step))
