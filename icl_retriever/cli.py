@@ -107,6 +107,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         demo_format=args.demo_format.replace("\\n", "\n").replace("\\t", "\t") if args.demo_format else None,
         **({"rerank_margin": args.rerank_margin} if args.rerank_margin is not None else {}),
+        **({"rerank_weight": args.rerank_weight} if args.rerank_weight is not None else {}),
     )
     SearchControls.parse(k=args.k, **controls)  # a bad flag fails before the model loads
     retriever = Retriever.from_index(args.index, verify=not args.no_verify)
@@ -266,10 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dedup", nargs="?", type=float, const=True, default=None, metavar="COSINE",
                    help="drop near-duplicate demos (cosine above COSINE, default 0.95)")
     p.add_argument("--exclude-query", action="store_true", help="drop demos whose instruction is the query itself")
-    p.add_argument("--rerank", choices=["task_then_topic"], default=None,
-                   help="task_then_topic: among same-task demos, prefer those closest in content to the query")
+    p.add_argument("--rerank", choices=["task_then_topic", "hybrid"], default=None,
+                   help="task_then_topic: among same-task demos, prefer those closest in content to the query; "
+                        "hybrid: order by a weighted sum of task and content similarity")
     p.add_argument("--rerank-margin", type=float, default=None, metavar="M",
-                   help="PIE cosine margin that counts as the same task for --rerank (default 0.03)")
+                   help="PIE cosine margin that counts as the same task for --rerank task_then_topic (default 0.03)")
+    p.add_argument("--rerank-weight", type=float, default=None, metavar="W",
+                   help="PIE (task) weight of --rerank hybrid, the content weight is 1 - W (default 0.5)")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help="pack the best demos whose formatted length fits N tokens in total (never truncates one)")
     p.add_argument("--tokenizer", default=None, metavar="NAME",

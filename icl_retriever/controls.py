@@ -5,7 +5,8 @@ own; :mod:`icl_retriever.retriever` wires them into a search:
 
 1. candidates: the ``fetch_k`` best demos by PIE similarity that pass ``filter`` and ``exclude_query``
    (filtered *during* the search: over-fetch and refill, never a truncated top-k filtered afterwards);
-2. order: ``rerank="task_then_topic"`` (:func:`task_then_topic_order`) or MMR (:func:`mmr_order`);
+2. order: ``rerank="hybrid"`` (:func:`hybrid_order`), ``"task_then_topic"`` (:func:`task_then_topic_order`)
+   or MMR (:func:`mmr_order`);
 3. ``dedup`` (:func:`dedup_keep`) drops near-duplicates;
 4. ``max_tokens`` (:func:`pack_by_tokens`) packs the best demos that fit, else the first ``k`` are taken.
 """
@@ -30,10 +31,12 @@ DEFAULT_DEDUP_THRESHOLD = 0.95
 #: query's task. Measured (benchmarks/rerank_quality.py): 0.03 keeps the same-task rate of plain PIE
 #: search on eft_test while returning demos closer in content; larger margins trade task for topic.
 DEFAULT_RERANK_MARGIN = 0.03
+#: ``rerank="hybrid"``: weight of the PIE (task) cosine; the plain (content) cosine gets ``1 - weight``.
+DEFAULT_HYBRID_WEIGHT = 0.5
 #: Candidates examined when a control re-orders or drops results and ``fetch_k`` is not given.
 DEFAULT_FETCH_K = 20
 #: Re-ranking methods.
-RERANKERS = ("task_then_topic",)
+RERANKERS = ("task_then_topic", "hybrid")
 #: Default ``demo_format``: instruction, input (when not empty) and output, one per line.
 DEFAULT_DEMO_FORMAT = "{instruction}\n{input}\n{output}"
 
@@ -41,7 +44,7 @@ DEFAULT_DEMO_FORMAT = "{instruction}\n{input}\n{output}"
 MetadataFilter = Mapping[str, Any]
 DemoPredicate = Callable[[Demo], bool]
 DemoFormat = str | Callable[[Demo], str]
-Rerank = Literal["task_then_topic"]
+Rerank = Literal["task_then_topic", "hybrid"]
 
 
 # validation -------------------------------------------------------------------------------------
@@ -63,6 +66,7 @@ class SearchControls(BaseModel):
     exclude_query: bool = False
     rerank: Rerank | None = None
     rerank_margin: float = DEFAULT_RERANK_MARGIN
+    rerank_weight: float = DEFAULT_HYBRID_WEIGHT
     max_tokens: int | None = None
     tokenizer: Any = None
     demo_format: Any = None
@@ -97,6 +101,13 @@ class SearchControls(BaseModel):
     def _margin(cls, value: Any) -> float:
         if not _is_number(value) or not 0.0 <= float(value) <= 2.0:
             raise ValueError(f"rerank_margin must be a cosine difference from 0 to 2, got {value!r}")
+        return float(value)
+
+    @field_validator("rerank_weight", mode="before")
+    @classmethod
+    def _weight(cls, value: Any) -> float:
+        if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"rerank_weight must be the PIE weight from 0 (content only) to 1 (task only), got {value!r}")
         return float(value)
 
     @field_validator("dedup", mode="before")
@@ -351,6 +362,13 @@ def task_then_topic_order(task_scores: np.ndarray, topic_scores: np.ndarray, mar
     group = group[np.lexsort((-task_scores[group], -topic_scores[group]))]
     rest = rest[np.argsort(-task_scores[rest], kind="stable")]
     return [int(i) for i in np.concatenate([group, rest])]
+
+
+def hybrid_order(task_scores: np.ndarray, topic_scores: np.ndarray, weight: float) -> list[int]:
+    """Order candidates by ``weight * task + (1 - weight) * topic`` cosine, best first (ties: task score)."""
+    task_scores = np.asarray(task_scores, dtype=np.float64)
+    mixed = weight * task_scores + (1.0 - weight) * np.asarray(topic_scores, dtype=np.float64)
+    return [int(i) for i in np.lexsort((-task_scores, -mixed))]
 
 
 def dedup_keep(vectors: np.ndarray, threshold: float) -> list[int]:

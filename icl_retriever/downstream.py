@@ -34,7 +34,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from icl_retriever.controls import DEFAULT_FETCH_K, DEFAULT_RERANK_MARGIN, mmr_order, task_then_topic_order, topic_text
+from icl_retriever.controls import (
+    DEFAULT_FETCH_K,
+    DEFAULT_RERANK_MARGIN,
+    hybrid_order,
+    mmr_order,
+    task_then_topic_order,
+    topic_text,
+)
 from icl_retriever.encoder import PIEEncoder, _quiet_transformers
 from icl_retriever.errors import ModelLoadError, PoolError, first_validation_error
 from icl_retriever.records import Demo, load_pool
@@ -518,8 +525,7 @@ def rank_demos(
     elif method.kind == "pie":
         order = np.argsort(-_need(pie_scores, "pie"), kind="stable")
     elif method.kind == "hybrid":
-        w = float(method.param or 0.0)
-        order = np.argsort(-(w * _need(pie_scores, "pie") + (1 - w) * _need(topic_scores, "topic")), kind="stable")
+        order = np.asarray(hybrid_order(_need(pie_scores, "pie"), _need(topic_scores, "topic"), float(method.param or 0.0)))
     elif method.kind == "pie_then_topic":
         margin = float(method.param or 0.0)
         order = np.asarray(task_then_topic_order(_need(pie_scores, "pie"), _need(topic_scores, "topic"), margin))

@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 
 from icl_retriever.controls import (
+    DEFAULT_HYBRID_WEIGHT,
     DEFAULT_RERANK_MARGIN,
     DemoFormat,
     DemoPredicate,
@@ -20,8 +21,10 @@ from icl_retriever.controls import (
     MetadataIndex,
     SearchControls,
     as_predicate,
+    Rerank,
     dedup_keep,
     format_demo,
+    hybrid_order,
     is_query_itself,
     mmr_order,
     pack_by_tokens,
@@ -465,8 +468,9 @@ class Retriever:
         filter: MetadataFilter | DemoPredicate | None = None,  # the name vector stores use
         dedup: bool | float | None = None,
         exclude_query: bool = False,
-        rerank: Literal["task_then_topic"] | None = None,
+        rerank: Rerank | None = None,
         rerank_margin: float = DEFAULT_RERANK_MARGIN,
+        rerank_weight: float = DEFAULT_HYBRID_WEIGHT,
         max_tokens: int | None = None,
         tokenizer: Any = None,
         demo_format: DemoFormat | None = None,
@@ -496,7 +500,10 @@ class Retriever:
                 PIE score (the query's task), order by the plain-embedding similarity of the demo's
                 instruction + input to the query (its content); the other candidates follow by PIE
                 score. Needs topic vectors (built by default).
+                ``"hybrid"``: order the candidates by ``rerank_weight`` x PIE cosine + (1 -
+                ``rerank_weight``) x that plain-embedding cosine.
             rerank_margin: PIE cosine margin defining "same task" for ``rerank`` (default 0.03).
+            rerank_weight: PIE weight of ``rerank="hybrid"`` (default 0.5).
             max_tokens: pack the best demos whose formatted length fits this budget in total, skipping
                 one that would overflow (a later, shorter one may still fit); never truncates a demo.
             tokenizer: counts tokens for ``max_tokens``: default the encoder's tokenizer; a Hugging
@@ -520,6 +527,7 @@ class Retriever:
             exclude_query=exclude_query,
             rerank=rerank,
             rerank_margin=rerank_margin,
+            rerank_weight=rerank_weight,
             max_tokens=max_tokens,
             tokenizer=tokenizer,
             demo_format=demo_format,
@@ -535,8 +543,9 @@ class Retriever:
         filter: MetadataFilter | DemoPredicate | None = None,
         dedup: bool | float | None = None,
         exclude_query: bool = False,
-        rerank: Literal["task_then_topic"] | None = None,
+        rerank: Rerank | None = None,
         rerank_margin: float = DEFAULT_RERANK_MARGIN,
+        rerank_weight: float = DEFAULT_HYBRID_WEIGHT,
         max_tokens: int | None = None,
         tokenizer: Any = None,
         demo_format: DemoFormat | None = None,
@@ -561,6 +570,7 @@ class Retriever:
             exclude_query=exclude_query,
             rerank=rerank,
             rerank_margin=rerank_margin,
+            rerank_weight=rerank_weight,
             max_tokens=max_tokens,
             tokenizer=tokenizer,
             demo_format=demo_format,
@@ -711,6 +721,9 @@ class Retriever:
             assert state.topic is not None and topic_vector is not None
             topic_scores = state.topic.reconstruct_batch(rows) @ topic_vector
             order = task_then_topic_order(scores, topic_scores, ctl.rerank_margin)
+        elif ctl.rerank == "hybrid":
+            assert state.topic is not None and topic_vector is not None
+            order = hybrid_order(scores, state.topic.reconstruct_batch(rows) @ topic_vector, ctl.rerank_weight)
         elif ctl.diversity > 0:
             order = mmr_order(vector, state.index.reconstruct_batch(rows), ctl.diversity)
         if ctl.dedup is not None:

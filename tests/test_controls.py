@@ -20,6 +20,7 @@ from icl_retriever.controls import (
     SearchControls,
     dedup_keep,
     format_demo,
+    hybrid_order,
     is_query_itself,
     metadata_matches,
     mmr_order,
@@ -106,6 +107,16 @@ def test_task_then_topic_order() -> None:
     assert task_then_topic_order(task, topic, 1.0) == [3, 1, 2, 4, 0]
 
 
+def test_hybrid_order() -> None:
+    task = np.array([0.90, 0.89, 0.88, 0.70, 0.60])
+    topic = np.array([0.10, 0.50, 0.30, 0.99, 0.20])
+    assert hybrid_order(task, topic, 1.0) == [0, 1, 2, 3, 4]  # task only
+    assert hybrid_order(task, topic, 0.0) == [3, 1, 2, 4, 0]  # content only
+    # 0.5: 0.5, 0.695, 0.59, 0.845, 0.4 -> content lifts row 3 above the task's best
+    assert hybrid_order(task, topic, 0.5) == [3, 1, 2, 0, 4]
+    assert hybrid_order(task, np.array([0.5, 0.5, 0.5, 0.5, 0.5]), 0.5) == [0, 1, 2, 3, 4]  # ties: task score
+
+
 def test_dedup_keep() -> None:
     a, b = np.eye(3, dtype=np.float32)[:2]
     near = (a + 0.05 * b) / np.linalg.norm(a + 0.05 * b)
@@ -154,6 +165,8 @@ def test_controls_validation() -> None:
         ({"exclude_query": "yes"}, "exclude_query must be True or False"),
         ({"tokenizer": words}, "tokenizer is only used with max_tokens"),
         ({"rerank_margin": -0.1}, "rerank_margin"),
+        ({"rerank_weight": 1.5}, "rerank_weight must be the PIE weight from 0"),
+        ({"rerank": "hybrid", "diversity": 0.3}, "use one of them"),
     ]
     for controls, message in bad:
         with pytest.raises(ValueError, match=message):
@@ -294,6 +307,17 @@ def test_rerank_task_then_topic(r: Retriever) -> None:
     assert ids(r.get_demos(meeting_query, k=1, rerank="task_then_topic")) == ["sum-meeting"]
     # margin 0 with tied scores still lets the content break the tie; a huge margin is pure topic order
     assert r.get_demos(query, k=4, rerank="task_then_topic", rerank_margin=2.0)[0].metadata["task"] == "summarize"
+
+
+def test_rerank_hybrid(r: Retriever) -> None:
+    query = "Summarize the text below in one sentence.\nThe visiting side equalised in the last minute of the derby."
+    # tied task scores: the content decides; weight 1 is the PIE order, the scores stay PIE cosines
+    assert ids(r.get_demos(query, k=2, rerank="hybrid")) == ["sum-football", "sum-meeting"]
+    plain = r.get_demos(query, k=4)
+    task_only = r.get_demos(query, k=4, rerank="hybrid", rerank_weight=1.0)
+    assert [d.score for d in task_only] == pytest.approx([d.score for d in plain])
+    content_only = r.get_demos(query, k=4, rerank="hybrid", rerank_weight=0.0)
+    assert content_only[0].id == "sum-football"
 
 
 def test_batch_equals_single_with_controls(r: Retriever) -> None:
