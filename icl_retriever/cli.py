@@ -23,8 +23,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from icl_retriever.encoder import PIEEncoder
     from icl_retriever.index_store import check_target
     from icl_retriever.records import load_pool
-    from icl_retriever.build import build_index
+    from icl_retriever.build import build_index, check_build_params
 
+    check_build_params(  # before the pool is read or a model loaded
+        args.index_type, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
+        nlist=args.nlist, nprobe=args.nprobe, batch_size=args.batch_size, chunk_size=args.chunk_size,
+    )
     check_target(Path(args.out), force=args.force)
     demos = load_pool(args.pool)  # validate everything before loading a model
     encoder = PIEEncoder(args.model, quantize=args.quantize)
