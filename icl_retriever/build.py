@@ -370,8 +370,10 @@ def _save_chunk(path: Path, array: np.ndarray, source: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name the chunk
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 
