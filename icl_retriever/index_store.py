@@ -933,7 +933,15 @@ def _read_demos(path: Path, manifest: Manifest, verify: bool) -> list[Demo]:
         lines.append(lineno)
     if len(demos) != manifest.count:
         raise IndexFormatError(f"{file}: holds {len(demos)} demos, manifest says {manifest.count}")
-    # the rules a pool obeys (see records.demo_from_record), checked again: a publisher could skip them
+    _check_demos(file, demos, lines)
+    return demos
+
+
+def _check_demos(file: Path, demos: list[Demo], lines: list[int]) -> None:
+    """The rules a pool obeys (see records.demo_from_record), checked again: a publisher could skip them."""
+    ids = [demo.id for demo in demos]
+    if len(set(ids)) == len(ids) and all(map(str.strip, ids)) and all(demo.instruction.strip() for demo in demos):
+        return  # the usual case, in C-speed passes; the loop below finds the line at fault
     seen: set[str] = set()
     for demo, lineno in zip(demos, lines, strict=True):
         if not demo.instruction.strip() or not demo.id.strip():
@@ -941,7 +949,6 @@ def _read_demos(path: Path, manifest: Manifest, verify: bool) -> list[Demo]:
         if demo.id in seen:
             raise IndexFormatError(f"{file}:{lineno}: duplicate id {demo.id!r}")
         seen.add(demo.id)
-    return demos
 
 
 def _read_regular(file: Path, size: int | None = None, *, limit: int | None = None) -> bytes:
