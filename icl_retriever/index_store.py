@@ -572,7 +572,7 @@ def load_manifest(path: str | Path) -> Manifest:
         )
     try:
         manifest = Manifest.model_validate(raw)
-        check_text(manifest.model_dump(mode="json"), "a field")
+        check_text(manifest.model_dump(mode="json"), "the manifest")
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "(root)"

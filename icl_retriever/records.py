@@ -55,14 +55,45 @@ def check_text(value: Any, what: str) -> None:
     refused where it enters instead of failing in the tokenizer after a model has loaded.
 
     Raises:
-        ValueError: naming ``what`` and the offending character.
+        ValueError: naming ``what`` (and, inside data, where: ``.key`` / ``[i]``) and the offending character.
     """
     try:
         (value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        code = ord(exc.object[exc.start])
+    except UnicodeEncodeError:
+        where, text = _first_bad_string(value, "")
+        exc = _encode_error(text)
+        code = ord(text[exc.start])
         bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
-        raise ValueError(f"{what} is not valid UTF-8 text ({bad}: a truncated emoji or a mis-decoded byte?)") from None
+        where = f" at {where.lstrip('.')}" if where.startswith((".", "[")) else where
+        raise ValueError(
+            f"{what}{where} is not valid UTF-8 text ({bad}: a truncated emoji or a mis-decoded byte?)"
+        ) from None
+
+
+def _encode_error(text: str) -> UnicodeEncodeError:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc
+    raise AssertionError("encodable")
+
+
+def _first_bad_string(value: Any, where: str) -> tuple[str, str]:
+    """``(location, string)`` of the first string in ``value`` (keys included) that UTF-8 cannot encode."""
+    if isinstance(value, str):
+        return (where, value) if _is_bad(value) else ("", "")
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        if isinstance(key, str) and _is_bad(key):
+            return f"{where} (key {key!r})", key
+        found = _first_bad_string(item, f"{where}.{key}" if isinstance(value, Mapping) else f"{where}[{key}]")
+        if found[1]:
+            return found
+    return "", ""
+
+
+def _is_bad(text: str) -> bool:
+    return not text.isascii() and any(0xD800 <= ord(c) <= 0xDFFF for c in text)
 
 
 def demo_from_record(record: Any, *, path: str | None = None, line: int | None = None, task: str | None = None) -> Demo:
@@ -103,8 +134,7 @@ def demo_from_record(record: Any, *, path: str | None = None, line: int | None =
     try:
         for name, value in values.items():
             check_text(value, f"field '{name}'")
-        for key, value in metadata.items():
-            check_text([key, value], f"field {key!r}")
+        check_text(metadata, "metadata")
     except ValueError as exc:
         raise PoolError(str(exc), path=path, line=line) from None
     raw_id = record.get("id")

@@ -91,7 +91,7 @@ def test_a_manifest_string_holding_a_lone_surrogate(tmp_path: Path, index_dir: P
     manifest = json.loads((copy / MANIFEST_FILE).read_text())
     manifest["encoder"]["template"] = "{instruction} \ud800"
     (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(IndexFormatError, match=r"manifest\.json: a field is not valid UTF-8 text"):
+    with pytest.raises(IndexFormatError, match=r"manifest\.json: the manifest at encoder\.template is not valid UTF-8 text"):
         Retriever.from_index(copy)
 
 

@@ -111,14 +111,14 @@ def test_a_field_named_score_is_metadata_like_any_other(tmp_path: Path) -> None:
         ('{"instruction": "Write a poem \\ud83d"}', r"p\.jsonl:1: field 'instruction' is not valid UTF-8 text \(lone surrogate U\+D83D"),
         ('{"instruction": "ok", "output": "\\udcff"}', r"p\.jsonl:1: field 'output' is not valid UTF-8 text \(byte 0xff"),
         ('{"instruction": "ok", "id": "a\\ud800"}', r"p\.jsonl:1: field 'id' is not valid UTF-8"),
-        ('{"instruction": "ok", "tags": ["x", "\\udfff"]}', r"p\.jsonl:1: field 'tags' is not valid UTF-8"),
-        ('{"instruction": "ok", "metadata": {"\\ud800": 1}}', r"p\.jsonl:1: field '\\ud800' is not valid UTF-8"),
+        ('{"instruction": "ok", "tags": ["x", "\\udfff"]}', r"p\.jsonl:1: metadata at tags\[1\] is not valid UTF-8"),
+        ('{"instruction": "ok", "metadata": {"\\ud800": 1}}', r"p\.jsonl:1: metadata \(key '\\ud800'\) is not valid"),
     ],
 )
 def test_lone_surrogates_are_refused_at_their_line(tmp_path: Path, record: str, message: str) -> None:
     with pytest.raises(PoolError, match=message):
         load_pool(write(tmp_path / "p.jsonl", record + "\n"))
-    with pytest.raises(PoolError, match=r"\(task 't', sample 1\): field"):
+    with pytest.raises(PoolError, match=r"\(task 't', sample 1\): (field|metadata)"):
         load_pool(write(tmp_path / "p.json", json.dumps({"t": {"samples": [json.loads(record)]}})))
     # a valid pair (a whole emoji, however it is escaped) is text like any other
     assert load_pool([{"instruction": "Write a poem \ud83d\ude00".encode("utf-16", "surrogatepass").decode("utf-16")}])
