@@ -7,6 +7,7 @@ from icl_retriever.errors import (
     ICLRetrieverError,
     IndexExistsError,
     IndexFormatError,
+    IndexWriteError,
     ModelLoadError,
     PoolError,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "ICLRetrieverError",
     "IndexExistsError",
     "IndexFormatError",
+    "IndexWriteError",
     "ModelLoadError",
     "PIEEncoder",
     "PoolError",

@@ -2,30 +2,42 @@
 write atomically.
 
 Embedding is the slow part of a large build, so it is checkpointed: the pool is embedded in chunks of
-``chunk_size`` records and each finished chunk's vectors are saved (``.npy``, written to a temporary
-name and renamed) in a resume directory beside the target, ``.{name}.build-{key}``, where the key
-hashes the instructions, the chunk size and the encoder's fingerprint. A build that is interrupted
-and started again with the same pool and encoder re-embeds only the chunks that had not finished. The
-resume directory is deleted once the index is written.
+``chunk_size`` records and each finished chunk's vectors are saved (``.npz``, written to a temporary
+name and renamed) in a resume directory beside the target, ``.{name}.build-{key}``, where the key is a
+hash of a JSON serialisation of the encoder's fingerprint, the chunk size and the instructions. A build
+that is interrupted and started again with the same pool and encoder re-embeds only the chunks that had
+not finished.
+
+A chunk is reused only if it proves what produced it: it carries a checksum of the encoder, its texts
+and its vectors, which must match, its vectors must be unit vectors, and the directory must be this
+user's and writable by no one else (a predictable name must not let someone else plant vectors). The
+resume directory is deleted once the index is written, with any other checkpoint directory of the same
+target left untouched for :data:`STALE_CHECKPOINT_S` (abandoned builds).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
+import time
 import uuid
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from icl_retriever.controls import topic_text
 from icl_retriever.encoder import PIEEncoder
+from icl_retriever.errors import first_validation_error
 from icl_retriever.index_store import (
     AUTO_HNSW_FROM,
     HNSW_EF_CONSTRUCTION,
@@ -39,6 +51,7 @@ from icl_retriever.index_store import (
     measure_recall,
     new_flat_index,
     new_index,
+    non_unit_row,
     save_index,
 )
 from icl_retriever.records import Demo, load_pool
@@ -49,6 +62,10 @@ logger = logging.getLogger(__name__)
 #: Instructions handed to the encoder at a time inside a chunk (in length order), so the progress
 #: bar moves steadily; the encoder batches them by ``batch_size``.
 _SLICE_BATCHES = 16
+#: A checkpoint directory of the same target not modified for this long belongs to an abandoned build.
+STALE_CHECKPOINT_S = 3600
+#: Index parameter -> the build_index argument (and CLI flag) that sets it, for error messages.
+_ARGUMENT_OF = {"M": "hnsw_m"}
 
 
 def resolve_index_type(index_type: IndexType | Literal["auto"], count: int) -> IndexType:
@@ -58,6 +75,41 @@ def resolve_index_type(index_type: IndexType | Literal["auto"], count: int) -> I
     if index_type not in ("flat", "hnsw", "ivf"):
         raise ValueError(f"index_type must be 'auto', 'flat', 'hnsw' or 'ivf', got {index_type!r}")
     return index_type
+
+
+def check_build_params(
+    index_type: IndexType | Literal["auto"] = "auto",
+    *,
+    hnsw_m: int | None = None,
+    ef_construction: int | None = None,
+    ef_search: int | None = None,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    batch_size: int = 32,
+    chunk_size: int = 10_000,
+) -> None:
+    """Validate :func:`build_index`'s index parameters and sizes, before any pool is read or model loaded.
+
+    Raises:
+        ValueError: one line naming the argument (a parameter of another index type, or out of range).
+    """
+    for name, size in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
+    if index_type != "auto":
+        resolve_index_type(index_type, 0)  # validates the name
+        explicit = {"hnsw": {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search},
+                    "ivf": {"nlist": nlist, "nprobe": nprobe}}
+        for other, values in explicit.items():
+            given = [name for name, value in values.items() if value is not None]
+            if other != index_type and given:
+                raise ValueError(f"{', '.join(given)} apply to {other} indexes, not {index_type}")
+    try:
+        IndexParams(M=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe)
+    except ValidationError as exc:
+        field, _, msg = first_validation_error(exc, "index parameters")
+        arg = _ARGUMENT_OF.get(field, field)
+        raise ValueError(f"{arg} (--{arg.replace('_', '-')}): {msg}, got {exc.errors()[0]['input']!r}") from None
 
 
 def build_index(
@@ -112,16 +164,10 @@ def build_index(
         ValueError: a parameter of another index type, or a bad size.
     """
     out = Path(out)
-    if batch_size < 1 or chunk_size < 1:
-        raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
-    explicit = {"hnsw": {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search},
-                "ivf": {"nlist": nlist, "nprobe": nprobe}}
-    if index_type != "auto":
-        resolve_index_type(index_type, 0)  # validates the name
-        for other, values in explicit.items():
-            given = [name for name, value in values.items() if value is not None]
-            if other != index_type and given:
-                raise ValueError(f"{', '.join(given)} apply to {other} indexes, not {index_type}")
+    check_build_params(
+        index_type, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
+        batch_size=batch_size, chunk_size=chunk_size,
+    )
     check_target(out, force=force)
     demos = load_pool(pool)
     encoder = encoder or PIEEncoder()
@@ -158,9 +204,9 @@ def build_index(
         )
     if kind == "hnsw":
         params = IndexParams(
-            M=hnsw_m or HNSW_M,
-            ef_construction=ef_construction or HNSW_EF_CONSTRUCTION,
-            ef_search=ef_search or HNSW_EF_SEARCH,
+            M=HNSW_M if hnsw_m is None else hnsw_m,
+            ef_construction=HNSW_EF_CONSTRUCTION if ef_construction is None else ef_construction,
+            ef_search=HNSW_EF_SEARCH if ef_search is None else ef_search,
         )
         tune = ef_search is None
     elif kind == "ivf":
@@ -185,6 +231,7 @@ def build_index(
     )
     for directory in checkpoints:
         shutil.rmtree(directory, ignore_errors=True)
+    _remove_abandoned_checkpoints(out)
     return Retriever(
         encoder, index, demos, path=out, manifest=manifest, topic_index=topic_index, topic=topic_info,
         topic_encoder=topic_encoder,
@@ -195,14 +242,37 @@ def build_index(
 
 
 def resume_dir(out: str | Path, instructions: Sequence[str], encoder: PIEEncoder, chunk_size: int) -> Path:
-    """Where a build of ``instructions`` into ``out`` keeps its finished chunks."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([encoder.fingerprint, chunk_size, len(instructions)]).encode())
-    for text in instructions:
-        digest.update(text.encode("utf-8", "surrogatepass"))
-        digest.update(b"\0")
+    """Where a build of ``instructions`` into ``out`` keeps its finished chunks.
+
+    The key hashes JSON (unambiguous: no two lists of texts serialise alike, whatever they contain).
+    """
+    payload = json.dumps([encoder.fingerprint, chunk_size, list(instructions)])
     out = Path(out)
-    return out.parent / f".{out.name}.build-{digest.hexdigest()[:16]}"
+    return out.parent / f".{out.name}.build-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+def _remove_abandoned_checkpoints(out: Path) -> None:
+    """Checkpoint directories of earlier builds into ``out`` (other pools, failed builds) not touched for a while."""
+    for directory in out.parent.glob(f".{glob.escape(out.name)}.build-*"):
+        try:
+            if time.time() - directory.lstat().st_mtime > STALE_CHECKPOINT_S:
+                shutil.rmtree(directory)
+        except OSError as exc:
+            logger.warning("could not remove the abandoned checkpoint directory %s (%s)", directory, exc)
+
+
+def _discard(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _is_private(directory: Path) -> bool:
+    """A real directory of this user that no one else may write to: where chunks may be trusted from."""
+    info = directory.lstat()
+    owner = getattr(os, "getuid", lambda: info.st_uid)()
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == owner and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def embed_pool(
@@ -229,16 +299,19 @@ def embed_pool(
     vectors = np.empty((n, dim), dtype=np.float32)
     starts = range(0, n, chunk_size)
     if resume_dir is not None:
-        if not resume:
-            shutil.rmtree(resume_dir, ignore_errors=True)
-        resume_dir.mkdir(parents=True, exist_ok=True)
+        if not resume or (os.path.lexists(resume_dir) and not _is_private(resume_dir)):
+            _discard(resume_dir)
+        resume_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stale in resume_dir.glob("*.tmp-*"):  # writes of a killed build
             stale.unlink(missing_ok=True)
     done = 0
     todo: list[int] = []
     for number, start in enumerate(starts):
         stop = min(start + chunk_size, n)
-        saved = _load_chunk(resume_dir / _chunk_name(number), stop - start, dim) if resume_dir is not None else None
+        saved = None
+        if resume_dir is not None:
+            texts = instructions[start:stop]
+            saved = _load_chunk(resume_dir / _chunk_name(number), _source(encoder, texts), len(texts), dim)
         if saved is None:
             todo.append(number)
         else:
@@ -255,7 +328,7 @@ def embed_pool(
             stop = min(start + chunk_size, n)
             chunk = _encode_chunk(encoder, instructions[start:stop], batch_size, bar)
             if resume_dir is not None:
-                _save_chunk(resume_dir / _chunk_name(number), chunk)
+                _save_chunk(resume_dir / _chunk_name(number), chunk, _source(encoder, instructions[start:stop]))
             vectors[start:stop] = chunk
     return vectors
 
@@ -273,32 +346,48 @@ def _encode_chunk(encoder: PIEEncoder, texts: Sequence[str], batch_size: int, ba
 
 
 def _chunk_name(number: int) -> str:
-    return f"chunk-{number:06d}.npy"
+    return f"chunk-{number:06d}.npz"
 
 
-def _save_chunk(path: Path, array: np.ndarray) -> None:
+def _source(encoder: PIEEncoder, texts: Sequence[str]) -> bytes:
+    """What produces a chunk: the encoder (its fingerprint) and the chunk's texts, as JSON."""
+    return json.dumps([encoder.fingerprint, list(texts)]).encode()
+
+
+def _checksum(source: bytes, array: np.ndarray) -> str:
+    """sha256 over what produced a chunk and the vectors it holds."""
+    digest = hashlib.sha256(hashlib.sha256(source).digest())
+    digest.update(np.ascontiguousarray(array, dtype=np.float32).data)
+    return digest.hexdigest()
+
+
+def _save_chunk(path: Path, array: np.ndarray, source: bytes) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    array = np.ascontiguousarray(array, dtype=np.float32)
     try:
         with tmp.open("wb") as fh:
-            np.save(fh, np.ascontiguousarray(array, dtype=np.float32))  # a plain float array: data only
+            np.savez(fh, vectors=array, checksum=np.array(_checksum(source, array)))  # plain arrays: data only
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name the chunk
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 
-def _load_chunk(path: Path, rows: int, dim: int) -> np.ndarray | None:
-    """A finished chunk, or ``None`` if it is missing or not exactly what this build would write."""
-    if not path.is_file():
+def _load_chunk(path: Path, source: bytes, rows: int, dim: int) -> np.ndarray | None:
+    """A finished chunk, or ``None`` unless it is exactly what this build would write from ``source``."""
+    if path.is_symlink() or not path.is_file():
         return None
     try:
-        array = np.load(path)  # numpy refuses object arrays by default: loading runs no code
-    except (OSError, ValueError, EOFError):
+        with np.load(path) as saved:  # allow_pickle=False: plain arrays only, loading runs no code
+            array, checksum = saved["vectors"], str(saved["checksum"])
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile):
         return None
     if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.shape != (rows, dim):
         return None
-    if not np.isfinite(array).all():
+    if checksum != _checksum(source, array) or non_unit_row(array) is not None:
         return None
     return array

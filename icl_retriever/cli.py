@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -12,19 +13,33 @@ from pathlib import Path
 
 from icl_retriever._version import __version__
 from icl_retriever.errors import ICLRetrieverError
+from icl_retriever.records import check_text
+
+#: What a terminal would act on instead of showing: C0 / C1 controls (ANSI escapes start with one),
+#: bidirectional overrides, and lone surrogates (which cannot even be encoded).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _printable(text: object) -> str:
+    """``text`` safe for a terminal: each control character shown as its escape (``\\x1b``), as ``--json`` does."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 def _shorten(text: str, width: int = 100) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return _printable(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from icl_retriever.encoder import PIEEncoder
     from icl_retriever.index_store import check_target
     from icl_retriever.records import load_pool
-    from icl_retriever.build import build_index
+    from icl_retriever.build import build_index, check_build_params
 
+    check_build_params(  # before the pool is read or a model loaded
+        args.index_type, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
+        nlist=args.nlist, nprobe=args.nprobe, batch_size=args.batch_size, chunk_size=args.chunk_size,
+    )
     check_target(Path(args.out), force=args.force)
     demos = load_pool(args.pool)  # validate everything before loading a model
     encoder = PIEEncoder(args.model, quantize=args.quantize)
@@ -110,14 +125,14 @@ def _cmd_query(args: argparse.Namespace) -> int:
         **({"rerank_weight": args.rerank_weight} if args.rerank_weight is not None else {}),
     )
     SearchControls.parse(k=args.k, **controls)  # a bad flag fails before the model loads
-    retriever = Retriever.from_index(args.index, verify=not args.no_verify)
+    retriever = Retriever.from_index(args.index, model=args.model, verify=not args.no_verify)
     demos = retriever.get_demos(args.text, k=args.k, **controls)
     if args.json:
         print(json.dumps([d.model_dump() for d in demos], ensure_ascii=False, indent=2))
         return 0
     for rank, demo in enumerate(demos, start=1):
         task = demo.metadata.get("task")
-        print(f"{rank}. [{demo.score:.3f}] {_shorten(demo.instruction)}" + (f"   ({task})" if task else ""))
+        print(f"{rank}. [{demo.score:.3f}] {_shorten(demo.instruction)}" + (f"   ({_shorten(str(task))})" if task else ""))
         if demo.input:
             print(f"   input:  {_shorten(demo.input)}")
         if demo.output:
@@ -130,7 +145,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
     from icl_retriever.retriever import Retriever
 
     demos = load_pool(args.pool)  # validate everything before loading a model
-    retriever = Retriever.from_index(args.index)
+    retriever = Retriever.from_index(args.index, model=args.model)
     ids = retriever.add(demos, upsert=args.upsert, batch_size=args.batch_size, persist=True)
     print(f"Added {len(ids)} demos to {args.index}; it now holds {len(retriever)}")
     return 0
@@ -139,12 +154,12 @@ def _cmd_add(args: argparse.Namespace) -> int:
 def _cmd_remove(args: argparse.Namespace) -> int:
     from icl_retriever.retriever import Retriever
 
-    retriever = Retriever.from_index(args.index)
+    retriever = Retriever.from_index(args.index, model=args.model)
     removed = retriever.remove(args.ids, persist=True)
     missing = sorted(set(args.ids) - set(removed))
     print(f"Removed {len(removed)} demos from {args.index}; it now holds {len(retriever)}")
     if missing:
-        print(f"icl-retriever: warning: not in the index: {', '.join(missing)}", file=sys.stderr)
+        print(f"icl-retriever: warning: not in the index: {_printable(', '.join(missing))}", file=sys.stderr)
     return 0
 
 
@@ -175,7 +190,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     rows += [(f"{role} file", f"{e.name}, {e.size} bytes, sha256 {e.sha256[:16]}…") for role, e in manifest.files.items()]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {_printable(value)}")
     return 0
 
 
@@ -283,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: instruction, input, output on separate lines)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the index files")
+    p.add_argument("--model", default=None,
+                   help="the model to load, if the index names one outside its directory that you trust "
+                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
     p.set_defaults(func=_cmd_query)
 
     p = sub.add_parser("add", help="embed and add demos to an existing index (atomic update)")
@@ -290,11 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pool", help="pool file with the demos to add")
     p.add_argument("--upsert", action="store_true", help="replace demos whose id already exists")
     p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
+    p.add_argument("--model", default=None,
+                   help="the model to load, if the index names one outside its directory that you trust "
+                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
     p.set_defaults(func=_cmd_add)
 
     p = sub.add_parser("remove", help="remove demos from an index by id (atomic update)")
     p.add_argument("index", help="index directory")
     p.add_argument("--ids", nargs="+", required=True, help="ids of the demos to remove")
+    p.add_argument("--model", default=None,
+                   help="the model to load, if the index names one outside its directory that you trust "
+                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
     p.set_defaults(func=_cmd_remove)
 
     p = sub.add_parser("train", help="PIE contrastive fine-tuning on task-labelled instructions")
@@ -366,15 +390,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        for name, value in vars(args).items():  # the text rule, before any work: no surrogates, no stray bytes
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, (str, Path)):
+                    check_text(str(item), f"argument {name}")
         return int(args.func(args))
     except ICLRetrieverError as exc:
-        print(f"icl-retriever: error: {exc}", file=sys.stderr)
+        print(f"icl-retriever: error: {_printable(exc)}", file=sys.stderr)
         return 1
     except ValueError as exc:  # bad arguments caught by the library (k < 1, empty query, ...)
-        print(f"icl-retriever: error: {exc}", file=sys.stderr)
+        print(f"icl-retriever: error: {_printable(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # permissions, full disk, ...: name the file, skip the traceback
-        print(f"icl-retriever: error: {exc}", file=sys.stderr)
+        print(f"icl-retriever: error: {_printable(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("icl-retriever: interrupted", file=sys.stderr)

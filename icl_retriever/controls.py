@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import string
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from icl_retriever.errors import first_validation_error
-from icl_retriever.records import Demo
+from icl_retriever.records import Demo, check_text
 
 #: Cosine above which two demos count as near-duplicates when ``dedup=True``.
 DEFAULT_DEDUP_THRESHOLD = 0.95
@@ -146,6 +147,18 @@ class SearchControls(BaseModel):
     def _format(cls, value: Any) -> Any:
         if value is not None and not isinstance(value, str) and not callable(value):
             raise ValueError(f"demo_format must be a format string or a callable Demo -> str, got {type(value).__name__}")
+        if isinstance(value, str):
+            check_text(value, "demo_format")
+            try:
+                names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+            except ValueError as exc:
+                raise ValueError(f"demo_format {value!r}: {exc}") from None
+            for name in names:
+                if not name or name.isdigit() or any(c in name for c in ".["):
+                    raise ValueError(
+                        f"demo_format {value!r}: field {{{name}}} is not a field name; use {{instruction}}, {{input}}, "
+                        "{output}, {id} or a metadata field (no positions, attributes or indexes)"
+                    )
         return value
 
     @model_validator(mode="after")
@@ -410,6 +423,8 @@ def format_demo(demo: Demo, demo_format: DemoFormat | None = None) -> str:
         return demo_format.format_map(fields)
     except KeyError as exc:
         raise ValueError(f"demo_format names field {exc.args[0]!r}, which demo {demo.id!r} does not have") from None
+    except (IndexError, AttributeError, ValueError, TypeError) as exc:  # a format spec that does not fit the value
+        raise ValueError(f"demo_format {demo_format!r} on demo {demo.id!r}: {exc}") from None
 
 
 def pack_by_tokens(lengths: Iterable[int], budget: int, k: int) -> list[int]:

@@ -31,13 +31,16 @@ class IndexExistsError(IndexFormatError, FileExistsError):
     """The target index directory exists and overwriting was not requested."""
 
 
+class IndexWriteError(ICLRetrieverError, OSError):
+    """Writing a new version of an index failed (full disk, permissions, ...); the index is unchanged."""
+
+
 class EncoderMismatchError(IndexFormatError):
     """The encoder that would embed queries is not the one the index was built with."""
 
 
 class ModelLoadError(ICLRetrieverError):
-    """A model could not be located, verified or loaded."""
-
+    """A model could not be located, verified or loaded (or is not trusted without being named)."""
 
 
 def first_validation_error(exc: Any, fallback: str) -> tuple[str, Any, str]:

@@ -4,6 +4,12 @@ Save and load are mirror images over one directory. Nothing on the load path can
 manifest and records are JSON, and the vectors are FAISS's own format, opened only after the file's
 size, sha256 and header agree with the manifest.
 
+An index may come from a stranger, who can recompute every sha256, so loading also checks what the
+files hold: only regular files are opened, every stored vector is a finite unit vector, ids are unique
+and instructions non-empty, counts agree, nothing refers to another file, and any error from the OS or
+FAISS is an :class:`IndexFormatError` naming the file. :func:`trusted_model` decides which model a
+manifest may name.
+
 Crash safety: ``manifest.json`` is the commit record. Data files carry a per-version token in their
 names (``index.<token>.faiss``, ``demos.<token>.jsonl``); a write puts the new version's files beside
 the old ones, then switches ``manifest.json`` with one atomic rename, then deletes what the manifest no
@@ -16,11 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import stat
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,10 +41,11 @@ from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from icl_retriever._version import __version__
-from icl_retriever.default_model import sha256_file
 from icl_retriever.encoder import EncoderConfig
-from icl_retriever.errors import IndexExistsError, IndexFormatError
-from icl_retriever.records import Demo
+from icl_retriever.errors import IndexExistsError, IndexFormatError, IndexWriteError, ModelLoadError
+from icl_retriever.records import Demo, check_text
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -111,7 +121,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format_version: int = FORMAT_VERSION
+    format_version: int = Field(FORMAT_VERSION, strict=True, ge=1, le=FORMAT_VERSION)
     library_version: str = __version__
     created: datetime
     updated: datetime
@@ -407,6 +417,10 @@ def write_version(
             f"topic index holds {topic_index.ntotal} vectors of dim {topic_index.d}, expected {len(demos)} of dim {topic.dim}"
         )
     index_type, index_params = describe_index(vectors_index)
+    for role, index in ((VECTORS, vectors_index), (TOPIC, topic_index)):
+        bad = _non_unit_vector(index) if index is not None else None
+        if bad is not None:  # the loader would refuse it: never write it
+            raise ValueError(f"{role} vector {bad[0]} has norm {bad[1]:.4g}; stored vectors must be unit vectors")
     if recall_at_10 is None:
         recall_at_10 = measure_recall(vectors_index)
     now = datetime.now(timezone.utc)
@@ -419,27 +433,24 @@ def write_version(
     workdir = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}" if fresh else path
     token = uuid.uuid4().hex[:12]
     written: list[Path] = []
-    if fresh:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        workdir.mkdir()
+    committed = False
+
+    def write(role: str, chunks: Iterable[bytes]) -> FileEntry:
+        file = workdir / f"{_DATA_PREFIX[role]}{token}{_SUFFIX[role]}"
+        written.append(file)
+        return _write_file(file, chunks)
+
     try:
-        # vectors
-        vectors_path = workdir / f"{_DATA_PREFIX[VECTORS]}{token}{_SUFFIX[VECTORS]}"
-        written.append(vectors_path)
-        faiss.write_index(vectors_index, str(vectors_path))
+        if fresh:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            workdir.mkdir()
+        # vectors, serialised by FAISS and written by us (so a full disk is an OSError naming the file)
+        files = {VECTORS: write(VECTORS, [faiss.serialize_index(vectors_index).data])}
         # demos, one JSON object per line, in index order
-        demos_path = workdir / f"{_DATA_PREFIX[DEMOS]}{token}{_SUFFIX[DEMOS]}"
-        written.append(demos_path)
-        with demos_path.open("w", encoding="utf-8") as fh:
-            for demo in demos:
-                fh.write(json.dumps(demo.record(), ensure_ascii=False) + "\n")
-        files = {VECTORS: _entry(vectors_path), DEMOS: _entry(demos_path)}
+        files[DEMOS] = write(DEMOS, ((json.dumps(d.record(), ensure_ascii=False) + "\n").encode() for d in demos))
         # topic vectors (optional), a flat index in the same row order
         if topic_index is not None:
-            topic_path = workdir / f"{_DATA_PREFIX[TOPIC]}{token}{_SUFFIX[TOPIC]}"
-            written.append(topic_path)
-            faiss.write_index(topic_index, str(topic_path))
-            files[TOPIC] = _entry(topic_path)
+            files[TOPIC] = write(TOPIC, [faiss.serialize_index(topic_index).data])
         # manifest last: it vouches for the files above and switches to them in one rename
         manifest = Manifest(
             **base,
@@ -458,37 +469,77 @@ def write_version(
             _fsync(file)
         staged = workdir / f".{MANIFEST_FILE}.{token}"
         written.append(staged)
-        staged.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        _write_file(staged, [(manifest.model_dump_json(indent=2) + "\n").encode()])
         _fsync(staged)
         os.replace(staged, workdir / MANIFEST_FILE)
+        committed = not fresh
         _fsync(workdir)
         if fresh:
             os.rename(workdir, path)
+            committed = True
             _fsync(path.parent)
-    except BaseException:
+    except BaseException as exc:
+        if committed:  # the new version is in place: its files must stay
+            raise
         if fresh:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             for file in written:
                 file.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise IndexWriteError(
+                f"{path}: {'index not created' if fresh else 'index unchanged'}: "
+                f"{exc.strerror or exc}{where}"
+            ) from exc
         raise
     _remove_unreferenced(path, manifest)
     return manifest
 
 
+def _write_file(file: Path, chunks: Iterable[bytes]) -> FileEntry:
+    """Create ``file`` from ``chunks``, hashing them on the way: every byte of an index is written here."""
+    digest, size = hashlib.sha256(), 0
+    with file.open("xb") as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+    return FileEntry(name=file.name, size=size, sha256=digest.hexdigest())
+
+
 def _remove_unreferenced(path: Path, manifest: Manifest) -> None:
-    """Delete data files of older versions and leftovers of writers that were killed."""
+    """Delete data files of older versions and leftovers of writers that were killed.
+
+    Best effort, after the commit: only files and links are removed (a directory or FIFO that happens to
+    be named like a data file is not ours and is left alone), and a failure is a warning, not an error.
+    """
     keep = {entry.name for entry in manifest.files.values()}
-    for child in path.iterdir():
-        stale_data = any(child.name.startswith(_DATA_PREFIX[r]) and child.name.endswith(_SUFFIX[r]) for r in _SUFFIX)
-        stale_manifest = child.name.startswith(f".{MANIFEST_FILE}.")
-        if (stale_data or stale_manifest) and child.name not in keep:
-            child.unlink(missing_ok=True)
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for child in path.iterdir():
+            stale_data = any(child.name.startswith(_DATA_PREFIX[r]) and child.name.endswith(_SUFFIX[r]) for r in _SUFFIX)
+            stale_manifest = child.name.startswith(f".{MANIFEST_FILE}.")
+            if (stale_data or stale_manifest) and child.name not in keep:
+                mode = child.lstat().st_mode
+                if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                    child.unlink(missing_ok=True)
+        for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        logger.warning("%s: the new version is written, but an old file could not be removed (%s)", path, exc)
 
 
 # reading ------------------------------------------------------------------------------------
+
+#: A manifest is a few KB; a far larger file is not one (and is not read into memory).
+_MAX_MANIFEST_BYTES = 1 << 20
+#: Data file names as this library writes them (``index.<token>.faiss``): no separators, NUL or spaces.
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: A stored vector is a unit vector: its squared norm is 1 within this (float32 round-off is ~1e-6).
+UNIT_NORM_TOLERANCE = 1e-3
+_CHECK_ROWS = 65_536  # rows per block of the norm check (bounded temporary memory)
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFLNK: "a symbolic link",
+               stat.S_IFCHR: "a device", stat.S_IFBLK: "a device", stat.S_IFSOCK: "a socket"}
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -503,31 +554,36 @@ def load_manifest(path: str | Path) -> Manifest:
     if not path.is_dir():
         raise IndexFormatError(f"{path}: is a file, expected an index directory")
     manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
+    if not os.path.lexists(manifest_path):
         raise IndexFormatError(f"{manifest_path}: missing; {path} is not an icl-retriever index")
+    with _reading(manifest_path):
+        data = _read_regular(manifest_path, limit=_MAX_MANIFEST_BYTES)
     try:
-        raw = json.loads(manifest_path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise IndexFormatError(f"{manifest_path}: not valid JSON ({type(exc).__name__}: {exc})") from exc
     if not isinstance(raw, dict):
         raise IndexFormatError(f"{manifest_path}: expected a JSON object, got {type(raw).__name__}")
     version = raw.get("format_version")
-    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+    if type(version) is int and version > FORMAT_VERSION:
         raise IndexFormatError(
             f"{manifest_path}: index format version {version} is newer than this library supports "
             f"({FORMAT_VERSION}); upgrade icl-retriever"
         )
     try:
         manifest = Manifest.model_validate(raw)
+        check_text(manifest.model_dump(mode="json"), "the manifest")
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "(root)"
         raise IndexFormatError(f"{manifest_path}: field '{field}': {first['msg']}") from exc
+    except ValueError as exc:
+        raise IndexFormatError(f"{manifest_path}: {exc}") from None
     for role in (VECTORS, DEMOS):
         if role not in manifest.files:
             raise IndexFormatError(f"{manifest_path}: field 'files.{role}': missing")
     for role, entry in manifest.files.items():
-        if Path(entry.name).name != entry.name or not entry.name.endswith(_SUFFIX[role]):
+        if not _FILE_NAME.fullmatch(entry.name) or not entry.name.endswith(_SUFFIX[role]):
             raise IndexFormatError(f"{manifest_path}: field 'files.{role}.name': {entry.name!r} is not a {role} file name")
     if manifest.count < 0 or manifest.dim < 1:
         raise IndexFormatError(f"{manifest_path}: count {manifest.count} / dim {manifest.dim} out of range")
@@ -543,6 +599,35 @@ def load_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
+def trusted_model(path: str | Path, model: str) -> str:
+    """The model a manifest names, if it may be loaded on the manifest's word alone.
+
+    That is the embedded default (``"default"``, ``"default-base"``) or a directory that exists inside the
+    index directory (a path relative to it, or an absolute one that resolves inside it). A manifest can name
+    any other local path or Hugging Face id; loading that is the caller's decision, not the index's.
+
+    Returns:
+        The model to load: the default's name, or the absolute path of the directory inside the index.
+
+    Raises:
+        ModelLoadError: any other model, with how to pass it explicitly.
+    """
+    if model in ("default", "default-base"):
+        return model
+    root = Path(path).resolve()
+    try:
+        candidate = (root / model).resolve()  # an absolute ``model`` replaces ``root``
+    except (OSError, ValueError):
+        candidate = root
+    if candidate != root and candidate.is_relative_to(root) and candidate.is_dir():
+        return str(candidate)
+    raise ModelLoadError(
+        f"{path}: the manifest names model {model!r}, which is neither the embedded default nor a directory inside "
+        "the index, so it is not loaded on the manifest's word; if you trust it, pass it: "
+        "Retriever.from_index(path, model=...) (or encoder=...), or --model on the command line"
+    )
+
+
 def load_index(path: str | Path, *, verify: bool = True) -> tuple[Manifest, faiss.Index, list[Demo]]:
     """Read the current version of an index directory, checking each file before parsing it.
 
@@ -550,10 +635,11 @@ def load_index(path: str | Path, *, verify: bool = True) -> tuple[Manifest, fais
     we start again from the new manifest.
 
     Args:
-        verify: check data files' sha256 (sizes, headers and shapes are always checked).
+        verify: check data files' sha256 (sizes, headers, shapes and contents are always checked).
 
     Raises:
-        IndexFormatError: a file is missing, truncated, corrupted or disagrees with the manifest.
+        IndexFormatError: a file is missing, truncated, corrupted, disagrees with the manifest, or holds
+            what this library never writes (vectors that are not unit vectors, duplicate ids, ...).
     """
     version = load_version(path, verify=verify, topic=False)
     return version.manifest, version.index, version.demos
@@ -585,28 +671,6 @@ def load_version(path: str | Path, *, verify: bool = True, topic: bool = True) -
     raise AssertionError("unreachable")
 
 
-def _read_topic(path: Path, manifest: Manifest, verify: bool) -> faiss.Index:
-    """The topic vectors: a flat inner-product index with one row per demo."""
-    assert manifest.topic is not None
-    file = path / manifest.files[TOPIC].name
-    data = _read_checked(file, manifest.files[TOPIC], verify)
-    dim, count = manifest.topic.dim, manifest.count
-    if len(data) < _FLAT_HEADER.size or data[:4] != b"IxFI":
-        raise IndexFormatError(f"{file}: not a flat FAISS index (header {data[:4]!r})")
-    _, d, ntotal, _, _, _, metric, nfloats = _FLAT_HEADER.unpack_from(data)
-    if (d, ntotal) != (dim, count) or nfloats != d * ntotal or len(data) != _FLAT_HEADER.size + 4 * d * ntotal:
-        raise IndexFormatError(f"{file}: holds {ntotal} vectors of dim {d} in {len(data)} bytes, manifest says {count} of dim {dim}")
-    if metric != faiss.METRIC_INNER_PRODUCT:
-        raise IndexFormatError(f"{file}: not an inner-product index (metric {metric})")
-    try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError as exc:
-        raise IndexFormatError(f"{file}: not a readable FAISS index ({str(exc).splitlines()[0]})") from exc
-    if (index.d, index.ntotal) != (dim, count):
-        raise IndexFormatError(f"{file}: holds {index.ntotal} vectors of dim {index.d}, manifest says {count} of dim {dim}")
-    return index
-
-
 def _try_manifest(path: Path) -> Manifest | None:
     try:
         return load_manifest(path)
@@ -614,96 +678,312 @@ def _try_manifest(path: Path) -> Manifest | None:
         return None
 
 
+@contextmanager
+def _reading(file: Path) -> Iterator[None]:
+    """Any error from the OS or FAISS while reading ``file`` becomes an :class:`IndexFormatError` naming it."""
+    try:
+        yield
+    except (OSError, RuntimeError, MemoryError, ValueError, OverflowError) as exc:
+        reason = (str(exc).splitlines() or [""])[0]
+        raise IndexFormatError(f"{file}: cannot be read ({type(exc).__name__}{': ' + reason if reason else ''})") from exc
+
+
 def _read_vectors(path: Path, manifest: Manifest, verify: bool) -> faiss.Index:
     file = path / manifest.files[VECTORS].name
-    data = _read_checked(file, manifest.files[VECTORS], verify)
-    kind = _FAISS_FOURCC.get(data[:4]) if len(data) >= _FLAT_HEADER.size else None
-    if kind is None:
-        raise IndexFormatError(f"{file}: not a FAISS index of a supported type (header {data[:4]!r})")
-    if kind != manifest.index_type:
-        raise IndexFormatError(f"{file}: holds a {kind} index, manifest says {manifest.index_type}")
-    if kind != "flat":
-        # Every type starts with the same header; its vectors (flat storage / inverted lists) take 4 d n bytes.
-        _, d, ntotal, _, _, is_trained, metric = _INDEX_HEADER.unpack_from(data)
-        if (d, ntotal) != (manifest.dim, manifest.count) or len(data) < _INDEX_HEADER.size + 4 * d * ntotal:
+    with _reading(file):
+        data = _read_checked(file, manifest.files[VECTORS], verify)
+        kind = _FAISS_FOURCC.get(data[:4]) if len(data) >= _FLAT_HEADER.size else None
+        if kind is None:
+            raise IndexFormatError(f"{file}: not a FAISS index of a supported type (header {data[:4]!r})")
+        if kind != manifest.index_type:
+            raise IndexFormatError(f"{file}: holds a {kind} index, manifest says {manifest.index_type}")
+        if kind == "flat":
+            _check_flat_header(file, data, manifest.dim, manifest.count)
+        else:
+            _Layout(file, data).check(kind, manifest.dim, manifest.count)
+        index = _deserialize(file, data)
+        del data
+        if index.d != manifest.dim or index.ntotal != manifest.count:
             raise IndexFormatError(
-                f"{file}: holds {ntotal} vectors of dim {d} in {len(data)} bytes, "
-                f"manifest says {manifest.count} of dim {manifest.dim}"
+                f"{file}: holds {index.ntotal} vectors of dim {index.d}, manifest says {manifest.count} of dim {manifest.dim}"
             )
-        if metric != faiss.METRIC_INNER_PRODUCT or (ntotal and not is_trained):
-            raise IndexFormatError(f"{file}: not a trained inner-product index (metric {metric})")
-    if data[:4] == b"IxFI":
-        _, d, ntotal, _, _, _, _, nfloats = _FLAT_HEADER.unpack_from(data)
-        expected_size = _FLAT_HEADER.size + 4 * d * ntotal
-        if (d, ntotal) != (manifest.dim, manifest.count) or nfloats != d * ntotal or len(data) != expected_size:
+        try:
+            kind, params = describe_index(index)
+        except ValueError as exc:
+            raise IndexFormatError(f"{file}: {exc}") from exc
+        build_params = {"ef_search", "nprobe"}  # search-time settings: the manifest's apply
+        if kind != manifest.index_type or params.model_dump(exclude=build_params) != manifest.index_params.model_dump(
+            exclude=build_params
+        ):
             raise IndexFormatError(
-                f"{file}: holds {ntotal} vectors of dim {d} in {len(data)} bytes, "
-                f"manifest says {manifest.count} of dim {manifest.dim}"
+                f"{file}: is a {kind} index with {params.model_dump(exclude_none=True, exclude=build_params)}, manifest "
+                f"says {manifest.index_type} with {manifest.index_params.model_dump(exclude_none=True, exclude=build_params)}"
             )
+        _check_contents(file, index)
+        configure_index(index, manifest.index_params)
+        return index
+
+
+def _read_topic(path: Path, manifest: Manifest, verify: bool) -> faiss.Index:
+    """The topic vectors: a flat inner-product index with one row per demo."""
+    assert manifest.topic is not None
+    file = path / manifest.files[TOPIC].name
+    with _reading(file):
+        data = _read_checked(file, manifest.files[TOPIC], verify)
+        _check_flat_header(file, data, manifest.topic.dim, manifest.count)
+        index = _deserialize(file, data)
+        del data
+        if (index.d, index.ntotal) != (manifest.topic.dim, manifest.count):
+            raise IndexFormatError(
+                f"{file}: holds {index.ntotal} vectors of dim {index.d}, manifest says {manifest.count} of dim "
+                f"{manifest.topic.dim}"
+            )
+        _check_contents(file, index)
+        return index
+
+
+def _check_flat_header(file: Path, data: bytes, dim: int, count: int) -> None:
+    """A flat index file is its header and ``count`` x ``dim`` floats, nothing else."""
+    if len(data) < _FLAT_HEADER.size or data[:4] != b"IxFI":
+        raise IndexFormatError(f"{file}: not a flat FAISS index (header {data[:4]!r})")
+    _, d, ntotal, _, _, _, metric, nfloats = _FLAT_HEADER.unpack_from(data)
+    if (d, ntotal) != (dim, count) or nfloats != d * ntotal or len(data) != _FLAT_HEADER.size + 4 * d * ntotal:
+        raise IndexFormatError(f"{file}: holds {ntotal} vectors of dim {d} in {len(data)} bytes, manifest says {count} of dim {dim}")
+    if metric != faiss.METRIC_INNER_PRODUCT:
+        raise IndexFormatError(f"{file}: not an inner-product index (metric {metric})")
+
+
+class _Layout:
+    """A walk over an HNSW / IVF file as FAISS writes them, before FAISS reads it.
+
+    FAISS trusts the lengths stored in a file (it would allocate terabytes for a flipped bit, or zero-fill
+    for minutes) and follows a nested index wherever it leads, including on-disk inverted lists that name
+    another file to open. So every length is checked against the bytes that are left, every part must be
+    the one this library writes (flat inner-product storage or clusters, in-memory lists), and the parts
+    must end exactly at the end of the file.
+    """
+
+    def __init__(self, file: Path, data: bytes) -> None:
+        self.file, self.data, self.pos = file, memoryview(data), 0
+
+    def take(self, size: int) -> memoryview:
+        if size > len(self.data) - self.pos:
+            raise IndexFormatError(f"{self.file}: cut short at byte {len(self.data)} ({size} more bytes expected)")
+        self.pos += size
+        return self.data[self.pos - size : self.pos]
+
+    def unpack(self, fmt: str) -> tuple:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
+
+    def vector(self, itemsize: int) -> memoryview:
+        """A FAISS vector: its length (8 bytes), then its items."""
+        start = self.pos
+        (n,) = self.unpack("<Q")
+        if n * itemsize > len(self.data) - self.pos:
+            raise IndexFormatError(f"{self.file}: the length at byte {start} ({n}) runs past the end of the file")
+        return self.take(n * itemsize)
+
+    def header(self, fourcc: bytes, d: int, ntotal: int, what: str) -> None:
+        start = self.pos
+        code, hd, hn, _, _, is_trained, metric = self.unpack(_INDEX_HEADER.format)
+        if code != fourcc:
+            raise IndexFormatError(f"{self.file}: {what} at byte {start} is {code!r}, expected {fourcc!r}")
+        if (hd, hn) != (d, ntotal):
+            raise IndexFormatError(
+                f"{self.file}: holds {hn} vectors of dim {hd} in {len(self.data)} bytes, manifest says {ntotal} of dim {d}"
+                if start == 0 else f"{self.file}: {what} holds {hn} vectors of dim {hd}, expected {ntotal} of dim {d}"
+            )
+        if metric != faiss.METRIC_INNER_PRODUCT or (hn and not is_trained):
+            raise IndexFormatError(f"{self.file}: {what} is not a trained inner-product index (metric {metric})")
+
+    def flat(self, d: int, ntotal: int, what: str) -> None:
+        self.header(b"IxFI", d, ntotal, what)
+        if len(self.vector(4)) != 4 * d * ntotal:
+            raise IndexFormatError(f"{self.file}: {what} does not hold {ntotal} vectors of dim {d}")
+
+    def check(self, kind: str, d: int, ntotal: int) -> None:
+        if kind == "hnsw":
+            self.header(b"IHNf", d, ntotal, "the index")
+            for itemsize in (8, 4, 4, 8, 4):  # assign_probas, cum_nneighbor_per_level, levels, offsets, neighbors
+                self.vector(itemsize)
+            self.take(20)  # entry_point, max_level, efConstruction, efSearch, upper_beam
+            self.flat(d, ntotal, "the vector storage")
+        else:
+            self.header(b"IwFl", d, ntotal, "the index")
+            nlist, _ = self.unpack("<QQ")  # nlist, nprobe
+            self.flat(d, nlist, "the cluster centroids")
+            (map_type,) = self.unpack("<b")
+            self.vector(8)  # the id -> list position map (rebuilt after loading)
+            if map_type == 2:
+                self.vector(16)
+            code, lists, code_size = self.unpack("<4sQQ")
+            if (code, lists, code_size) != (b"ilar", nlist, 4 * d):
+                raise IndexFormatError(f"{self.file}: the inverted lists are not {nlist} in-memory lists of dim {d}")
+            layout = bytes(self.take(4))
+            sizes = np.frombuffer(self.vector(8), dtype="<u8")
+            if layout == b"sprs":
+                sizes = sizes[1::2]
+            elif layout != b"full" or len(sizes) != nlist:
+                raise IndexFormatError(f"{self.file}: the inverted lists' sizes are not readable")
+            if (sizes > ntotal).any():
+                raise IndexFormatError(f"{self.file}: an inverted list is longer than the index")
+            self.take(int(sizes.sum()) * (code_size + 8))  # codes and ids of every list
+        if self.pos != len(self.data):
+            raise IndexFormatError(f"{self.file}: {len(self.data) - self.pos} bytes after the end of the index")
+
+
+def _deserialize(file: Path, data: bytes) -> faiss.Index:
+    """FAISS's reader, over bytes whose layout is already checked."""
     try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError as exc:
-        raise IndexFormatError(f"{file}: not a readable FAISS index ({str(exc).splitlines()[0]})") from exc
-    if index.d != manifest.dim or index.ntotal != manifest.count:
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except (RuntimeError, MemoryError) as exc:
+        raise IndexFormatError(f"{file}: not a readable FAISS index ({(str(exc).splitlines() or [''])[0]})") from exc
+
+
+def _check_contents(file: Path, index: faiss.Index) -> None:
+    """What a self-consistent but hostile index could still get wrong: the parts of an approximate index
+    must fit together, each id must be stored once, and every vector must be a finite unit vector (a
+    scaled row would win unrelated queries; a NaN row could never be returned)."""
+    if isinstance(index, faiss.IndexHNSWFlat):
+        storage = faiss.downcast_index(index.storage)
+        if not isinstance(storage, faiss.IndexFlat) or (storage.ntotal, storage.d, storage.metric_type) != (
+            index.ntotal, index.d, faiss.METRIC_INNER_PRODUCT
+        ):
+            raise IndexFormatError(f"{file}: the HNSW graph's vector storage does not match the index")
+    elif isinstance(index, faiss.IndexIVFFlat):
+        quantizer = faiss.downcast_index(index.quantizer)
+        lists = index.invlists
+        if not isinstance(quantizer, faiss.IndexFlat) or (quantizer.ntotal, quantizer.d) != (index.nlist, index.d) or (
+            lists.nlist, lists.code_size) != (index.nlist, 4 * index.d):
+            raise IndexFormatError(f"{file}: the IVF clusters or lists do not match the index")
+        # Rebuilding the id -> position map from the lists refuses ids outside [0, ntotal); a missing id stays -1.
+        once = f"{file}: the IVF lists do not hold each of the ids 0..{index.ntotal - 1} exactly once"
+        index.set_direct_map_type(faiss.DirectMap.NoMap)
+        try:
+            index.set_direct_map_type(faiss.DirectMap.Array)
+        except RuntimeError as exc:
+            raise IndexFormatError(once) from exc
+        stored = sum(lists.list_size(i) for i in range(index.nlist))
+        if stored != index.ntotal or (index.ntotal and faiss.vector_to_array(index.direct_map.array).min() < 0):
+            raise IndexFormatError(once)
+    bad = _non_unit_vector(index)
+    if bad is not None:
         raise IndexFormatError(
-            f"{file}: holds {index.ntotal} vectors of dim {index.d}, manifest says {manifest.count} of dim {manifest.dim}"
+            f"{file}: stored vector {bad[0]} has norm {bad[1]:.4g}, not 1 (vectors are unit vectors; a scaled, "
+            "NaN or infinite one would distort every score)"
         )
-    try:
-        kind, params = describe_index(index)
-    except ValueError as exc:
-        raise IndexFormatError(f"{file}: {exc}") from exc
-    build_params = {"ef_search", "nprobe"}  # search-time settings: the manifest's apply
-    if kind != manifest.index_type or params.model_dump(exclude=build_params) != manifest.index_params.model_dump(
-        exclude=build_params
-    ):
-        raise IndexFormatError(
-            f"{file}: is a {kind} index with {params.model_dump(exclude_none=True, exclude=build_params)}, manifest says "
-            f"{manifest.index_type} with {manifest.index_params.model_dump(exclude_none=True, exclude=build_params)}"
+
+
+def _non_unit_vector(index: faiss.Index) -> tuple[int, float] | None:
+    """``(id, norm)`` of the first stored vector that is not a finite unit vector, or ``None``.
+
+    Reads FAISS's storage in place (no copy of a large index), a block at a time.
+    """
+    d, n = index.d, index.ntotal
+    if n == 0:
+        return None
+    if isinstance(index, faiss.IndexIVFFlat):
+        lists = index.invlists
+        blocks = (
+            (faiss.rev_swig_ptr(lists.get_ids(i), size),
+             faiss.rev_swig_ptr(lists.get_codes(i), size * 4 * d).view(np.float32).reshape(size, d))
+            for i in range(index.nlist) if (size := lists.list_size(i))
         )
-    configure_index(index, manifest.index_params)
-    return index
+    else:
+        flat = faiss.downcast_index(index.storage) if isinstance(index, faiss.IndexHNSWFlat) else index
+        x = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
+        blocks = ((np.arange(s, min(s + _CHECK_ROWS, n)), x[s : s + _CHECK_ROWS]) for s in range(0, n, _CHECK_ROWS))
+    for ids, block in blocks:
+        row = non_unit_row(block)
+        if row is not None:
+            return int(ids[row]), float(np.linalg.norm(block[row].astype(np.float64)))
+    return None
+
+
+def non_unit_row(vectors: np.ndarray) -> int | None:
+    """The first row of ``vectors`` that is not a finite unit vector (within :data:`UNIT_NORM_TOLERANCE`), or None."""
+    for start in range(0, len(vectors), _CHECK_ROWS):
+        block = vectors[start : start + _CHECK_ROWS]
+        with np.errstate(all="ignore"):
+            squared = np.einsum("ij,ij->i", block, block)
+        bad = np.flatnonzero(~(np.abs(squared - 1) <= UNIT_NORM_TOLERANCE))  # NaN fails too
+        if len(bad):
+            return start + int(bad[0])
+    return None
 
 
 def _read_demos(path: Path, manifest: Manifest, verify: bool) -> list[Demo]:
     file = path / manifest.files[DEMOS].name
-    data = _read_checked(file, manifest.files[DEMOS], verify)
+    with _reading(file):
+        data = _read_checked(file, manifest.files[DEMOS], verify)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise IndexFormatError(f"{file}: not valid UTF-8") from exc
+    del data
     demos: list[Demo] = []
+    lines: list[int] = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line:
             continue  # the newline that ends the file
         try:
-            demos.append(Demo.model_validate_json(line))
+            demos.append(Demo.model_validate_json(line))  # refuses lone surrogates (the text rule) itself
         except ValidationError as exc:
             raise IndexFormatError(f"{file}:{lineno}: invalid demo record ({exc.errors()[0]['msg']})") from exc
+        lines.append(lineno)
     if len(demos) != manifest.count:
         raise IndexFormatError(f"{file}: holds {len(demos)} demos, manifest says {manifest.count}")
+    _check_demos(file, demos, lines)
     return demos
 
 
-def _read_checked(file: Path, expected: FileEntry, verify: bool) -> bytes:
-    """Read a data file whole after checking its size (and hash) against the manifest."""
+def _check_demos(file: Path, demos: list[Demo], lines: list[int]) -> None:
+    """The rules a pool obeys (see records.demo_from_record), checked again: a publisher could skip them."""
+    ids = [demo.id for demo in demos]
+    if len(set(ids)) == len(ids) and all(map(str.strip, ids)) and all(demo.instruction.strip() for demo in demos):
+        return  # the usual case, in C-speed passes; the loop below finds the line at fault
+    seen: set[str] = set()
+    for demo, lineno in zip(demos, lines, strict=True):
+        if not demo.instruction.strip() or not demo.id.strip():
+            raise IndexFormatError(f"{file}:{lineno}: empty {'id' if not demo.id.strip() else 'instruction'}")
+        if demo.id in seen:
+            raise IndexFormatError(f"{file}:{lineno}: duplicate id {demo.id!r}")
+        seen.add(demo.id)
+
+
+def _read_regular(file: Path, size: int | None = None, *, limit: int | None = None) -> bytes:
+    """The bytes of ``file``, which must be a regular file of ``size`` (or at most ``limit``) bytes.
+
+    A FIFO, device, socket, directory or symbolic link is refused before it is opened, and the open
+    itself neither blocks nor follows a link (in case the entry was swapped in the meantime).
+    """
+
+    def check(info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise IndexFormatError(f"{file}: is {kind}, expected a regular file")
+        if size is not None and info.st_size != size:
+            raise IndexFormatError(f"{file}: size {info.st_size} bytes, manifest says {size} (truncated or replaced?)")
+        if limit is not None and info.st_size > limit:
+            raise IndexFormatError(f"{file}: {info.st_size} bytes, too large to be what it claims")
+
     try:
-        with file.open("rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size != expected.size:
-                raise IndexFormatError(
-                    f"{file}: size {size} bytes, manifest says {expected.size} (truncated or replaced?)"
-                )
-            data = fh.read()
+        check(os.lstat(file))
     except FileNotFoundError as exc:
         raise IndexFormatError(f"{file}: missing from the index directory") from exc
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    with open(os.open(file, flags), "rb") as fh:
+        check(os.fstat(fh.fileno()))
+        return fh.read()
+
+
+def _read_checked(file: Path, expected: FileEntry, verify: bool) -> bytes:
+    """Read a data file whole after checking its type and size (and then its hash) against the manifest."""
+    data = _read_regular(file, expected.size)
     if verify:
         if hashlib.sha256(data).hexdigest() != expected.sha256:
             raise IndexFormatError(f"{file}: sha256 differs from the manifest (file corrupted or modified)")
     return data
-
-
-def _entry(path: Path) -> FileEntry:
-    return FileEntry(name=path.name, size=path.stat().st_size, sha256=sha256_file(path))
 
 
 def _fsync(path: Path) -> None:

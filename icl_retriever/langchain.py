@@ -196,6 +196,7 @@ class PIERetriever(BaseRetriever):
         k: int = 4,
         *,
         encoder: PIEEncoder | None = None,
+        model: str | Path | None = None,
         verify: bool = True,
         **controls: Any,
     ) -> PIERetriever:
@@ -205,12 +206,15 @@ class PIERetriever(BaseRetriever):
             path: the index directory (as written by ``icl-retriever build``).
             k: demos per query.
             encoder: an already loaded encoder to share (it must be the index's).
+            model: the model to load when the manifest names one outside the index directory (one you
+                trust; see ``Retriever.from_index``).
             verify: check the index files' sha256.
             **controls: search controls for ``Retriever.get_demos`` (an unknown one is a ``ValueError``
                 before the index is read).
         """
         controls = check_search_kwargs(controls)
-        return cls(retriever=Retriever.from_index(path, encoder=encoder, verify=verify), k=k, search_kwargs=controls)
+        retriever = Retriever.from_index(path, encoder=encoder, model=model, verify=verify)
+        return cls(retriever=retriever, k=k, search_kwargs=controls)
 
     def _search_args(self, k: int | None, search_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
         extra = check_search_kwargs(search_kwargs) if search_kwargs else {}
@@ -332,6 +336,7 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
         *,
         example_keys: list[str] | None = None,
         encoder: PIEEncoder | None = None,
+        model: str | Path | None = None,
         verify: bool = True,
         **controls: Any,
     ) -> PIEExampleSelector:
@@ -341,11 +346,13 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
             path: the index directory.
             k, input_keys, example_keys: as the fields of the same names.
             encoder: an already loaded encoder to share (it must be the index's).
+            model: the model to load when the manifest names one outside the index directory (one you
+                trust; see ``Retriever.from_index``).
             verify: check the index files' sha256.
             **controls: search controls for ``Retriever.get_demos`` (an unknown one is a ``ValueError``).
         """
         controls = check_search_kwargs(controls)
-        retriever = Retriever.from_index(path, encoder=encoder, verify=verify)
+        retriever = Retriever.from_index(path, encoder=encoder, model=model, verify=verify)
         return cls(retriever=retriever, k=k, input_keys=input_keys, example_keys=example_keys, search_kwargs=controls)
 
     @classmethod

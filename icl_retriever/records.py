@@ -47,6 +47,55 @@ def stable_id(instruction: str, input: str, output: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
+def check_text(value: Any, what: str) -> None:
+    """The text rule applied wherever text enters (pools, queries, command-line arguments, index files).
+
+    ``value`` (a string, or JSON-like data holding strings) must be encodable as UTF-8: a lone UTF-16
+    surrogate (half an emoji from truncated JSON, or a non-UTF-8 byte Python carries as ``\\udcXX``) is
+    refused where it enters instead of failing in the tokenizer after a model has loaded.
+
+    Raises:
+        ValueError: naming ``what`` (and, inside data, where: ``.key`` / ``[i]``) and the offending character.
+    """
+    try:
+        (value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)).encode("utf-8")
+    except UnicodeEncodeError:
+        where, text = _first_bad_string(value, "")
+        exc = _encode_error(text)
+        code = ord(text[exc.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        where = f" at {where.lstrip('.')}" if where.startswith((".", "[")) else where
+        raise ValueError(
+            f"{what}{where} is not valid UTF-8 text ({bad}: a truncated emoji or a mis-decoded byte?)"
+        ) from None
+
+
+def _encode_error(text: str) -> UnicodeEncodeError:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc
+    raise AssertionError("encodable")
+
+
+def _first_bad_string(value: Any, where: str) -> tuple[str, str]:
+    """``(location, string)`` of the first string in ``value`` (keys included) that UTF-8 cannot encode."""
+    if isinstance(value, str):
+        return (where, value) if _is_bad(value) else ("", "")
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        if isinstance(key, str) and _is_bad(key):
+            return f"{where} (key {key!r})", key
+        found = _first_bad_string(item, f"{where}.{key}" if isinstance(value, Mapping) else f"{where}[{key}]")
+        if found[1]:
+            return found
+    return "", ""
+
+
+def _is_bad(text: str) -> bool:
+    return not text.isascii() and any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
 def demo_from_record(record: Any, *, path: str | None = None, line: int | None = None, task: str | None = None) -> Demo:
     """Validate one raw record (dict or Demo) into a :class:`Demo`; unknown fields go to metadata.
 
@@ -75,18 +124,28 @@ def demo_from_record(record: Any, *, path: str | None = None, line: int | None =
         if not isinstance(raw_meta, Mapping):
             raise PoolError(f"field 'metadata' must be an object, got {type(raw_meta).__name__}", path=path, line=line)
         metadata.update(raw_meta)
-    metadata.update({k: v for k, v in record.items() if k not in CORE_FIELDS and k not in ("metadata", "score")})
+    metadata.update({k: v for k, v in record.items() if k not in CORE_FIELDS and k != "metadata"})
     if task is not None:
         metadata.setdefault("task", task)
     try:
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise PoolError(f"metadata is not plain JSON ({exc})", path=path, line=line) from exc
+    try:
+        for name, value in values.items():
+            check_text(value, f"field '{name}'")
+        check_text(metadata, "metadata")
+    except ValueError as exc:
+        raise PoolError(str(exc), path=path, line=line) from None
     raw_id = record.get("id")
     if raw_id is None:
         demo_id = stable_id(values["instruction"], values["input"], values["output"])
     elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and str(raw_id).strip():
         demo_id = str(raw_id)
+        try:
+            check_text(demo_id, "field 'id'")
+        except ValueError as exc:
+            raise PoolError(str(exc), path=path, line=line) from None
     else:
         raise PoolError(f"field 'id' must be a non-empty string or integer, got {raw_id!r}", path=path, line=line)
     return Demo(id=demo_id, metadata=metadata, **values)
@@ -118,8 +177,12 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Demo]]:
     if stripped[:1] in ("[", "{"):
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # not one JSON document: read as JSONL below
+        except json.JSONDecodeError as exc:
+            # JSONL is a complete object followed by "extra data"; anything else is a broken JSON document
+            # (a pretty-printed list or IEB file), whose error is where the decoder stopped.
+            if stripped[0] == "[" or exc.msg != "Extra data":
+                raise PoolError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=name, line=exc.lineno) from exc
+            whole = None  # read as JSONL below
         except RecursionError as exc:
             raise PoolError("JSON nested too deeply", path=name) from exc
     if isinstance(whole, list):

@@ -43,10 +43,11 @@ from icl_retriever.index_store import (
     rebuild_index,
     save_index,
     search,
+    trusted_model,
     write_lock,
     write_version,
 )
-from icl_retriever.records import Demo, load_pool
+from icl_retriever.records import Demo, check_text, load_pool
 
 #: A metadata filter matching at most this many demos is searched exactly over just those demos.
 _EXACT_FILTER_MAX = 4096
@@ -202,26 +203,41 @@ class Retriever:
 
     @classmethod
     def from_index(
-        cls, path: str | Path, *, encoder: PIEEncoder | None = None, verify: bool = True, cache_size: int = 1024
+        cls,
+        path: str | Path,
+        *,
+        encoder: PIEEncoder | None = None,
+        model: str | Path | None = None,
+        verify: bool = True,
+        cache_size: int = 1024,
     ) -> Retriever:
         """Open an index directory with the encoder it was built with.
+
+        The manifest's model is loaded on its word only if it is the embedded default or a directory
+        inside the index directory (:func:`~icl_retriever.index_store.trusted_model`); any other model
+        (a local path, a Hugging Face id) must be named by the caller, with ``model`` or ``encoder``.
 
         Args:
             path: the index directory.
             encoder: an already loaded encoder to reuse; it must have the index's fingerprint.
-            verify: check data files' sha256 (sizes and shapes are always checked).
+            model: the model to load (a directory or Hugging Face id you trust) with the manifest's
+                settings, instead of the one the manifest names; it must give the index's fingerprint.
+            verify: check data files' sha256 (sizes, shapes and contents are always checked).
             cache_size: query embeddings kept in the LRU cache (0 disables it).
 
         Raises:
-            IndexFormatError: the directory is missing, incomplete or corrupted.
+            IndexFormatError: the directory is missing, incomplete, corrupted or hostile.
             EncoderMismatchError: the encoder differs from the one the index was built with.
-            ModelLoadError: the index's model cannot be loaded.
+            ModelLoadError: the index's model cannot be loaded, or is not trusted without ``model``.
         """
+        if encoder is not None and model is not None:
+            raise ValueError("give encoder or model, not both")
         path = Path(path)
         version = load_version(path, verify=verify)
         manifest = version.manifest
         if encoder is None:
-            encoder = PIEEncoder.from_config(manifest.encoder)
+            name = str(model) if model is not None else trusted_model(path, manifest.encoder.model)
+            encoder = PIEEncoder.from_config(manifest.encoder.model_copy(update={"model": name}))
         if encoder.fingerprint != manifest.fingerprint:
             raise EncoderMismatchError(
                 f"{path}: built with encoder {manifest.fingerprint} ({manifest.encoder.model!r}), but the encoder "
@@ -310,12 +326,14 @@ class Retriever:
             if current is not None and current.fingerprint == info.fingerprint:
                 return current
             cfg = info.encoder
+            own = {self.encoder.config.model} | ({self.manifest.encoder.model} if self.manifest else set())
             if info.source == "base_model" and cfg.model == "default-base":
                 enc = _shared_base_encoder(self.encoder.device)
-            elif info.source == "same_model_plain" and cfg.model == self.encoder.config.model:
+            elif info.source == "same_model_plain" and cfg.model in own:
                 enc = self.encoder.with_template(cfg.template, add_period=cfg.add_period)
-            else:
-                enc = PIEEncoder.from_config(cfg)
+            else:  # a model the manifest names: trusted only as the index's own would be
+                name = cfg.model if self.path is None else trusted_model(self.path, cfg.model)
+                enc = PIEEncoder.from_config(cfg.model_copy(update={"model": name}))
             if enc.fingerprint != info.fingerprint:
                 raise EncoderMismatchError(
                     f"{self.path or 'index'}: topic vectors were made by encoder {info.fingerprint} ({cfg.model!r}), "
@@ -561,6 +579,7 @@ class Retriever:
                 raise TypeError(f"query {i} is {type(q).__name__}, expected str")
             if not q.strip():
                 raise ValueError(f"query {i} is empty")
+            check_text(q, f"query {i} ({q[:40]!r})")
         ctl = SearchControls.parse(
             k=k,
             diversity=diversity,

@@ -167,6 +167,11 @@ def test_controls_validation() -> None:
         ({"rerank_margin": -0.1}, "rerank_margin"),
         ({"rerank_weight": 1.5}, "rerank_weight must be the PIE weight from 0"),
         ({"rerank": "hybrid", "diversity": 0.3}, "use one of them"),
+        ({"demo_format": "{instruction.foo}"}, r"field \{instruction\.foo\} is not a field name"),
+        ({"demo_format": "{instruction[999]}"}, r"field \{instruction\[999\]\} is not a field name"),
+        ({"demo_format": "{} {0}"}, r"field \{\} is not a field name"),
+        ({"demo_format": "{instruction"}, r"demo_format '\{instruction': expected '\}'"),
+        ({"demo_format": "Q: \ud800 {instruction}"}, "demo_format is not valid UTF-8 text"),
     ]
     for controls, message in bad:
         with pytest.raises(ValueError, match=message):
@@ -185,6 +190,9 @@ def test_formatting_counting_and_query_identity(encoder: PIEEncoder) -> None:
     assert format_demo(demo, lambda d: d.output) == "2"
     with pytest.raises(ValueError, match="names field 'lang'"):
         format_demo(demo, "{lang}")
+    for template in ("{instruction:d}", "{output!z}", "{task:{width}}"):  # caught when filled: still one line
+        with pytest.raises(ValueError, match=r"demo_format .* on demo 'd'|names field 'width'"):
+            format_demo(demo, template)
     assert token_counter(words)(["a b c", "d"]) == [3, 1]
     assert token_counter(encoder.tokenizer)(["hello world"]) == [2]  # no [CLS] / [SEP]
 

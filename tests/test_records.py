@@ -85,3 +85,40 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         load_pool(tmp_path / "nope.jsonl")
     with pytest.raises(PoolError, match="is a directory"):
         load_pool(tmp_path)
+
+
+def test_a_broken_json_document_is_reported_where_it_breaks(tmp_path: Path) -> None:
+    records = [{"instruction": f"Task {i}.", "output": "ok"} for i in range(10)]
+    text = json.dumps(records, indent=2).splitlines()
+    assert text[28] == "  },"
+    text[28] = "  }},"  # line 29 of a pretty-printed list: one brace too many
+    with pytest.raises(PoolError, match=r"p\.json:29: invalid JSON \(Expecting ',' delimiter at column 4\)"):
+        load_pool(write(tmp_path / "p.json", "\n".join(text)))
+    ieb = json.dumps({"t": {"samples": records}}, indent=2).replace('"Task 3."', '"Task 3.",', 1)
+    line = next(i for i, row in enumerate(ieb.splitlines(), start=1) if "Task 3." in row)
+    with pytest.raises(PoolError, match=rf"i\.json:{line}: invalid JSON"):
+        load_pool(write(tmp_path / "i.json", ieb))
+
+
+def test_a_field_named_score_is_metadata_like_any_other(tmp_path: Path) -> None:
+    [demo] = load_pool(write(tmp_path / "p.jsonl", '{"instruction": "Rate this.", "score": 4.5}\n'))
+    assert demo.metadata == {"score": 4.5} and demo.score is None
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ('{"instruction": "Write a poem \\ud83d"}', r"p\.jsonl:1: field 'instruction' is not valid UTF-8 text \(lone surrogate U\+D83D"),
+        ('{"instruction": "ok", "output": "\\udcff"}', r"p\.jsonl:1: field 'output' is not valid UTF-8 text \(byte 0xff"),
+        ('{"instruction": "ok", "id": "a\\ud800"}', r"p\.jsonl:1: field 'id' is not valid UTF-8"),
+        ('{"instruction": "ok", "tags": ["x", "\\udfff"]}', r"p\.jsonl:1: metadata at tags\[1\] is not valid UTF-8"),
+        ('{"instruction": "ok", "metadata": {"\\ud800": 1}}', r"p\.jsonl:1: metadata \(key '\\ud800'\) is not valid"),
+    ],
+)
+def test_lone_surrogates_are_refused_at_their_line(tmp_path: Path, record: str, message: str) -> None:
+    with pytest.raises(PoolError, match=message):
+        load_pool(write(tmp_path / "p.jsonl", record + "\n"))
+    with pytest.raises(PoolError, match=r"\(task 't', sample 1\): (field|metadata)"):
+        load_pool(write(tmp_path / "p.json", json.dumps({"t": {"samples": [json.loads(record)]}})))
+    # a valid pair (a whole emoji, however it is escaped) is text like any other
+    assert load_pool([{"instruction": "Write a poem \ud83d\ude00".encode("utf-16", "surrogatepass").decode("utf-16")}])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import faiss
@@ -224,7 +225,7 @@ def test_interrupted_build_resumes_from_the_last_finished_chunk(
     with pytest.raises(KeyboardInterrupt):
         build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False)
     assert not out.exists()
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["chunk-000000.npy"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["chunk-000000.npz"]
 
     counting = _Counting(encoder)
     monkeypatch.setattr(encoder, "encode", counting)
@@ -248,10 +249,11 @@ def test_bad_or_unwanted_chunks_are_embedded_again(
     monkeypatch.setattr(encoder, "encode", _Counting(encoder, fail_on_call=3))
     with pytest.raises(KeyboardInterrupt):
         build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False)
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["chunk-000000.npy", "chunk-000001.npy"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["chunk-000000.npz", "chunk-000001.npz"]
     # a chunk that is not a plain float32 array of the right shape is not trusted (nor unpickled)
-    np.save(checkpoints / "chunk-000000.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
-    (checkpoints / "chunk-000001.npy.tmp-deadbeef").write_bytes(b"half-written")
+    with (checkpoints / "chunk-000000.npz").open("wb") as fh:
+        np.savez(fh, vectors=np.array([{"x": 1}], dtype=object), checksum=np.array("0"))  # needs pickle to load
+    (checkpoints / "chunk-000001.npz.tmp-deadbeef").write_bytes(b"half-written")
     counting = _Counting(encoder)
     monkeypatch.setattr(encoder, "encode", counting)
     build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False)
@@ -328,3 +330,36 @@ def test_cli_build_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "hnsw (inner_product), M 8, ef_construction 128, ef_search 20, recall@10 1.000" in capsys.readouterr().out
     assert main(["build", str(pool), "--out", str(tmp_path / "x"), "--index-type", "flat", "--nprobe", "3"]) == 2
     assert "nprobe apply to ivf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--hnsw-m", "0"], r"hnsw_m \(--hnsw-m\): Input should be greater than or equal to 2, got 0"),
+        (["--hnsw-m", "5000"], r"hnsw_m \(--hnsw-m\): Input should be less than or equal to 1024, got 5000"),
+        (["--ef-search", "0"], r"ef_search \(--ef-search\): Input should be greater than or equal to 1, got 0"),
+        (["--ef-construction", "-3"], r"ef_construction \(--ef-construction\): .* got -3"),
+        (["--nlist", "0", "--index-type", "ivf"], r"nlist \(--nlist\): Input should be greater than or equal to 1"),
+        (["--nprobe", "0", "--index-type", "ivf"], r"nprobe \(--nprobe\): .* got 0"),
+        (["--chunk-size", "0"], "chunk_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_index_parameters_are_checked_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, flags: list[str], message: str
+) -> None:
+    def no_model(*_: object, **__: object) -> None:
+        raise AssertionError("a model was loaded before the parameters were checked")
+
+    monkeypatch.setattr(PIEEncoder, "__init__", no_model)
+    # the pool does not even exist: the parameters are refused first, in one line, with exit code 2
+    assert main(["build", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    with pytest.raises(ValueError, match=message):
+        build_index(POOL, tmp_path / "y", **_as_kwargs(flags))
+
+
+def _as_kwargs(flags: list[str]) -> dict[str, object]:
+    pairs = dict(zip(flags[::2], flags[1::2], strict=True))
+    names = {"--hnsw-m": "hnsw_m", "--index-type": "index_type"}
+    return {names.get(k, k[2:].replace("-", "_")): (v if k == "--index-type" else int(v)) for k, v in pairs.items()}
