@@ -117,7 +117,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         filter=_parse_filters(args.filter),
         dedup=args.dedup,
         exclude_query=args.exclude_query,
-        rerank=args.rerank,
+        **({"rerank": None if args.rerank == "none" else args.rerank} if args.rerank is not None else {}),
         max_tokens=args.max_tokens,
         tokenizer=args.tokenizer,
         demo_format=args.demo_format.replace("\\n", "\n").replace("\\t", "\t") if args.demo_format else None,
@@ -282,11 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dedup", nargs="?", type=float, const=True, default=None, metavar="COSINE",
                    help="drop near-duplicate demos (cosine above COSINE, default 0.95)")
     p.add_argument("--exclude-query", action="store_true", help="drop demos whose instruction is the query itself")
-    p.add_argument("--rerank", choices=["task_then_topic", "hybrid"], default=None,
-                   help="task_then_topic: among same-task demos, prefer those closest in content to the query; "
-                        "hybrid: order by a weighted sum of task and content similarity")
+    p.add_argument("--rerank", choices=["auto", "hybrid", "task_then_topic", "none"], default=None,
+                   help="auto (default): the measured default ranking when the index has topic vectors; none: task "
+                        "similarity only; hybrid: a weighted sum of task and content similarity; task_then_topic: "
+                        "among same-task demos, those closest in content first")
     p.add_argument("--rerank-margin", type=float, default=None, metavar="M",
-                   help="PIE cosine margin that counts as the same task for --rerank task_then_topic (default 0.03)")
+                   help="PIE cosine margin that counts as the same task for --rerank task_then_topic (default 0.1)")
     p.add_argument("--rerank-weight", type=float, default=None, metavar="W",
                    help="PIE (task) weight of --rerank hybrid, the content weight is 1 - W (default 0.5)")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",

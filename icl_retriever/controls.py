@@ -29,15 +29,19 @@ from icl_retriever.records import Demo, check_text
 #: Cosine above which two demos count as near-duplicates when ``dedup=True``.
 DEFAULT_DEDUP_THRESHOLD = 0.95
 #: ``rerank="task_then_topic"``: demos whose PIE similarity is within this of the best one count as the
-#: query's task. Measured (benchmarks/rerank_quality.py): 0.03 keeps the same-task rate of plain PIE
-#: search on eft_test while returning demos closer in content; larger margins trade task for topic.
-DEFAULT_RERANK_MARGIN = 0.03
+#: query's task. Chosen downstream (README, "Downstream benchmark"): with 0.1, an LLM's gold-output NLL
+#: was lowest on the default pool and SNI dev; larger margins trade task for topic.
+DEFAULT_RERANK_MARGIN = 0.1
 #: ``rerank="hybrid"``: weight of the PIE (task) cosine; the plain (content) cosine gets ``1 - weight``.
 DEFAULT_HYBRID_WEIGHT = 0.5
 #: Candidates examined when a control re-orders or drops results and ``fetch_k`` is not given.
 DEFAULT_FETCH_K = 20
 #: Re-ranking methods.
 RERANKERS = ("task_then_topic", "hybrid")
+#: What ``rerank="auto"`` (the default) uses over an index with topic vectors: the ranking that lowered an
+#: LLM's gold-output NLL most in the downstream benchmark on data that is not a test set (README,
+#: "Downstream benchmark"), with ``rerank_weight`` / ``rerank_margin`` at their defaults.
+DEFAULT_RERANK = "task_then_topic"
 #: Default ``demo_format``: instruction, input (when not empty) and output, one per line.
 DEFAULT_DEMO_FORMAT = "{instruction}\n{input}\n{output}"
 
@@ -46,6 +50,8 @@ MetadataFilter = Mapping[str, Any]
 DemoPredicate = Callable[[Demo], bool]
 DemoFormat = str | Callable[[Demo], str]
 Rerank = Literal["task_then_topic", "hybrid"]
+#: ``rerank`` values: a method, ``"auto"`` (the default ranking) or ``None`` (task order only).
+RerankSetting = Literal["auto", "task_then_topic", "hybrid"] | None
 
 
 # validation -------------------------------------------------------------------------------------
@@ -65,7 +71,7 @@ class SearchControls(BaseModel):
     filter: Any = None
     dedup: float | None = None
     exclude_query: bool = False
-    rerank: Rerank | None = None
+    rerank: RerankSetting = "auto"
     rerank_margin: float = DEFAULT_RERANK_MARGIN
     rerank_weight: float = DEFAULT_HYBRID_WEIGHT
     max_tokens: int | None = None
@@ -132,8 +138,9 @@ class SearchControls(BaseModel):
     @field_validator("rerank", mode="before")
     @classmethod
     def _rerank(cls, value: Any) -> Any:
-        if value is not None and value not in RERANKERS:
-            raise ValueError(f"unknown rerank {value!r}; expected one of {', '.join(map(repr, RERANKERS))} or None")
+        if value is not None and value != "auto" and value not in RERANKERS:
+            choices = ", ".join(map(repr, ("auto", *RERANKERS)))
+            raise ValueError(f"unknown rerank {value!r}; expected one of {choices} or None (task order only)")
         return value
 
     @field_validator("filter", mode="before")
@@ -165,11 +172,18 @@ class SearchControls(BaseModel):
     def _together(self) -> SearchControls:
         if self.fetch_k is not None and self.fetch_k < self.k:
             raise ValueError(f"fetch_k ({self.fetch_k}) must be at least k ({self.k})")
-        if self.rerank is not None and self.diversity > 0:
+        if self.rerank not in (None, "auto") and self.diversity > 0:
             raise ValueError("diversity and rerank both decide the order of the demos; use one of them")
         if self.tokenizer is not None and self.max_tokens is None:
             raise ValueError("tokenizer is only used with max_tokens")
         return self
+
+    def resolve(self, *, has_topic: bool) -> SearchControls:
+        """Settle ``rerank="auto"``: :data:`DEFAULT_RERANK` over an index with topic vectors, task order
+        without them (the caller says so) or when ``diversity`` asks for MMR."""
+        if self.rerank != "auto":
+            return self
+        return self.model_copy(update={"rerank": DEFAULT_RERANK if has_topic and self.diversity == 0 else None})
 
     @property
     def reorders(self) -> bool:
@@ -382,6 +396,20 @@ def hybrid_order(task_scores: np.ndarray, topic_scores: np.ndarray, weight: floa
     task_scores = np.asarray(task_scores, dtype=np.float64)
     mixed = weight * task_scores + (1.0 - weight) * np.asarray(topic_scores, dtype=np.float64)
     return [int(i) for i in np.lexsort((-task_scores, -mixed))]
+
+
+def rerank_order(
+    rerank: Rerank,
+    task_scores: np.ndarray,
+    topic_scores: np.ndarray,
+    *,
+    weight: float = DEFAULT_HYBRID_WEIGHT,
+    margin: float = DEFAULT_RERANK_MARGIN,
+) -> list[int]:
+    """Order candidates by a re-ranking method (:func:`hybrid_order` or :func:`task_then_topic_order`)."""
+    if rerank == "hybrid":
+        return hybrid_order(task_scores, topic_scores, weight)
+    return task_then_topic_order(task_scores, topic_scores, margin)
 
 
 def dedup_keep(vectors: np.ndarray, threshold: float) -> list[int]:

@@ -36,9 +36,11 @@ from tqdm.auto import tqdm
 
 from icl_retriever.controls import (
     DEFAULT_FETCH_K,
+    DEFAULT_RERANK,
     DEFAULT_RERANK_MARGIN,
     hybrid_order,
     mmr_order,
+    rerank_order,
     task_then_topic_order,
     topic_text,
 )
@@ -427,10 +429,11 @@ def pick_option(
 
 # ---------------------------------------------------------------------------------------- methods
 
-METHOD_KINDS = ("zero-shot", "random", "topic", "pie", "pie_then_topic", "hybrid", "mmr")
+METHOD_KINDS = ("zero-shot", "random", "topic", "pie", "pie_then_topic", "hybrid", "mmr", "default")
 #: Methods run when none are named.
 DEFAULT_METHODS = (
     "zero-shot", "random", "topic", "pie", "pie_then_topic", "hybrid:0.25", "hybrid:0.5", "hybrid:0.75", "mmr:0.3",
+    "default",
 )
 
 
@@ -439,7 +442,7 @@ class Method(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["zero-shot", "random", "topic", "pie", "pie_then_topic", "hybrid", "mmr"]
+    kind: Literal["zero-shot", "random", "topic", "pie", "pie_then_topic", "hybrid", "mmr", "default"]
     param: float | None = None
 
     @property
@@ -449,16 +452,17 @@ class Method(BaseModel):
 
     @property
     def needs_pie(self) -> bool:
-        return self.kind in ("pie", "pie_then_topic", "hybrid", "mmr")
+        return self.kind in ("pie", "pie_then_topic", "hybrid", "mmr", "default")
 
     @property
     def needs_topic(self) -> bool:
-        return self.kind in ("topic", "pie_then_topic", "hybrid")
+        return self.kind in ("topic", "pie_then_topic", "hybrid", "default")
 
 
 def parse_method(text: str) -> Method:
-    """Parse ``zero-shot``, ``random``, ``topic``, ``pie``, ``pie_then_topic[:MARGIN]``, ``hybrid:W`` or
-    ``mmr:D`` (W, D in [0, 1]: the PIE weight, the MMR diversity).
+    """Parse ``zero-shot``, ``random``, ``topic``, ``pie``, ``pie_then_topic[:MARGIN]``, ``hybrid:W``,
+    ``mmr:D`` (W, D in [0, 1]: the PIE weight, the MMR diversity) or ``default`` (what
+    ``Retriever.get_demos`` does with its default controls).
 
     Raises:
         ValueError: an unknown method or a missing / out-of-range parameter.
@@ -471,7 +475,7 @@ def parse_method(text: str) -> Method:
             raise ValueError(f"method {kind!r} needs a parameter in [0, 1], e.g. {kind}:0.5")
         margin = DEFAULT_RERANK_MARGIN if kind == "pie_then_topic" else None
         return Method(kind=kind, param=margin)  # type: ignore[arg-type]
-    if kind in ("zero-shot", "random", "topic", "pie"):
+    if kind in ("zero-shot", "random", "topic", "pie", "default"):
         raise ValueError(f"method {kind!r} takes no parameter, got {text!r}")
     try:
         value = float(raw)
@@ -529,6 +533,9 @@ def rank_demos(
     elif method.kind == "pie_then_topic":
         margin = float(method.param or 0.0)
         order = np.asarray(task_then_topic_order(_need(pie_scores, "pie"), _need(topic_scores, "topic"), margin))
+    elif method.kind == "default":  # as Retriever.get_demos: rerank="auto" over the fetch_k best PIE candidates
+        top = np.argsort(-_need(pie_scores, "pie"), kind="stable")[: max(DEFAULT_FETCH_K, 4 * limit)]
+        order = top[rerank_order(DEFAULT_RERANK, _need(pie_scores, "pie")[top], _need(topic_scores, "topic")[top])]
     else:  # mmr over the fetch_k best PIE candidates, as Retriever.get_demos(diversity=D) does
         top = np.argsort(-_need(pie_scores, "pie"), kind="stable")[: max(DEFAULT_FETCH_K, limit)]
         picked = mmr_order(_need(query_pie, "pie"), _need(pie_vectors, "pie")[top], float(method.param or 0.0), limit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -14,6 +15,7 @@ import numpy as np
 
 from icl_retriever.controls import (
     DEFAULT_HYBRID_WEIGHT,
+    DEFAULT_RERANK,
     DEFAULT_RERANK_MARGIN,
     DemoFormat,
     DemoPredicate,
@@ -21,15 +23,14 @@ from icl_retriever.controls import (
     MetadataIndex,
     SearchControls,
     as_predicate,
-    Rerank,
+    RerankSetting,
     dedup_keep,
     format_demo,
-    hybrid_order,
     is_query_itself,
     mmr_order,
     pack_by_tokens,
     resolve_tokenizer,
-    task_then_topic_order,
+    rerank_order,
     topic_text,
 )
 from icl_retriever.encoder import PIEEncoder
@@ -48,6 +49,8 @@ from icl_retriever.index_store import (
     write_version,
 )
 from icl_retriever.records import Demo, check_text, load_pool
+
+logger = logging.getLogger(__name__)
 
 #: A metadata filter matching at most this many demos is searched exactly over just those demos.
 _EXACT_FILTER_MAX = 4096
@@ -178,6 +181,7 @@ class Retriever:
         self._encode_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._topic_lock = threading.Lock()
+        self._said_task_order = False  # rerank="auto" on an index without topic vectors: said once
 
     @property
     def index(self) -> faiss.Index:
@@ -486,7 +490,7 @@ class Retriever:
         filter: MetadataFilter | DemoPredicate | None = None,  # the name vector stores use
         dedup: bool | float | None = None,
         exclude_query: bool = False,
-        rerank: Rerank | None = None,
+        rerank: RerankSetting = "auto",
         rerank_margin: float = DEFAULT_RERANK_MARGIN,
         rerank_weight: float = DEFAULT_HYBRID_WEIGHT,
         max_tokens: int | None = None,
@@ -514,13 +518,17 @@ class Retriever:
                 instruction embeddings.
             exclude_query: drop demos whose instruction (or instruction + input) is the query itself,
                 whitespace aside (leave-one-out evaluation, self-retrieval).
-            rerank: ``"task_then_topic"``: among the candidates within ``rerank_margin`` of the best
+            rerank: how the ``fetch_k`` best candidates by task similarity are ordered. ``"auto"``
+                (default): the ranking that helped an LLM most in our downstream benchmark
+                (``controls.DEFAULT_RERANK``) when the index has topic vectors and ``diversity`` is 0,
+                else task order (logged once). ``None``: task (PIE) order only.
+                ``"task_then_topic"``: among the candidates within ``rerank_margin`` of the best
                 PIE score (the query's task), order by the plain-embedding similarity of the demo's
                 instruction + input to the query (its content); the other candidates follow by PIE
                 score. Needs topic vectors (built by default).
                 ``"hybrid"``: order the candidates by ``rerank_weight`` x PIE cosine + (1 -
                 ``rerank_weight``) x that plain-embedding cosine.
-            rerank_margin: PIE cosine margin defining "same task" for ``rerank`` (default 0.03).
+            rerank_margin: PIE cosine margin defining "same task" for ``rerank`` (default 0.1).
             rerank_weight: PIE weight of ``rerank="hybrid"`` (default 0.5).
             max_tokens: pack the best demos whose formatted length fits this budget in total, skipping
                 one that would overflow (a later, shorter one may still fit); never truncates a demo.
@@ -533,7 +541,7 @@ class Retriever:
 
         Raises:
             ValueError: empty query, ``k < 1``, or an invalid control (named in the message);
-                ``rerank`` on an index without topic vectors.
+                an explicit ``rerank`` method on an index without topic vectors.
         """
         return self.get_demos_batch(
             [query],
@@ -561,7 +569,7 @@ class Retriever:
         filter: MetadataFilter | DemoPredicate | None = None,
         dedup: bool | float | None = None,
         exclude_query: bool = False,
-        rerank: Rerank | None = None,
+        rerank: RerankSetting = "auto",
         rerank_margin: float = DEFAULT_RERANK_MARGIN,
         rerank_weight: float = DEFAULT_HYBRID_WEIGHT,
         max_tokens: int | None = None,
@@ -595,6 +603,14 @@ class Retriever:
             demo_format=demo_format,
         )
         state = self._state  # one version for the whole batch
+        if ctl.rerank == "auto" and state.topic is None and ctl.diversity == 0 and not self._said_task_order:
+            self._said_task_order = True
+            logger.warning(
+                "%s has no topic vectors: demos are ranked by task similarity only, not by the default "
+                "rerank=%r (rebuild with topic vectors for it; pass rerank=None to ask for task order)",
+                self.path or "this index", DEFAULT_RERANK,
+            )
+        ctl = ctl.resolve(has_topic=state.topic is not None)
         if ctl.rerank is not None and state.topic is None:
             raise ValueError(self._no_topic_message())
         counter = resolve_tokenizer(ctl.tokenizer, self.encoder.tokenizer) if ctl.max_tokens is not None else None
@@ -736,13 +752,10 @@ class Retriever:
         if not len(rows):
             return []
         order = list(range(len(rows)))
-        if ctl.rerank == "task_then_topic":
+        if ctl.rerank is not None and ctl.rerank != "auto":
             assert state.topic is not None and topic_vector is not None
             topic_scores = state.topic.reconstruct_batch(rows) @ topic_vector
-            order = task_then_topic_order(scores, topic_scores, ctl.rerank_margin)
-        elif ctl.rerank == "hybrid":
-            assert state.topic is not None and topic_vector is not None
-            order = hybrid_order(scores, state.topic.reconstruct_batch(rows) @ topic_vector, ctl.rerank_weight)
+            order = rerank_order(ctl.rerank, scores, topic_scores, weight=ctl.rerank_weight, margin=ctl.rerank_margin)
         elif ctl.diversity > 0:
             order = mmr_order(vector, state.index.reconstruct_batch(rows), ctl.diversity)
         if ctl.dedup is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from icl_retriever import Demo, PIEEncoder, Retriever, build_index
 from icl_retriever import retriever as retriever_module
 from icl_retriever.controls import (
     DEFAULT_DEDUP_THRESHOLD,
+    DEFAULT_RERANK,
     MetadataIndex,
     SearchControls,
     dedup_keep,
@@ -178,7 +181,9 @@ def test_controls_validation() -> None:
             SearchControls.parse(**{"k": 4, **controls})
     c = SearchControls.parse(k=4, dedup=True)
     assert c.dedup == DEFAULT_DEDUP_THRESHOLD and c.n_candidates == 20
-    assert SearchControls.parse(k=3).n_candidates == 3
+    assert SearchControls.parse(k=3, rerank=None).n_candidates == 3
+    assert SearchControls.parse(k=3).resolve(has_topic=False).n_candidates == 3
+    assert SearchControls.parse(k=3).resolve(has_topic=True).n_candidates == 20  # the default ranking looks deeper
     assert SearchControls.parse(k=10, diversity=0.2, fetch_k=15).n_candidates == 15
 
 
@@ -321,11 +326,24 @@ def test_rerank_hybrid(r: Retriever) -> None:
     query = "Summarize the text below in one sentence.\nThe visiting side equalised in the last minute of the derby."
     # tied task scores: the content decides; weight 1 is the PIE order, the scores stay PIE cosines
     assert ids(r.get_demos(query, k=2, rerank="hybrid")) == ["sum-football", "sum-meeting"]
-    plain = r.get_demos(query, k=4)
+    plain = r.get_demos(query, k=4, rerank=None)
     task_only = r.get_demos(query, k=4, rerank="hybrid", rerank_weight=1.0)
     assert [d.score for d in task_only] == pytest.approx([d.score for d in plain])
     content_only = r.get_demos(query, k=4, rerank="hybrid", rerank_weight=0.0)
     assert content_only[0].id == "sum-football"
+
+
+def test_default_ranking_is_auto(r: Retriever) -> None:
+    """rerank="auto" (the default) is DEFAULT_RERANK over an index with topic vectors; None is task order."""
+    assert inspect.signature(Retriever.get_demos).parameters["rerank"].default == "auto"
+    ctl = SearchControls.parse(k=2)
+    assert ctl.rerank == "auto" and ctl.resolve(has_topic=True).rerank == DEFAULT_RERANK
+    assert ctl.resolve(has_topic=False).rerank is None
+    assert SearchControls.parse(k=2, diversity=0.3).resolve(has_topic=True).rerank is None  # MMR decides
+    query = "Summarize the text below in one sentence.\nThe board meeting about the lease ran late again."
+    assert ids(r.get_demos(query, k=2)) == ids(r.get_demos(query, k=2, rerank=DEFAULT_RERANK))
+    task_order = r.get_demos(query, k=4, rerank=None)
+    assert [d.score for d in task_order] == sorted((d.score for d in task_order), reverse=True)
 
 
 def test_batch_equals_single_with_controls(r: Retriever) -> None:
@@ -403,13 +421,22 @@ def test_topic_vectors_persist_and_follow_updates(tmp_path: Path, encoder: PIEEn
     )
 
 
-def test_rerank_needs_topic_vectors(tmp_path: Path, encoder: PIEEncoder) -> None:
+def test_rerank_needs_topic_vectors(tmp_path: Path, encoder: PIEEncoder, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "idx"
     build_index(POOL[:6], out, encoder=encoder, topic=False)
     assert load_manifest(out).topic is None and sorted(load_manifest(out).files) == ["demos", "vectors"]
     r = Retriever.from_index(out, encoder=encoder)
     with pytest.raises(ValueError, match="has no topic vectors.*rebuild it with topic vectors"):
         r.get_demos("Write a poem.", rerank="task_then_topic")
+    with pytest.raises(ValueError, match="has no topic vectors"):
+        r.get_demos("Write a poem.", rerank="hybrid")
+    # the default ranking needs topic vectors: without them, task order, and the log says so once
+    with caplog.at_level(logging.WARNING, logger="icl_retriever.retriever"):
+        first = r.get_demos("Write a poem about the sea.", k=3)
+        r.get_demos("Write a poem about the sea.", k=3)
+    assert [m for m in caplog.messages if "no topic vectors" in m and "task similarity only" in m] == [caplog.messages[0]]
+    assert len(caplog.messages) == 1
+    assert ids(first) == ids(r.get_demos("Write a poem about the sea.", k=3, rerank=None))
     # dedup falls back to the instruction embeddings
     assert len({"poem-sea", "poem-sea-copy"} & set(ids(r.get_demos("Write a poem about the sea.", k=3, dedup=True)))) == 1
     r.add([POOL[7]])  # no topic vectors to keep in sync

@@ -31,7 +31,7 @@ from icl_retriever.errors import ModelLoadError, PoolError
 from icl_retriever.records import load_pool
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["zero-shot", "random", "topic", "pie", "pie_then_topic", "hybrid:0.5", "mmr:0.3"]
+METHODS = ["zero-shot", "random", "topic", "pie", "pie_then_topic", "hybrid:0.5", "mmr:0.3", "default"]
 #: Names the rows carry (the rerank margin spelled out).
 LABELS = [parse_method(m).label for m in METHODS]
 KS = [1, 2]
@@ -244,7 +244,7 @@ def test_truncation_cuts_demos_from_the_left_never_the_query(tiny_lm: CausalLM) 
 
 def test_methods_and_config_validation() -> None:
     assert parse_method("hybrid:.5").label == "hybrid:0.5"
-    assert parse_method("pie_then_topic").label == "pie_then_topic:0.03"
+    assert parse_method("pie_then_topic").label == "pie_then_topic:0.1"
     bad_specs = [
         ("hybrid", "needs a parameter"),
         ("mmr:2", r"in \[0, 1\]"),
@@ -305,3 +305,20 @@ def test_separate_query_file(tiny_lm: CausalLM, pool_file: Path, encoder: PIEEnc
     assert report.n_queries == 2 and report.queries == str(queries) and report.n_pool == len(POOL)
     pie = {o.query_id: o.demo_ids for o in report.outcomes if o.method == "pie"}
     assert set(pie) == {"q1", "q2"} and not {"t1", "t2"} & set(pie["q1"]) and len(pie["q1"]) == 2
+
+
+def test_default_method_is_what_get_demos_returns(
+    tiny_lm: CausalLM, pool_file: Path, encoder: PIEEncoder, topic_encoder: PIEEncoder, tmp_path: Path
+) -> None:
+    """Method ``default`` picks the demos ``Retriever.get_demos`` returns with its default controls."""
+    from icl_retriever import Retriever
+
+    queries = tmp_path / "queries.json"
+    texts = ["Capital of Peru?", "Is this review positive or negative?", "Say it in German."]
+    queries.write_text(json.dumps([_demo(f"q{i}", "x", t, "y") for i, t in enumerate(texts)]), encoding="utf-8")
+    config = DownstreamConfig(methods=["default"], ks=[2], max_queries=None)
+    report = run_downstream(tiny_lm, pool_file, queries=queries, config=config, encoder=encoder, topic_encoder=topic_encoder)
+    picked = {o.query_id: o.demo_ids for o in report.outcomes}
+    retriever = Retriever.from_demos(load_pool(pool_file), encoder=encoder)
+    for i, text in enumerate(texts):  # the benchmark never offers a query's twin: exclude_query does the same
+        assert picked[f"q{i}"] == [d.id for d in retriever.get_demos(text, k=2, exclude_query=True)]

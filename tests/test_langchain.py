@@ -103,7 +103,12 @@ def test_documents_carry_the_demo(pie_retriever: PIERetriever, pool_by_id: dict[
             **record["metadata"],
             "score": doc.metadata["score"],
         }
-    assert docs[0].metadata["score"] >= docs[1].metadata["score"] > 0
+    # score is the PIE cosine; the default ranking (rerank="auto") may put a same-task demo closer in
+    # content first, so only task order (rerank=None) sorts by it
+    assert all(d.metadata["score"] > 0 for d in docs)
+    by_task = PIERetriever(retriever=pie_retriever.retriever, k=2, search_kwargs={"rerank": None})
+    task_order = by_task.invoke("Summarize the following article in two sentences.")
+    assert task_order[0].metadata["score"] >= task_order[1].metadata["score"] > 0
 
 
 def test_page_content_without_input_is_the_instruction(small_retriever: Retriever) -> None:
