@@ -12,7 +12,7 @@ Pools: the default pool (examples/demos.jsonl, 385 demos of 77 tasks) and IEB's 
 (../shared/data/ieb/eft_test.json, 3291 instructions of 145 tasks; its ``input`` field repeats the
 instruction, which is stripped so the demo's input is only what follows it).
 
-Run: python benchmarks/rerank_quality.py [--ks 1 2 4] [--margins 0.03 0.05 0.1] [--no-eft]
+Run: python -m benchmarks.rerank_quality [--ks 1 2 4] [--margins 0.03 0.05 0.1] [--no-eft]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def evaluate(r: Retriever, ks: list[int], margins: list[float]) -> list[tuple[st
     kmax = max(ks)
     # one batch each for the PIE and topic embeddings of all queries; later calls hit the LRU cache
     r.get_demos_batch(queries, k=1, rerank="task_then_topic")
-    methods: list[tuple[str, dict]] = [("plain PIE", {})] + [
+    methods: list[tuple[str, dict]] = [("plain PIE", {"rerank": None})] + [
         (f"task_then_topic (margin {m:g})", {"rerank": "task_then_topic", "rerank_margin": m}) for m in margins
     ]
     rows = []
