@@ -11,7 +11,7 @@ from icl_retriever.errors import (
     ModelLoadError,
     PoolError,
 )
-from icl_retriever.records import Demo, load_pool
+from icl_retriever.records import Demo, default_pool_path, load_pool
 from icl_retriever.build import build_index
 from icl_retriever.retriever import Retriever
 
@@ -29,5 +29,6 @@ __all__ = [
     "Retriever",
     "__version__",
     "build_index",
+    "default_pool_path",
     "load_pool",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from icl_retriever._version import __version__
 from icl_retriever.errors import ICLRetrieverError
-from icl_retriever.records import check_text
+from icl_retriever.records import Demo, check_text
 
 #: What a terminal would act on instead of showing: C0 / C1 controls (ANSI escapes start with one),
 #: bidirectional overrides, and lone surrogates (which cannot even be encoded).
@@ -130,6 +130,11 @@ def _cmd_query(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([d.model_dump() for d in demos], ensure_ascii=False, indent=2))
         return 0
+    _print_demos(demos)
+    return 0
+
+
+def _print_demos(demos: Sequence[Demo]) -> None:
     for rank, demo in enumerate(demos, start=1):
         task = demo.metadata.get("task")
         print(f"{rank}. [{demo.score:.3f}] {_shorten(demo.instruction)}" + (f"   ({_shorten(str(task))})" if task else ""))
@@ -137,6 +142,52 @@ def _cmd_query(args: argparse.Namespace) -> int:
             print(f"   input:  {_shorten(demo.input)}")
         if demo.output:
             print(f"   output: {_shorten(demo.output)}")
+
+
+#: Requests ``icl-retriever demo`` answers when none are given (those of ``make demo``).
+DEMO_QUERIES = (
+    "Translate 'good night' into German.",
+    "Write a limerick about a cat who loves lasagna.",
+    "Write a SQL query that lists customers from Spain.",
+    "Is this review positive or negative? 'The battery died after two days.'",
+)
+
+
+def demo_cache_dir() -> Path:
+    """Where ``icl-retriever demo`` keeps its index: ``$ICL_RETRIEVER_CACHE``, else
+    ``$XDG_CACHE_HOME/icl-retriever``, else ``~/.cache/icl-retriever``."""
+    if os.environ.get("ICL_RETRIEVER_CACHE"):
+        return Path(os.environ["ICL_RETRIEVER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "icl-retriever"
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from icl_retriever.build import build_index
+    from icl_retriever.errors import IndexFormatError
+    from icl_retriever.records import default_pool_path
+    from icl_retriever.retriever import Retriever
+
+    pool = default_pool_path()
+    digest = hashlib.sha256(pool.read_bytes()).hexdigest()[:12]
+    cached = args.index is None
+    out = demo_cache_dir() / f"default-pool-{__version__}-{digest}" if cached else Path(args.index)
+    retriever = None
+    if out.exists() and not args.rebuild:
+        try:
+            retriever = Retriever.from_index(out)
+        except IndexFormatError as exc:  # also EncoderMismatchError: made by another model
+            if not cached:
+                raise
+            print(f"icl-retriever: the cached demo index is unusable ({_printable(exc)}); rebuilding", file=sys.stderr)
+    if retriever is None:
+        print(f"Building the packaged pool ({pool.name}, shipped with the package) into {out}", file=sys.stderr)
+        retriever = build_index(pool, out, force=out.exists(), show_progress_bar=True)
+    print(f"Index {out}: {len(retriever)} demos")
+    for text in args.queries or DEMO_QUERIES:
+        print(f"\n> {_shorten(text)}")
+        _print_demos(retriever.get_demos(text, k=args.k))
     return 0
 
 
@@ -378,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="build the packaged demo pool (once, in a cache directory) and answer requests")
+    p.add_argument("queries", nargs="*", metavar="QUERY", help="requests to answer (default: four examples)")
+    p.add_argument("-k", type=int, default=3, help="demos per request (default 3)")
+    p.add_argument("--index", metavar="DIR",
+                   help="index directory to build or reuse (default: a cache directory, $ICL_RETRIEVER_CACHE or "
+                        "~/.cache/icl-retriever)")
+    p.add_argument("--rebuild", action="store_true", help="build the index again even if it exists")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("info", help="describe an index directory")
     p.add_argument("index", help="index directory")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import resources
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,12 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Demo]]:
         except RecursionError as exc:
             raise PoolError("JSON nested too deeply", path=name, line=lineno) from exc
         yield f"{name}:{lineno}", demo_from_record(record, path=name, line=lineno)
+
+
+def default_pool_path() -> Path:
+    """The demo pool shipped in the package (385 demos of 77 tasks; ``examples/demos.jsonl`` in the
+    repository), so ``icl-retriever demo`` works right after ``pip install``."""
+    return Path(str(resources.files("icl_retriever") / "data" / "demos.jsonl"))
 
 
 def load_pool(source: str | Path | Iterable[Demo | Mapping[str, Any]]) -> list[Demo]:

@@ -117,3 +117,34 @@ def test_train_on_a_labelled_pool_then_build_with_it(tmp_path: Path) -> None:
     built = cli("build", small, "--out", tmp_path / "idx", "--model", model, "--no-topic")
     assert built.returncode == 0, built.stderr
     assert str(model) in cli("info", tmp_path / "idx").stdout
+
+
+def test_demo_builds_the_packaged_pool_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`icl-retriever demo` needs no repository: the pool ships in the package, the index goes to a cache."""
+    from icl_retriever.records import default_pool_path, load_pool
+
+    pool = default_pool_path()
+    assert pool.is_relative_to(Path(__import__("icl_retriever").__file__).parent)
+    repo_copy = Path(__file__).resolve().parents[1] / "examples" / "demos.jsonl"
+    assert repo_copy.read_bytes() == pool.read_bytes() and len(load_pool(pool)) == 385
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ICL_RETRIEVER_CACHE", str(cache))
+    first = cli("demo", "Translate 'good night' into German.", "-k", "2")
+    assert first.returncode == 0, first.stderr
+    assert "Building the packaged pool" in first.stderr and "385 demos" in first.stdout
+    assert "(translation_en_de)" in first.stdout.split("\n> ")[1].splitlines()[1]  # the first demo
+    [index] = [p for p in cache.iterdir() if p.is_dir()]  # beside it: the index lock file
+    again = cli("demo", "-k", "1")  # reused, and the four default requests
+    assert again.returncode == 0, again.stderr
+    assert "Building" not in again.stderr and again.stdout.count("\n> ") == 4
+    # a damaged cache is rebuilt, and says so; an index the user named is never overwritten unasked
+    next(index.glob("demos.*.jsonl")).write_text("{}\n", encoding="utf-8")
+    repaired = cli("demo", "Write a haiku about rain.", "-k", "1")
+    assert repaired.returncode == 0, repaired.stderr
+    assert "unusable" in repaired.stderr and "rebuilding" in repaired.stderr
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me", encoding="utf-8")
+    refused = cli("demo", "--index", mine, "-k", "1")
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert (mine / "notes.txt").read_text(encoding="utf-8") == "keep me"
