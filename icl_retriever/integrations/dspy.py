@@ -1,0 +1,145 @@
+"""DSPy: PIE vectors for ``KNNFewShot``, and demos from an index as ``dspy.Example``s for a program.
+
+Two ways in, both offline until the program itself calls its LM:
+
+- ``KNNFewShot(k=3, trainset=trainset, vectorizer=pie_embedder())``: DSPy's own in-memory KNN over
+  your trainset, embedded by PIE. DSPy takes dot products without normalising; PIE vectors are unit
+  length, so its scores are cosines.
+- :class:`PIEFewShot` (a DSPy teleprompter): ``PIEFewShot(retriever, k=3).compile(program)`` returns a
+  program that, on every call, retrieves the demos of the request's task from an index (with the
+  same search controls as ``Retriever.get_demos``) and gives them to each predictor as labelled demos.
+  :meth:`PIEFewShot.examples` returns those ``dspy.Example``s for use elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import dspy
+import numpy as np
+from dspy.teleprompt import Teleprompter
+
+from icl_retriever.controls import SearchControls
+from icl_retriever.encoder import PIEEncoder
+from icl_retriever.records import CORE_FIELDS, Demo
+from icl_retriever.retriever import Retriever
+
+__all__ = ["PIEFewShot", "demo_to_example", "pie_embedder"]
+
+
+def pie_embedder(encoder: PIEEncoder | None = None, *, batch_size: int = 32) -> dspy.Embedder:
+    """A ``dspy.Embedder`` over PIE (default: the embedded default model), for ``KNNFewShot`` / ``KNN``."""
+    enc = encoder or PIEEncoder()
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return enc.encode(list(texts), batch_size=batch_size, show_progress_bar=False)
+
+    return dspy.Embedder(embed, batch_size=max(batch_size, 1))
+
+
+def demo_to_example(demo: Demo, fields: Mapping[str, str] | None = None) -> dspy.Example:
+    """A ``dspy.Example`` of a demo.
+
+    Without ``fields``: ``instruction``, ``input``, ``output`` and the metadata (inputs: instruction
+    and input). With ``fields`` (program field -> ``instruction`` / ``input`` / ``output`` / a metadata
+    key), the example carries the program's field names; fields drawn from ``output`` are its labels,
+    the others its inputs.
+
+    Raises:
+        KeyError: a field names something the demo does not have.
+    """
+    if fields is None:
+        values: dict[str, Any] = {"instruction": demo.instruction, "input": demo.input, "output": demo.output}
+        values.update({k: v for k, v in demo.metadata.items() if k not in CORE_FIELDS and k != "score"})
+        return dspy.Example(**values).with_inputs("instruction", "input")
+    values = {}
+    for name, source in fields.items():
+        if source in ("instruction", "input", "output"):
+            values[name] = getattr(demo, source)
+        elif source in demo.metadata:
+            values[name] = demo.metadata[source]
+        else:
+            raise KeyError(f"field {name!r}: demo {demo.id!r} has no {source!r} (instruction, input, output or metadata)")
+    return dspy.Example(**values).with_inputs(*(name for name, source in fields.items() if source != "output"))
+
+
+class PIEFewShot(Teleprompter):
+    """Demos of the request's task from a PIE index, attached to a DSPy program at every call.
+
+    Args:
+        retriever: a :class:`Retriever` (see :meth:`from_index`).
+        k: demos per call.
+        input_keys: the program inputs that state the request, joined into the query (default: all
+            inputs of the call, in order).
+        fields: program field -> demo attribute / metadata key, as in :func:`demo_to_example`.
+        **controls: search controls of ``Retriever.get_demos`` (``filter``, ``diversity``, ``rerank``,
+            ...), validated here: an unknown or invalid one is a ``ValueError`` now, not at the first call.
+    """
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        k: int = 4,
+        *,
+        input_keys: Sequence[str] | None = None,
+        fields: Mapping[str, str] | None = None,
+        **controls: Any,
+    ) -> None:
+        SearchControls.parse(k=k, **controls)
+        self.retriever = retriever
+        self.k = k
+        self.input_keys = list(input_keys) if input_keys is not None else None
+        self.fields = dict(fields) if fields is not None else None
+        self.controls = controls
+
+    @classmethod
+    def from_index(
+        cls,
+        path: str | Path,
+        k: int = 4,
+        *,
+        encoder: PIEEncoder | None = None,
+        model: str | Path | None = None,
+        verify: bool = True,
+        **kwargs: Any,
+    ) -> PIEFewShot:
+        """Open an index directory (as :meth:`Retriever.from_index`) and wrap it."""
+        return cls(Retriever.from_index(path, encoder=encoder, model=model, verify=verify), k, **kwargs)
+
+    def query(self, **inputs: Any) -> str:
+        """The request text of a call's inputs (the chosen input fields, joined by blank lines)."""
+        keys = self.input_keys if self.input_keys is not None else list(inputs)
+        missing = [key for key in keys if key not in inputs]
+        if missing:
+            raise KeyError(f"input_keys {missing} not among the program's inputs {sorted(inputs)}")
+        text = "\n\n".join(t for t in (str(inputs[key]).strip() for key in keys) if t)
+        if not text:
+            raise ValueError(f"the inputs {sorted(inputs)} hold no request text to retrieve demos for")
+        return text
+
+    def examples(self, **inputs: Any) -> list[dspy.Example]:
+        """The ``k`` demos for a call's inputs, best first, as ``dspy.Example``s."""
+        demos = self.retriever.get_demos(self.query(**inputs), k=self.k, **self.controls)
+        return [demo_to_example(d, self.fields) for d in demos]
+
+    def compile(self, student: dspy.Module, *, trainset: Any = None, teacher: Any = None, **_: Any) -> dspy.Module:
+        """A copy of ``student`` whose every call runs a fresh copy with the retrieved demos.
+
+        ``trainset`` and ``teacher`` are not used: the index is the training set, and its demos are
+        attached as they are (no bootstrapping, no LM call here).
+        """
+        compiled = student.reset_copy()
+
+        def forward(_self: dspy.Module, **inputs: Any) -> Any:
+            program = student.reset_copy()  # per call: concurrent calls never share demos
+            demos = self.examples(**inputs)
+            for predictor in program.predictors():
+                predictor.demos = list(demos)
+            return program(**inputs)
+
+        compiled.forward = forward.__get__(compiled)  # type: ignore[method-assign]
+        return compiled
+
+
