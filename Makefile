@@ -16,11 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(CLI) build examples/demos.jsonl --out indexes/default --force
-	$(CLI) query indexes/default "Translate 'good night' into German." -k 3
-	$(CLI) query indexes/default "Write a limerick about a cat who loves lasagna." -k 3
-	$(CLI) query indexes/default "Write a SQL query that lists customers from Spain." -k 3
-	$(CLI) query indexes/default "Is this review positive or negative? 'The battery died after two days.'" -k 3
+	$(CLI) demo --index indexes/default --rebuild
 
 test: install
 	$(PY) -m pytest -q
