@@ -123,6 +123,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         demo_format=args.demo_format.replace("\\n", "\n").replace("\\t", "\t") if args.demo_format else None,
         **({"rerank_margin": args.rerank_margin} if args.rerank_margin is not None else {}),
         **({"rerank_weight": args.rerank_weight} if args.rerank_weight is not None else {}),
+        min_score=_min_score(args.min_score),
     )
     SearchControls.parse(k=args.k, **controls)  # a bad flag fails before the model loads
     retriever = Retriever.from_index(args.index, model=args.model, verify=not args.no_verify)
@@ -130,8 +131,19 @@ def _cmd_query(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([d.model_dump() for d in demos], ensure_ascii=False, indent=2))
         return 0
+    if not demos and args.min_score is not None:
+        print(f"No demo reached --min-score {args.min_score}: none is confidently of this request's task")
     _print_demos(demos)
     return 0
+
+
+def _min_score(text: str | None) -> float | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--min-score must be a cosine or 'auto', got {text!r}") from None
 
 
 def _print_demos(demos: Sequence[Demo]) -> None:
@@ -341,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PIE cosine margin that counts as the same task for --rerank task_then_topic (default 0.1)")
     p.add_argument("--rerank-weight", type=float, default=None, metavar="W",
                    help="PIE (task) weight of --rerank hybrid, the content weight is 1 - W (default 0.5)")
+    p.add_argument("--min-score", default=None, metavar="COSINE|auto",
+                   help="drop demos below this PIE cosine (fewer than k, or none, may come back); auto: the "
+                        "model's calibrated floor (precision 0.9 that a kept demo has the query's task)")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help="pack the best demos whose formatted length fits N tokens in total (never truncates one)")
     p.add_argument("--tokenizer", default=None, metavar="NAME",

@@ -74,6 +74,7 @@ class SearchControls(BaseModel):
     rerank: RerankSetting = "auto"
     rerank_margin: float = DEFAULT_RERANK_MARGIN
     rerank_weight: float = DEFAULT_HYBRID_WEIGHT
+    min_score: float | Literal["auto"] | None = None
     max_tokens: int | None = None
     tokenizer: Any = None
     demo_format: Any = None
@@ -115,6 +116,15 @@ class SearchControls(BaseModel):
     def _weight(cls, value: Any) -> float:
         if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"rerank_weight must be the PIE weight from 0 (content only) to 1 (task only), got {value!r}")
+        return float(value)
+
+    @field_validator("min_score", mode="before")
+    @classmethod
+    def _min_score(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return value
+        if not _is_number(value) or not -1.0 <= float(value) <= 1.0:
+            raise ValueError(f"min_score must be a cosine from -1 to 1 or 'auto' (the model's calibrated floor), got {value!r}")
         return float(value)
 
     @field_validator("dedup", mode="before")

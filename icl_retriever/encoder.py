@@ -278,6 +278,31 @@ class PIEEncoder:
         )
         return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
+    def calibrated_floor(self) -> float:
+        """The cosine floor of ``min_score="auto"``, measured for this model (``calibration.json`` beside
+        its weights; see :mod:`icl_retriever.calibration`).
+
+        Raises:
+            ValueError: the model carries no calibration, or one made for other weights or settings.
+        """
+        from icl_retriever import calibration
+
+        name = self.config.model
+        directory = default_model.HERE if name == "default" else Path(name) if Path(name).is_dir() else None
+        found = calibration.load(directory) if directory is not None else None
+        if found is None:
+            raise ValueError(
+                f"min_score='auto': model {name!r} carries no calibrated floor ({calibration.CALIBRATION_FILE}); "
+                "pass a cosine, or calibrate it (icl-retriever train writes one for the models it trains)"
+            )
+        if found.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"min_score='auto': the floor of model {name!r} was measured with other weights or settings "
+                f"({found.fingerprint}, this encoder is {self.fingerprint}: template, pooling, max_length or "
+                "quantize differ); pass a cosine instead"
+            )
+        return found.min_score
+
     @property
     def dim(self) -> int:
         """Embedding dimension."""

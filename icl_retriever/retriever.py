@@ -493,6 +493,7 @@ class Retriever:
         rerank: RerankSetting = "auto",
         rerank_margin: float = DEFAULT_RERANK_MARGIN,
         rerank_weight: float = DEFAULT_HYBRID_WEIGHT,
+        min_score: float | Literal["auto"] | None = None,
         max_tokens: int | None = None,
         tokenizer: Any = None,
         demo_format: DemoFormat | None = None,
@@ -530,6 +531,10 @@ class Retriever:
                 ``rerank_weight``) x that plain-embedding cosine.
             rerank_margin: PIE cosine margin defining "same task" for ``rerank`` (default 0.1).
             rerank_weight: PIE weight of ``rerank="hybrid"`` (default 0.5).
+            min_score: drop demos whose PIE cosine is below this, so fewer than ``k`` (or none) may
+                come back when the pool holds no demo of the query's task. ``"auto"``: the model's
+                calibrated floor, at which a kept demo shares the query's task with precision 0.9 on
+                tasks it never trained on (:meth:`PIEEncoder.calibrated_floor`).
             max_tokens: pack the best demos whose formatted length fits this budget in total, skipping
                 one that would overflow (a later, shorter one may still fit); never truncates a demo.
             tokenizer: counts tokens for ``max_tokens``: default the encoder's tokenizer; a Hugging
@@ -554,6 +559,7 @@ class Retriever:
             rerank=rerank,
             rerank_margin=rerank_margin,
             rerank_weight=rerank_weight,
+            min_score=min_score,
             max_tokens=max_tokens,
             tokenizer=tokenizer,
             demo_format=demo_format,
@@ -572,6 +578,7 @@ class Retriever:
         rerank: RerankSetting = "auto",
         rerank_margin: float = DEFAULT_RERANK_MARGIN,
         rerank_weight: float = DEFAULT_HYBRID_WEIGHT,
+        min_score: float | Literal["auto"] | None = None,
         max_tokens: int | None = None,
         tokenizer: Any = None,
         demo_format: DemoFormat | None = None,
@@ -598,6 +605,7 @@ class Retriever:
             rerank=rerank,
             rerank_margin=rerank_margin,
             rerank_weight=rerank_weight,
+            min_score=min_score,
             max_tokens=max_tokens,
             tokenizer=tokenizer,
             demo_format=demo_format,
@@ -611,6 +619,8 @@ class Retriever:
                 self.path or "this index", DEFAULT_RERANK,
             )
         ctl = ctl.resolve(has_topic=state.topic is not None)
+        if ctl.min_score == "auto":
+            ctl = ctl.model_copy(update={"min_score": self.encoder.calibrated_floor()})
         if ctl.rerank is not None and state.topic is None:
             raise ValueError(self._no_topic_message())
         counter = resolve_tokenizer(ctl.tokenizer, self.encoder.tokenizer) if ctl.max_tokens is not None else None
@@ -749,6 +759,9 @@ class Retriever:
         counter: Callable[[list[str]], list[int]] | None,
     ) -> list[Demo]:
         """Order, de-duplicate and cut the candidates (best first by PIE score) of one query."""
+        if ctl.min_score is not None:  # resolved to a cosine by get_demos_batch
+            keep = scores >= float(ctl.min_score)
+            rows, scores = rows[keep], scores[keep]
         if not len(rows):
             return []
         order = list(range(len(rows)))

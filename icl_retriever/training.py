@@ -760,10 +760,41 @@ def _sources(config: TrainConfig) -> list[_Source]:
     return sources
 
 
+def held_out_sets(config: TrainConfig) -> list[tuple[str, list[str], list[str]]]:
+    """``(file name, instructions, task labels)`` of each train file's held-out tasks, instructions only:
+    tasks the model never trained on, where its calibrated floor is measured."""
+    sets = []
+    for path in config.train_files:
+        tasks = load_task_set(path, label_field=config.label_field)
+        _, val = split_tasks(tasks, config.val_fraction, config.seed)
+        if val is not None:
+            pairs = [(text, task) for task, texts in val.instructions.items() for text in texts]
+            sets.append((Path(path).name, [t for t, _ in pairs], [label for _, label in pairs]))
+    return sets
+
+
+def write_calibration(encoder: PIEEncoder, config: TrainConfig, out: Path) -> None:
+    """Measure ``encoder``'s floor for ``min_score="auto"`` on the held-out tasks and save it in ``out``
+    (logged, not raised, when the tasks cannot support one: ``"auto"`` then says the model has none)."""
+    from icl_retriever import calibration
+
+    sets = held_out_sets(config)
+    try:
+        found = calibration.calibrate(encoder, sets, seed=config.seed, batch_size=config.batch_size) if sets else None
+    except ValueError as exc:
+        found = None
+        logger.warning("no calibrated floor for min_score='auto': %s", exc)
+    if found is not None:
+        calibration.save(found, out)
+        logger.info("calibrated floor %.4f (precision %.3f on %d held-out queries)", found.min_score, found.precision,
+                    found.n_queries)
+
+
 def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
     """Fine-tune ``config.base_model`` contrastively on ``config.train_files``; return the output directory.
 
-    Writes ``model.safetensors``, tokenizer files, ``pie_config.json``, ``training_card.json`` and, from
+    Writes ``model.safetensors``, tokenizer files, ``pie_config.json``, ``training_card.json``,
+    ``calibration.json`` (the floor of ``min_score="auto"``, measured on the held-out tasks) and, from
     the default model, ``delta.safetensors``.
 
     Raises:
@@ -791,6 +822,7 @@ def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
     # Outputs: the model directory, the shippable delta, the card.
     out = Path(config.output_dir)
     _save(encoder, out)
+    write_calibration(PIEEncoder(out), config, out)  # as users load it: the saved weights and settings
     from_default = config.base_model in ("default", "default-base")
     delta = _save_default_delta(encoder.model, out / DELTA_FILE) if from_default else None
     card = _card(config, encoder, sources, fit, before, delta, time.perf_counter() - started)

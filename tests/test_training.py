@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from icl_retriever import PIEEncoder, PoolError
+from icl_retriever import PIEEncoder, PoolError, calibration
 from icl_retriever.default_model import apply_delta, base_model_dir
 from icl_retriever.training import (
     TrainConfig,
@@ -251,6 +251,10 @@ def test_train_output_loads_and_is_described(trained: Path) -> None:
     encoder = PIEEncoder(trained)
     assert encoder.config.template == 'This sentence of "{instruction}" means:'
     assert encoder.config.max_length == 128
+    # the floor of min_score="auto", measured on the 2 held-out tasks (12 instructions) as users load the model
+    floor = calibration.load(trained)
+    assert floor is not None and floor.files == ["tiny_ieb.json"] and floor.n_queries == 12
+    assert encoder.calibrated_floor() == floor.min_score and floor.precision >= 0.9
 
 
 def test_train_changes_the_embedding(trained: Path, encoder: PIEEncoder) -> None:
