@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from icl_retriever.controls import topic_text
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.errors import first_validation_error
-from icl_retriever.index_store import (
+from icl_retriever.store import (
     AUTO_HNSW_FROM,
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,

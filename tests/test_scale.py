@@ -15,7 +15,7 @@ from icl_retriever import EncoderMismatchError, IndexFormatError, PIEEncoder, Re
 from icl_retriever.build import resolve_index_type, resume_dir
 from icl_retriever.cli import main
 from icl_retriever.encoder import EncoderConfig
-from icl_retriever.index_store import (
+from icl_retriever.store import (
     MANIFEST_FILE,
     VECTORS,
     IndexParams,
