@@ -46,6 +46,8 @@ def disk_full_at(monkeypatch: pytest.MonkeyPatch, write: str) -> list[Path]:
     calls: list[Path] = []
 
     def write_file(file: Path, chunks):  # type: ignore[no-untyped-def]
+        if ".build-" in file.parent.name:  # a build's checkpoint chunk (same write path), not part of a version
+            return real(file, chunks)
         calls.append(file)
         if len(calls) == WRITES.index(write) + 1:
             with file.open("xb") as fh:
