@@ -78,7 +78,7 @@ def child_full(n: int, kind: str, workdir: Path, topic: bool) -> dict:
 
 def child_index(n: int, kind: str, workdir: Path, topic: bool) -> dict:
     from icl_retriever import Demo, PIEEncoder, Retriever
-    from icl_retriever.index_store import (
+    from icl_retriever.store import (
         TARGET_RECALL,
         TopicInfo,
         describe_index,

@@ -43,7 +43,7 @@ _FLOATS = [np.nan, np.inf, -np.inf, 1e30, 50.0, 0.0, -1.0]
 def _templates(root: Path) -> dict[str, Path]:
     """One small index per vector index type, each with topic vectors and varied demos."""
     from icl_retriever.encoder import EncoderConfig
-    from icl_retriever.index_store import IndexParams, TopicInfo, new_flat_index, new_index, save_index
+    from icl_retriever.store import IndexParams, TopicInfo, new_flat_index, new_index, save_index
     from icl_retriever.records import Demo
 
     rng = np.random.default_rng(0)
@@ -119,7 +119,7 @@ def _run_case(templates: dict[str, dict[str, bytes]], scratch: Path, seed: int, 
     import faiss
 
     from icl_retriever.errors import IndexFormatError
-    from icl_retriever.index_store import MANIFEST_FILE, all_vectors, load_version
+    from icl_retriever.store import MANIFEST_FILE, all_vectors, load_version
 
     rng = np.random.default_rng([seed, case])
     kind = KINDS[case % len(KINDS)]
@@ -153,7 +153,7 @@ def _run_case(templates: dict[str, dict[str, bytes]], scratch: Path, seed: int, 
 
 def _child(workdir: Path, seed: int, start: int, stop: int) -> None:
     """Run cases ``start..stop-1``, printing ``START i`` before and ``END i outcome`` after each."""
-    from icl_retriever.index_store import MANIFEST_FILE
+    from icl_retriever.store import MANIFEST_FILE
 
     roots = _templates(workdir / "templates") if not (workdir / "templates").exists() else {
         kind: workdir / "templates" / kind for kind in KINDS}

@@ -85,7 +85,7 @@ def langchain_selector(encoder, vectors: np.ndarray, records: list[dict], k: int
 
 def time_retriever(r, warm: list[str], queries: list[str], qvecs: np.ndarray, k: int) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
     """get_demos p50 / p95 and search-only p50, in ms."""
-    from icl_retriever.index_store import search
+    from icl_retriever.store import search
 
     for q in warm:
         r.get_demos(q, k=k)
@@ -116,7 +116,7 @@ def main() -> None:
     import torch
 
     from icl_retriever import Demo, PIEEncoder, Retriever
-    from icl_retriever.index_store import TARGET_RECALL, describe_index, measure_recall, new_index
+    from icl_retriever.store import TARGET_RECALL, describe_index, measure_recall, new_index
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

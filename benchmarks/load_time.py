@@ -4,7 +4,7 @@ The index (default 1e5 demos, random unit vectors, topic vectors, varied demo re
 with the library's own writer (no encoder needed) and cached under ``--workdir``. Each round then loads
 it (sha256 verified, as ``Retriever.from_index`` does) three ways, in rotating order:
 
-- ``checks on``: ``index_store.load_version`` as shipped;
+- ``checks on``: ``store.load_version`` as shipped;
 - ``checks off``: the same, with the content checks (HNSW / IVF layout walk, unit-vector / id checks,
   demo record rules) replaced by no-ops;
 - ``before`` (with ``--before REV``): the loader of git revision REV (e.g. the commit before the
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def build(out: Path, n: int, kind: str, dim: int = 384, seed: int = 0) -> None:
     """An index of ``n`` synthetic demos with random unit vectors, written by ``save_index``."""
     from icl_retriever.encoder import EncoderConfig
-    from icl_retriever.index_store import TopicInfo, new_flat_index, new_index, save_index
+    from icl_retriever.store import TopicInfo, new_flat_index, new_index, save_index
     from icl_retriever.records import Demo
 
     rng = np.random.default_rng(seed)
@@ -65,20 +65,24 @@ def build(out: Path, n: int, kind: str, dim: int = 384, seed: int = 0) -> None:
 @contextlib.contextmanager
 def checks_off() -> Iterator[None]:
     """The loader with its content checks replaced by no-ops (file type, size and sha256 checks stay)."""
-    from icl_retriever import index_store
+    from icl_retriever.store import layout, reader
 
-    saved = (index_store._check_contents, index_store._check_demos, index_store._Layout.check)
-    index_store._check_contents = lambda *a, **k: None
-    index_store._check_demos = lambda *a, **k: None
-    index_store._Layout.check = lambda *a, **k: None
+    saved = (reader._check_contents, reader._check_demos, layout._Layout.check)
+    reader._check_contents = lambda *a, **k: None
+    reader._check_demos = lambda *a, **k: None
+    layout._Layout.check = lambda *a, **k: None
     try:
         yield
     finally:
-        index_store._check_contents, index_store._check_demos, index_store._Layout.check = saved
+        reader._check_contents, reader._check_demos, layout._Layout.check = saved
 
 
 def loader_of(rev: str) -> Callable[..., object]:
-    """``load_version`` of ``icl_retriever/index_store.py`` at git revision ``rev`` (other modules as now)."""
+    """``load_version`` of ``icl_retriever/index_store.py`` at git revision ``rev`` (other modules as now).
+
+    That single file held the store before it became the ``icl_retriever.store`` package, so ``rev`` must be a
+    revision from before that split.
+    """
     source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:icl_retriever/index_store.py"],
                             check=True, capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "index_store_before.py"
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="write the index again even if cached")
     args = parser.parse_args(argv)
 
-    from icl_retriever.index_store import load_version
+    from icl_retriever.store import load_version
 
     out = args.workdir / f"n{args.n}-{args.index_type}"
     if args.rebuild or not (out / "manifest.json").is_file():

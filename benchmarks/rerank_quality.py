@@ -26,7 +26,7 @@ import numpy as np
 
 from icl_retriever import Demo, PIEEncoder, Retriever
 from icl_retriever.controls import topic_text
-from icl_retriever.index_store import all_vectors
+from icl_retriever.store import all_vectors
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POOL = ROOT / "examples" / "demos.jsonl"

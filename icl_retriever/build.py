@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import stat
 import time
-import uuid
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from icl_retriever.controls import topic_text
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.errors import first_validation_error
-from icl_retriever.index_store import (
+from icl_retriever.store import (
     AUTO_HNSW_FROM,
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
@@ -52,6 +52,7 @@ from icl_retriever.index_store import (
     new_flat_index,
     new_index,
     non_unit_row,
+    replace_file,
     save_index,
 )
 from icl_retriever.records import Demo, load_pool
@@ -362,17 +363,14 @@ def _checksum(source: bytes, array: np.ndarray) -> str:
 
 
 def _save_chunk(path: Path, array: np.ndarray, source: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    """Write a finished chunk atomically (the store's :func:`~icl_retriever.store.replace_file`)."""
     array = np.ascontiguousarray(array, dtype=np.float32)
     try:
-        with tmp.open("wb") as fh:
-            np.savez(fh, vectors=array, checksum=np.array(_checksum(source, array)))  # plain arrays: data only
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name the chunk
+        buffer = io.BytesIO()
+        np.savez(buffer, vectors=array, checksum=np.array(_checksum(source, array)))  # plain arrays: data only
+        replace_file(path, [buffer.getbuffer()])
+    except OSError as exc:
+        if exc.filename is None:  # a failed write names no file: name the chunk
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 

@@ -32,7 +32,7 @@ def _shorten(text: str, width: int = 100) -> str:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from icl_retriever.encoder import PIEEncoder
-    from icl_retriever.index_store import check_target
+    from icl_retriever.store import check_target
     from icl_retriever.records import load_pool
     from icl_retriever.build import build_index, check_build_params
 
@@ -227,7 +227,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from icl_retriever.index_store import load_manifest
+    from icl_retriever.store import load_manifest
 
     manifest = load_manifest(args.index)
     if args.json:

@@ -35,7 +35,7 @@ from icl_retriever.controls import (
 )
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.errors import EncoderMismatchError, PoolError
-from icl_retriever.index_store import (
+from icl_retriever.store import (
     Manifest,
     TopicInfo,
     all_vectors,
@@ -218,7 +218,7 @@ class Retriever:
         """Open an index directory with the encoder it was built with.
 
         The manifest's model is loaded on its word only if it is the embedded default or a directory
-        inside the index directory (:func:`~icl_retriever.index_store.trusted_model`); any other model
+        inside the index directory (:func:`~icl_retriever.store.trusted_model`); any other model
         (a local path, a Hugging Face id) must be named by the caller, with ``model`` or ``encoder``.
 
         Args:

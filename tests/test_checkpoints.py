@@ -14,7 +14,7 @@ import pytest
 
 from icl_retriever import PIEEncoder, Retriever, build_index
 from icl_retriever.build import STALE_CHECKPOINT_S, _chunk_name, _save_chunk, _source, resume_dir
-from icl_retriever.index_store import all_vectors
+from icl_retriever.store import all_vectors
 
 POOL = [{"id": f"d{i}", "instruction": f"Write a short poem about the number {i}."} for i in range(6)]
 TEXTS = [r["instruction"] for r in POOL]

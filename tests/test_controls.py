@@ -32,7 +32,7 @@ from icl_retriever.controls import (
     token_counter,
     topic_text,
 )
-from icl_retriever.index_store import TOPIC, load_manifest
+from icl_retriever.store import TOPIC, all_vectors, load_manifest, new_index
 
 LONG_STORY = " ".join(["Once upon a time a dragon guarded a mountain of gold and slept for a hundred years."] * 12)
 POOL: list[dict[str, Any]] = [
@@ -252,11 +252,7 @@ def test_filter_membership_lists_and_exhaustion(r: Retriever) -> None:
 
 
 def test_filter_on_hnsw_index(r: Retriever) -> None:
-    from icl_retriever import index_store
-
-    if not hasattr(index_store, "new_index"):
-        pytest.skip("no HNSW support in index_store yet")
-    hnsw = index_store.new_index(index_store.all_vectors(r.index), "hnsw")
+    hnsw = new_index(all_vectors(r.index), "hnsw")
     approx = Retriever(r.encoder, hnsw, r.demos)
     for spec in ({"task": "translate"}, {"lang": ["de", "fr"]}, lambda d: d.metadata["task"] == "translate"):
         assert ids(approx.get_demos("Write a poem about the ocean.", k=3, filter=spec)) == ids(
@@ -487,15 +483,11 @@ def test_cli_query_flags(index_dir: Path) -> None:
 def test_filter_on_approximate_index_finds_rare_matches(encoder: PIEEncoder, index_type: str) -> None:
     """A filter matching a few demos far from the query: over-fetching an approximate index at full depth
     does not return every demo, so the search goes exact over the matches instead of giving up."""
-    from icl_retriever import index_store
-
-    if not hasattr(index_store, "new_index"):
-        pytest.skip("no approximate index types in index_store yet")
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(3000, encoder.dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     demos = [Demo(id=str(i), instruction=f"demo {i}", metadata={"rare": i % 1000 == 7}) for i in range(len(vectors))]
-    approx = Retriever(encoder, index_store.new_index(vectors, index_type), demos)  # type: ignore[arg-type]
+    approx = Retriever(encoder, new_index(vectors, index_type), demos)  # type: ignore[arg-type]
     query = vectors[0]
     rare = np.array([7, 1007, 2007])
     expected = rare[np.argsort(-(vectors[rare] @ query))].tolist()

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from icl_retriever import Demo, ICLRetrieverError, PIEEncoder, build_index, load_pool
-from icl_retriever.index_store import MANIFEST_FILE, load_index, load_manifest
+from icl_retriever.store import MANIFEST_FILE, load_index, load_manifest
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

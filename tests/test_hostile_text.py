@@ -13,7 +13,7 @@ import pytest
 
 from icl_retriever import IndexFormatError, PIEEncoder, PoolError, Retriever, build_index
 from icl_retriever.cli import main
-from icl_retriever.index_store import MANIFEST_FILE
+from icl_retriever.store import MANIFEST_FILE
 
 ESCAPES = ["\x1b]0;pwned\x07", "\x1b[31m", "\x1b[2J", "\u202e", "\x9b"]  # title, colour, clear screen, bidi, CSI
 POOL = [

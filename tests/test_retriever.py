@@ -17,7 +17,7 @@ from icl_retriever import (
     Retriever,
     build_index,
 )
-from icl_retriever.index_store import DEMOS, MANIFEST_FILE, TOPIC, VECTORS, load_manifest
+from icl_retriever.store import DEMOS, MANIFEST_FILE, TOPIC, VECTORS, load_manifest
 
 
 def data_file(index_dir: Path, role: str) -> Path:

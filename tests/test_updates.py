@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from icl_retriever import PIEEncoder, PoolError, Retriever, build_index
-from icl_retriever.index_store import load_manifest
+from icl_retriever.store import load_manifest
 
 BASE = [
     {"id": "poem-1", "instruction": "Write a poem about the sea.", "output": "Waves.", "task": "poem"},

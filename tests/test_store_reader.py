@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from icl_retriever import IndexFormatError, PIEEncoder, Retriever, build_index
-from icl_retriever.index_store import DEMOS, MANIFEST_FILE, VECTORS, load_manifest
+from icl_retriever.store import DEMOS, MANIFEST_FILE, VECTORS, load_manifest
 
 POOL = [
     {"id": f"d{i}", "instruction": text, "output": "ok", "task": task}

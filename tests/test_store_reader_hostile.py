@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from icl_retriever import IndexFormatError, ModelLoadError, PIEEncoder, Retriever, build_index
-from icl_retriever.index_store import (
+from icl_retriever.store import (
     DEMOS,
     MANIFEST_FILE,
     TOPIC,

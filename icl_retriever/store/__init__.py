@@ -1,0 +1,76 @@
+"""The index on disk: one directory with a JSON manifest, a FAISS index and the demos as JSONL.
+
+Save and load are mirror images over one directory: :mod:`.writer` writes a version atomically under a
+file lock, :mod:`.reader` reads it back, checking every file before parsing it. :mod:`.manifest` holds the
+schema, :mod:`.faiss_index` builds and searches the FAISS indexes, :mod:`.recall` measures and tunes an
+approximate index, :mod:`.layout` checks a FAISS file's bytes before FAISS reads them.
+"""
+
+from icl_retriever.store.faiss_index import (
+    AUTO_HNSW_FROM,
+    HNSW_EF_CONSTRUCTION,
+    HNSW_EF_SEARCH,
+    HNSW_M,
+    UNIT_NORM_TOLERANCE,
+    all_vectors,
+    configure_index,
+    describe_index,
+    new_flat_index,
+    new_index,
+    non_unit_row,
+    rebuild_index,
+    search,
+)
+from icl_retriever.store.manifest import (
+    DEMOS,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    TOPIC,
+    VECTORS,
+    FileEntry,
+    IndexParams,
+    IndexType,
+    Manifest,
+    TopicInfo,
+)
+from icl_retriever.store.reader import IndexVersion, load_index, load_manifest, load_version, trusted_model
+from icl_retriever.store.recall import TARGET_RECALL, measure_recall
+from icl_retriever.store.writer import check_target, replace_file, save_index, write_lock, write_version
+
+__all__ = [
+    "AUTO_HNSW_FROM",
+    "DEMOS",
+    "FORMAT_VERSION",
+    "HNSW_EF_CONSTRUCTION",
+    "HNSW_EF_SEARCH",
+    "HNSW_M",
+    "MANIFEST_FILE",
+    "TARGET_RECALL",
+    "TOPIC",
+    "UNIT_NORM_TOLERANCE",
+    "VECTORS",
+    "FileEntry",
+    "IndexParams",
+    "IndexType",
+    "IndexVersion",
+    "Manifest",
+    "TopicInfo",
+    "all_vectors",
+    "check_target",
+    "configure_index",
+    "describe_index",
+    "load_index",
+    "load_manifest",
+    "load_version",
+    "measure_recall",
+    "new_flat_index",
+    "new_index",
+    "non_unit_row",
+    "rebuild_index",
+    "replace_file",
+    "save_index",
+    "search",
+    "trusted_model",
+    "write_lock",
+    "write_version",
+]
