@@ -26,13 +26,10 @@ DELTA_FILE = HERE / "delta.safetensors"
 CONFIG_FILE = HERE / "pie_config.json"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def base_model_dir() -> Path:
