@@ -38,10 +38,8 @@ from icl_retriever.controls import (
     DEFAULT_FETCH_K,
     DEFAULT_RERANK,
     DEFAULT_RERANK_MARGIN,
-    hybrid_order,
     mmr_order,
     rerank_order,
-    task_then_topic_order,
     topic_text,
 )
 from icl_retriever.encoder import PIEEncoder, _quiet_transformers
@@ -528,11 +526,12 @@ def rank_demos(
         order = np.argsort(-_need(topic_scores, "topic"), kind="stable")
     elif method.kind == "pie":
         order = np.argsort(-_need(pie_scores, "pie"), kind="stable")
-    elif method.kind == "hybrid":
-        order = np.asarray(hybrid_order(_need(pie_scores, "pie"), _need(topic_scores, "topic"), float(method.param or 0.0)))
-    elif method.kind == "pie_then_topic":
-        margin = float(method.param or 0.0)
-        order = np.asarray(task_then_topic_order(_need(pie_scores, "pie"), _need(topic_scores, "topic"), margin))
+    elif method.kind in ("hybrid", "pie_then_topic"):
+        param = float(method.param or 0.0)
+        rerank = "hybrid" if method.kind == "hybrid" else "task_then_topic"
+        order = np.asarray(
+            rerank_order(rerank, _need(pie_scores, "pie"), _need(topic_scores, "topic"), weight=param, margin=param)
+        )
     elif method.kind == "default":  # as Retriever.get_demos: rerank="auto" over the fetch_k best PIE candidates
         top = np.argsort(-_need(pie_scores, "pie"), kind="stable")[: max(DEFAULT_FETCH_K, 4 * limit)]
         order = top[rerank_order(DEFAULT_RERANK, _need(pie_scores, "pie")[top], _need(topic_scores, "topic")[top])]

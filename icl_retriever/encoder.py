@@ -8,6 +8,7 @@ autumn" rather than next to "Tell me facts about the sea".
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from tqdm.auto import tqdm
 
 from icl_retriever import default_model
 from icl_retriever.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from icl_retriever.calibration import FloorCalibration
 
 logger = logging.getLogger(__name__)
 
@@ -288,8 +292,7 @@ class PIEEncoder:
         from icl_retriever import calibration
 
         name = self.config.model
-        directory = default_model.HERE if name == "default" else Path(name) if Path(name).is_dir() else None
-        found = calibration.load(directory) if directory is not None else None
+        found = self._calibration
         if found is None:
             raise ValueError(
                 f"min_score='auto': model {name!r} carries no calibrated floor ({calibration.CALIBRATION_FILE}); "
@@ -302,6 +305,15 @@ class PIEEncoder:
                 "quantize differ); pass a cosine instead"
             )
         return found.min_score
+
+    @functools.cached_property
+    def _calibration(self) -> FloorCalibration | None:
+        """The ``calibration.json`` beside the weights, read once (None if there is none)."""
+        from icl_retriever import calibration
+
+        name = self.config.model
+        directory = default_model.HERE if name == "default" else Path(name) if Path(name).is_dir() else None
+        return calibration.load(directory) if directory is not None else None
 
     @property
     def dim(self) -> int:

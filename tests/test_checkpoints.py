@@ -16,28 +16,15 @@ from icl_retriever import PIEEncoder, Retriever, build_index
 from icl_retriever.build import STALE_CHECKPOINT_S, _chunk_name, _save_chunk, _source, resume_dir
 from icl_retriever.store import all_vectors
 
+from helpers import CountingEncode
+
 POOL = [{"id": f"d{i}", "instruction": f"Write a short poem about the number {i}."} for i in range(6)]
 TEXTS = [r["instruction"] for r in POOL]
 
 
-class _Counting:
-    """Counts the texts ``encoder.encode`` embeds; raises KeyboardInterrupt on the n-th call."""
-
-    def __init__(self, encoder: PIEEncoder, fail_on_call: int | None = None) -> None:
-        self.original = PIEEncoder.encode.__get__(encoder)
-        self.fail_on_call = fail_on_call
-        self.calls: list[list[str]] = []
-
-    def __call__(self, texts, **kwargs):  # type: ignore[no-untyped-def]
-        self.calls.append(list(texts))
-        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
-            raise KeyboardInterrupt("simulated interruption")
-        return self.original(texts, **kwargs)
-
-
 def interrupted_build(out: Path, encoder: PIEEncoder, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A build of POOL in chunks of 2, interrupted in its third chunk: chunks 0 and 1 are on disk."""
-    monkeypatch.setattr(encoder, "encode", _Counting(encoder, fail_on_call=3))
+    monkeypatch.setattr(encoder, "encode", CountingEncode(encoder, fail_on_call=3))
     with pytest.raises(KeyboardInterrupt):
         build_index(POOL, out, encoder=encoder, chunk_size=2, topic=False)
     folder = resume_dir(out, TEXTS, encoder, 2)
@@ -46,7 +33,7 @@ def interrupted_build(out: Path, encoder: PIEEncoder, monkeypatch: pytest.Monkey
 
 
 def rebuild(out: Path, encoder: PIEEncoder, monkeypatch: pytest.MonkeyPatch) -> tuple[Retriever, list[int]]:
-    counting = _Counting(encoder)
+    counting = CountingEncode(encoder)
     monkeypatch.setattr(encoder, "encode", counting)
     r = build_index(POOL, out, encoder=encoder, chunk_size=2, topic=False)
     return r, [len(c) for c in counting.calls]

@@ -16,31 +16,9 @@ import pytest
 from icl_retriever import EncoderMismatchError, PIEEncoder, Retriever, build_index
 from icl_retriever.build import resolve_index_type, resume_dir
 from icl_retriever.cli import main
-from icl_retriever.records import Demo
 from icl_retriever.store import all_vectors, load_manifest
 
-POOL = [
-    {"id": f"d{i}", "instruction": text, "output": "ok", "task": task}
-    for i, (text, task) in enumerate(
-        [
-            ("Write a poem about the sea.", "poem"),
-            ("Compose a short poem about a busy city.", "poem"),
-            ("Translate 'hello' into German.", "translate"),
-            ("Translate 'thank you' into French.", "translate"),
-            ("Summarize the text below in one sentence.", "summarize"),
-            ("Give a one-line summary of this article.", "summarize"),
-            ("Write a SQL query that lists customers from Spain.", "sql"),
-            ("Write a SQL query counting orders per day.", "sql"),
-            ("Tell me a joke about cats.", "joke"),
-            ("Tell me a joke about programmers.", "joke"),
-        ]
-    )
-]
-QUERY = "Translate 'good night' into German."
-
-
-def ids(demos: list[Demo]) -> list[str]:
-    return [d.id for d in demos]
+from helpers import POOL, QUERY, CountingEncode, ids
 
 
 
@@ -59,35 +37,20 @@ def test_auto_and_parameter_checks(tmp_path: Path, encoder: PIEEncoder) -> None:
 # resumable builds ------------------------------------------------------------------------------
 
 
-class _Counting:
-    """Wraps ``encoder.encode``: counts the texts it embeds and can fail on the n-th call."""
-
-    def __init__(self, encoder: PIEEncoder, fail_on_call: int | None = None) -> None:
-        self.original = PIEEncoder.encode.__get__(encoder)  # the real method, even when already patched
-        self.fail_on_call = fail_on_call
-        self.calls: list[list[str]] = []
-
-    def __call__(self, texts, **kwargs):  # type: ignore[no-untyped-def]
-        self.calls.append(list(texts))
-        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
-            raise KeyboardInterrupt("simulated interruption")
-        return self.original(texts, **kwargs)
-
-
 def test_interrupted_build_resumes_from_the_last_finished_chunk(
     tmp_path: Path, encoder: PIEEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "idx"
     checkpoints = resume_dir(out, [r["instruction"] for r in POOL], encoder, 4)
     # chunks of 4: [0:4] [4:8] [8:10]; the second one is interrupted
-    failing = _Counting(encoder, fail_on_call=2)
+    failing = CountingEncode(encoder, fail_on_call=2)
     monkeypatch.setattr(encoder, "encode", failing)
     with pytest.raises(KeyboardInterrupt):
         build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False)
     assert not out.exists()
     assert sorted(p.name for p in checkpoints.iterdir()) == ["chunk-000000.npz"]
 
-    counting = _Counting(encoder)
+    counting = CountingEncode(encoder)
     monkeypatch.setattr(encoder, "encode", counting)
     resumed = build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False)
     assert [len(c) for c in counting.calls] == [4, 2]  # chunk 0 was not embedded again
@@ -106,7 +69,7 @@ def test_bad_or_unwanted_chunks_are_embedded_again(
 ) -> None:
     out = tmp_path / "idx"
     checkpoints = resume_dir(out, [r["instruction"] for r in POOL], encoder, 4)
-    monkeypatch.setattr(encoder, "encode", _Counting(encoder, fail_on_call=3))
+    monkeypatch.setattr(encoder, "encode", CountingEncode(encoder, fail_on_call=3))
     with pytest.raises(KeyboardInterrupt):
         build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["chunk-000000.npz", "chunk-000001.npz"]
@@ -114,15 +77,15 @@ def test_bad_or_unwanted_chunks_are_embedded_again(
     with (checkpoints / "chunk-000000.npz").open("wb") as fh:
         np.savez(fh, vectors=np.array([{"x": 1}], dtype=object), checksum=np.array("0"))  # needs pickle to load
     (checkpoints / "chunk-000001.npz.tmp-deadbeef").write_bytes(b"half-written")
-    counting = _Counting(encoder)
+    counting = CountingEncode(encoder)
     monkeypatch.setattr(encoder, "encode", counting)
     build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False)
     assert [len(c) for c in counting.calls] == [4, 2]  # chunks 0 and 2; chunk 1 reused
     # resume=False embeds everything again
-    monkeypatch.setattr(encoder, "encode", _Counting(encoder, fail_on_call=2))
+    monkeypatch.setattr(encoder, "encode", CountingEncode(encoder, fail_on_call=2))
     with pytest.raises(KeyboardInterrupt):
         build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False, force=True)
-    counting = _Counting(encoder)
+    counting = CountingEncode(encoder)
     monkeypatch.setattr(encoder, "encode", counting)
     build_index(POOL, out, encoder=encoder, chunk_size=4, topic=False, force=True, resume=False)
     assert [len(c) for c in counting.calls] == [4, 4, 2]
@@ -134,10 +97,10 @@ def test_build_with_topic_vectors_resumes_too(
     from icl_retriever.retriever import default_topic_encoder
 
     topic_encoder, _ = default_topic_encoder(encoder)
-    monkeypatch.setattr(topic_encoder, "encode", _Counting(topic_encoder, fail_on_call=2))
+    monkeypatch.setattr(topic_encoder, "encode", CountingEncode(topic_encoder, fail_on_call=2))
     with pytest.raises(KeyboardInterrupt):  # interrupted in the topic vectors' second chunk
         build_index(POOL, tmp_path / "idx", encoder=encoder, index_type="hnsw", chunk_size=4)
-    pie, topic = _Counting(encoder), _Counting(topic_encoder)
+    pie, topic = CountingEncode(encoder), CountingEncode(topic_encoder)
     monkeypatch.setattr(encoder, "encode", pie)
     monkeypatch.setattr(topic_encoder, "encode", topic)
     r = build_index(POOL, tmp_path / "idx", encoder=encoder, index_type="hnsw", chunk_size=4)

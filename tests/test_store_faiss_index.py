@@ -31,28 +31,7 @@ from icl_retriever.store import (
     search,
 )
 
-POOL = [
-    {"id": f"d{i}", "instruction": text, "output": "ok", "task": task}
-    for i, (text, task) in enumerate(
-        [
-            ("Write a poem about the sea.", "poem"),
-            ("Compose a short poem about a busy city.", "poem"),
-            ("Translate 'hello' into German.", "translate"),
-            ("Translate 'thank you' into French.", "translate"),
-            ("Summarize the text below in one sentence.", "summarize"),
-            ("Give a one-line summary of this article.", "summarize"),
-            ("Write a SQL query that lists customers from Spain.", "sql"),
-            ("Write a SQL query counting orders per day.", "sql"),
-            ("Tell me a joke about cats.", "joke"),
-            ("Tell me a joke about programmers.", "joke"),
-        ]
-    )
-]
-QUERY = "Translate 'good night' into German."
-
-
-def ids(demos: list[Demo]) -> list[str]:
-    return [d.id for d in demos]
+from helpers import POOL, QUERY, ids
 
 
 def resync(index_dir: Path, role: str = VECTORS) -> None:

@@ -1,0 +1,44 @@
+"""Test data and helpers shared by several test modules (imported as ``helpers``: pytest puts tests/ on the path)."""
+
+from __future__ import annotations
+
+from icl_retriever import Demo, PIEEncoder
+
+#: Ten demos of five tasks, two per task.
+POOL = [
+    {"id": f"d{i}", "instruction": text, "output": "ok", "task": task}
+    for i, (text, task) in enumerate(
+        [
+            ("Write a poem about the sea.", "poem"),
+            ("Compose a short poem about a busy city.", "poem"),
+            ("Translate 'hello' into German.", "translate"),
+            ("Translate 'thank you' into French.", "translate"),
+            ("Summarize the text below in one sentence.", "summarize"),
+            ("Give a one-line summary of this article.", "summarize"),
+            ("Write a SQL query that lists customers from Spain.", "sql"),
+            ("Write a SQL query counting orders per day.", "sql"),
+            ("Tell me a joke about cats.", "joke"),
+            ("Tell me a joke about programmers.", "joke"),
+        ]
+    )
+]
+QUERY = "Translate 'good night' into German."
+
+
+def ids(demos: list[Demo]) -> list[str]:
+    return [d.id for d in demos]
+
+
+class CountingEncode:
+    """Wraps ``encoder.encode``: counts the texts it embeds and can fail on the n-th call."""
+
+    def __init__(self, encoder: PIEEncoder, fail_on_call: int | None = None) -> None:
+        self.original = PIEEncoder.encode.__get__(encoder)  # the real method, even when already patched
+        self.fail_on_call = fail_on_call
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls.append(list(texts))
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise KeyboardInterrupt("simulated interruption")
+        return self.original(texts, **kwargs)
