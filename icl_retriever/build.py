@@ -171,7 +171,7 @@ def build_index(
     )
     check_target(out, force=force)
     demos = load_pool(pool)
-    encoder = encoder or PIEEncoder()
+    encoder = encoder or PIEEncoder(runtime="auto")
     kind = resolve_index_type(index_type, len(demos))
     if show_progress_bar is None:
         show_progress_bar = logger.getEffectiveLevel() <= logging.INFO

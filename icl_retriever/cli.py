@@ -42,7 +42,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     )
     check_target(Path(args.out), force=args.force)
     demos = load_pool(args.pool)  # validate everything before loading a model
-    encoder = PIEEncoder(args.model, quantize=args.quantize)
+    if args.quantize and args.runtime == "onnx":
+        raise ValueError("--quantize runs on torch: it excludes --runtime onnx")
+    encoder = PIEEncoder(args.model, quantize=args.quantize, runtime="torch" if args.quantize else args.runtime)
     start = time.perf_counter()
     try:
         retriever = build_index(
@@ -126,7 +128,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         min_score=_min_score(args.min_score),
     )
     SearchControls.parse(k=args.k, **controls)  # a bad flag fails before the model loads
-    retriever = Retriever.from_index(args.index, model=args.model, verify=not args.no_verify)
+    retriever = Retriever.from_index(args.index, model=args.model, verify=not args.no_verify, runtime=args.runtime)
     demos = retriever.get_demos(args.text, k=args.k, **controls)
     if args.json:
         print(json.dumps([d.model_dump() for d in demos], ensure_ascii=False, indent=2))
@@ -166,17 +168,17 @@ DEMO_QUERIES = (
 
 
 def demo_cache_dir() -> Path:
-    """Where ``icl-retriever demo`` keeps its index: ``$ICL_RETRIEVER_CACHE``, else
-    ``$XDG_CACHE_HOME/icl-retriever``, else ``~/.cache/icl-retriever``."""
-    if os.environ.get("ICL_RETRIEVER_CACHE"):
-        return Path(os.environ["ICL_RETRIEVER_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "icl-retriever"
+    """Where ``icl-retriever demo`` keeps its index: the user cache (:func:`~icl_retriever.cache.cache_dir`)."""
+    from icl_retriever.cache import cache_dir
+
+    return cache_dir()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import hashlib
 
     from icl_retriever.build import build_index
+    from icl_retriever.encoder import PIEEncoder
     from icl_retriever.errors import IndexFormatError
     from icl_retriever.records import default_pool_path
     from icl_retriever.retriever import Retriever
@@ -188,14 +190,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     retriever = None
     if out.exists() and not args.rebuild:
         try:
-            retriever = Retriever.from_index(out)
+            retriever = Retriever.from_index(out, runtime=args.runtime)
         except IndexFormatError as exc:  # also EncoderMismatchError: made by another model
             if not cached:
                 raise
             print(f"icl-retriever: the cached demo index is unusable ({_printable(exc)}); rebuilding", file=sys.stderr)
     if retriever is None:
         print(f"Building the packaged pool ({pool.name}, shipped with the package) into {out}", file=sys.stderr)
-        retriever = build_index(pool, out, force=out.exists(), show_progress_bar=True)
+        encoder = PIEEncoder(runtime=args.runtime)
+        retriever = build_index(pool, out, encoder=encoder, force=out.exists(), show_progress_bar=True)
     print(f"Index {out}: {len(retriever)} demos")
     for text in args.queries or DEMO_QUERIES:
         print(f"\n> {_shorten(text)}")
@@ -287,13 +290,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.ict is None and args.iis is None and args.cross_group is None and args.pool is None:
         raise ValueError("give at least one of --ict, --iis, --cross-group, --pool")
-    encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling)
+    encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime)
     report = evaluate(
         encoder, args.ict, args.iis, cross_group_path=args.cross_group, pool_path=args.pool,
         label_field=args.label_field, batch_size=args.batch_size, show_progress_bar=not args.json,
     )
     print(report.model_dump_json(indent=2) if args.json else report.table())
     return 0
+
+
+_RUNTIME_HELP = (
+    "where vectors are computed: auto (default): ONNX Runtime on CPU, exported from the model once and cached "
+    "(float32, the same vectors within 1e-4; later starts load neither torch nor transformers), torch elsewhere; "
+    "torch; onnx"
+)
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto", help=_RUNTIME_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="embed everything again, ignoring finished chunks")
     p.add_argument("--quantize", action="store_true",
                    help="CPU only: dynamic int8 encoder (faster; the index then needs int8 queries, which it loads)")
+    _add_runtime(p)
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("query", help="show the demos an index returns for a request")
@@ -368,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="the model to load, if the index names one outside its directory that you trust "
                         "(default: the one the manifest names, if it is the embedded default or inside the index)")
+    _add_runtime(p)
     p.set_defaults(func=_cmd_query)
 
     p = sub.add_parser("add", help="embed and add demos to an existing index (atomic update)")
@@ -443,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_runtime(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="build the packaged demo pool (once, in a cache directory) and answer requests")
@@ -452,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index directory to build or reuse (default: a cache directory, $ICL_RETRIEVER_CACHE or "
                         "~/.cache/icl-retriever)")
     p.add_argument("--rebuild", action="store_true", help="build the index again even if it exists")
+    _add_runtime(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("info", help="describe an index directory")

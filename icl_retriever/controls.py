@@ -17,6 +17,7 @@ import json
 import math
 import os
 import string
+import sys
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -488,11 +489,14 @@ TokenCounter = Callable[[list[str]], list[int]]
 def token_counter(tokenizer: Any) -> TokenCounter:
     """A function counting tokens of texts, from a Hugging Face tokenizer, a tiktoken-like object with
     ``encode``, or a callable str -> int. Special tokens (CLS / SEP ...) are not counted."""
-    try:
-        from transformers import PreTrainedTokenizerBase
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        PreTrainedTokenizerBase = ()  # type: ignore[assignment,misc]
-    if isinstance(tokenizer, PreTrainedTokenizerBase):
+    if hasattr(tokenizer, "encode_batch"):  # the ``tokenizers`` library (the ONNX runtime's tokenizer)
+
+        def count_fast(texts: list[str]) -> list[int]:
+            return [len(e.ids) for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)] if texts else []
+
+        return count_fast
+    transformers = sys.modules.get("transformers")  # not imported: cannot be one of its tokenizers
+    if transformers is not None and isinstance(tokenizer, transformers.PreTrainedTokenizerBase):
 
         def count_hf(texts: list[str]) -> list[int]:
             if not texts:

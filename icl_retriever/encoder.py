@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
@@ -27,11 +26,17 @@ from icl_retriever import default_model
 from icl_retriever.errors import ModelLoadError
 
 if TYPE_CHECKING:
+    import torch
+
     from icl_retriever.calibration import FloorCalibration
+    from icl_retriever.onnx_backend import FastTokenizer, OnnxMeta, OnnxRuntime
 
 logger = logging.getLogger(__name__)
 
 Pooling = Literal["mean", "cls", "last"]
+#: How vectors are computed: PyTorch, ONNX Runtime (CPU, float32, torch-free at load), or ONNX where it
+#: can be used and torch elsewhere (see :mod:`icl_retriever.onnx_backend`).
+Runtime = Literal["auto", "torch", "onnx"]
 
 #: Named templates. ``{instruction}`` is replaced by the (stripped) instruction.
 TEMPLATES: dict[str, str] = {
@@ -101,6 +106,8 @@ def _read_pie_config(directory: Path) -> dict[str, Any]:
 
 def _hash_state_dict(model: torch.nn.Module) -> str:
     """sha256 of the weights actually loaded, so two encoders agree iff their weights do."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
@@ -108,6 +115,16 @@ def _hash_state_dict(model: torch.nn.Module) -> str:
         data = tensor.detach().to("cpu").contiguous()
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
+
+
+def _saved_settings(name: str) -> dict[str, Any] | None:
+    """Settings saved with a local or packaged model (without loading it); None for a hub id."""
+    if name == "default":
+        return default_model.saved_config()
+    if name == "default-base":
+        return dict(default_model.BASE_CONFIG)
+    local = Path(name)
+    return _read_pie_config(local) if local.is_dir() else None
 
 
 @contextmanager
@@ -164,6 +181,8 @@ def _quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
     feed-forward outputs), whose inputs carry activation outliers; on the default model that keeps the
     cosine to the float32 vectors near 0.99 instead of 0.94, at about 2x the float32 speed instead of 3x.
     """
+    import torch
+
     try:
         from torch.ao.quantization import quantize_dynamic
     except ImportError as exc:  # torch.ao.quantization is deprecated and may be gone in later torch
@@ -197,10 +216,15 @@ class PIEEncoder:
         device: ``"cuda"``, ``"cpu"``, ...; defaults to CUDA when available.
         quantize: run the Linear layers in dynamic int8 (CPU only; faster on CPU, slightly different
             vectors, so it is part of the fingerprint: an index built with it needs it at query time).
+        runtime: ``"torch"``; ``"onnx"``: ONNX Runtime on CPU, float32 (the same vectors within
+            :data:`~icl_retriever.onnx_backend.TOLERANCE`; exported once with torch and cached, later
+            loads import neither torch nor transformers); ``"auto"``: ONNX when the model can run there
+            (CPU, not quantised, an encoder-only local or default model, ``onnxruntime`` installed),
+            torch otherwise. Training needs ``"torch"``.
 
     Raises:
         ModelLoadError: the model cannot be found, verified or loaded.
-        ValueError: ``quantize`` with a non-CPU device.
+        ValueError: ``quantize`` with a non-CPU device; ``runtime="onnx"`` where ONNX cannot run.
     """
 
     def __init__(
@@ -213,12 +237,25 @@ class PIEEncoder:
         add_period: bool | None = None,
         device: str | torch.device | None = None,
         quantize: bool = False,
+        runtime: Runtime = "torch",
     ) -> None:
-        if quantize and device is not None and torch.device(device).type != "cpu":
+        if runtime not in ("auto", "torch", "onnx"):
+            raise ValueError(f"runtime must be 'auto', 'torch' or 'onnx', got {runtime!r}")
+        on_cpu = device is None or str(device).split(":")[0] == "cpu"
+        if quantize and not on_cpu:
             raise ValueError(f"quantize=True runs on CPU only, not on {device!r}")
+        if runtime == "onnx" and (quantize or not on_cpu):
+            raise ValueError("runtime='onnx' runs float32 on CPU: it excludes quantize=True and other devices")
         name = "default" if model is None or str(model) == "default" else str(model)
         if name not in ("default", "default-base") and Path(name).expanduser().exists():
             name = str(Path(name).expanduser().resolve())
+        settings = dict(template=template, pooling=pooling, max_length=max_length, add_period=add_period)
+        self._onnx: OnnxRuntime | None = None
+        self._fast: FastTokenizer | None = None
+        self.model: Any = None
+        if runtime != "torch" and not quantize and on_cpu:
+            if self._load_onnx(name, settings, required=runtime == "onnx"):
+                return
         self.tokenizer, self.model, saved = _load_model(name)
         self.is_decoder = _is_decoder(self.model.config)
         if getattr(self.model.config, "is_encoder_decoder", False):
@@ -232,19 +269,12 @@ class PIEEncoder:
         # ("Token indices sequence length is longer than ...") would only confuse, so mark it as given.
         if isinstance(getattr(self.tokenizer, "deprecation_warnings", None), dict):
             self.tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
-
-        template_name = template or saved.get("template") or ("pie" if self.is_decoder else "short")
-        resolved = resolve_template(template_name)
-        model_limit = getattr(self.tokenizer, "model_max_length", 512) or 512
-        self.config = EncoderConfig(
-            model=name,
-            template=resolved,
-            pooling=pooling or saved.get("pooling") or ("last" if self.is_decoder else "mean"),
-            max_length=min(int(max_length or saved.get("max_length") or 256), int(min(model_limit, 1_000_000))),
-            add_period=add_period if add_period is not None else saved.get("add_period", resolved == TEMPLATES["pie"]),
-            quantize=quantize,
-        )
+        self.model_max_length = int(min(getattr(self.tokenizer, "model_max_length", 512) or 512, 1_000_000))
+        self._dim = int(self.model.config.hidden_size)
+        self._configure(name, saved, quantize=quantize, **settings)
         self._weights_sha = _hash_state_dict(self.model)  # of the float weights, before any quantisation
+        import torch
+
         if quantize:
             device = "cpu"
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -252,12 +282,107 @@ class PIEEncoder:
         self.model.eval()
         if quantize:
             self.model = _quantize_dynamic_int8(self.model)
-        # Template tokens (plus specials) that every prompt spends; the rest is the instruction's budget.
-        probe = self.tokenizer(apply_template("", resolved, False))["input_ids"]
+        self._set_budget()
+        if runtime != "torch" and not quantize and self.device.type == "cpu":
+            self._export_onnx(required=runtime == "onnx")
+
+    def _configure(
+        self,
+        name: str,
+        saved: dict[str, Any],
+        *,
+        template: str | None,
+        pooling: Pooling | None,
+        max_length: int | None,
+        add_period: bool | None,
+        quantize: bool,
+    ) -> None:
+        """Settle the settings: arguments, else those saved with the model, else the defaults."""
+        template_name = template or saved.get("template") or ("pie" if self.is_decoder else "short")
+        resolved = resolve_template(template_name)
+        self.config = EncoderConfig(
+            model=name,
+            template=resolved,
+            pooling=pooling or saved.get("pooling") or ("last" if self.is_decoder else "mean"),
+            max_length=min(int(max_length or saved.get("max_length") or 256), self.model_max_length),
+            add_period=add_period if add_period is not None else saved.get("add_period", resolved == TEMPLATES["pie"]),
+            quantize=quantize,
+        )
+
+    def _set_budget(self) -> None:
+        """Template tokens (plus specials) that every prompt spends; the rest is the instruction's budget."""
+        probe = self._token_ids([apply_template("", self.config.template, False)])[0]
         self._instruction_budget = max(1, self.config.max_length - len(probe))
 
+    def _load_onnx(self, name: str, settings: dict[str, Any], *, required: bool) -> bool:
+        """Set this encoder up from a cached ONNX export of ``name``; False if there is none (yet)."""
+        from icl_retriever import onnx_backend
+
+        if not onnx_backend.available():
+            if required:
+                raise ValueError("runtime='onnx' needs onnxruntime and tokenizers: pip install onnxruntime tokenizers")
+            return False
+        saved = _saved_settings(name)
+        if saved is None:
+            if required:
+                raise ValueError(f"runtime='onnx': {name!r} is not a local model directory or the default")
+            return False
+        found = onnx_backend.find(name, settings["pooling"] or saved.get("pooling") or "mean", True)
+        if found is None:
+            return False
+        where, meta = found
+        self._start_onnx(where, meta)
+        self.is_decoder = False
+        self.model_max_length = meta.model_max_length
+        self._dim = meta.dim
+        self._configure(name, saved, quantize=False, **settings)
+        self._weights_sha = meta.weights_sha256
+        self._set_budget()
+        return True
+
+    def _start_onnx(self, where: Path, meta: OnnxMeta) -> None:
+        from icl_retriever import onnx_backend
+
+        self._fast = onnx_backend.FastTokenizer(where / onnx_backend.TOKENIZER_FILE, meta.pad_id)
+        self._onnx = onnx_backend.OnnxRuntime(where, meta)
+        self.model = None  # one runtime per encoder: the torch weights, if loaded for the export, are let go
+        self.tokenizer = self._fast
+        self.device = "cpu"
+
+    def _export_onnx(self, *, required: bool) -> None:
+        """Export this torch encoder to the ONNX cache and run on it from now on (``auto``: stay on torch,
+        with a warning saying why, if it cannot be exported)."""
+        from icl_retriever import onnx_backend
+
+        try:
+            if not onnx_backend.available():
+                raise ValueError("onnxruntime or tokenizers is not installed")
+            found = onnx_backend.find(self.config.model, self.config.pooling, self.config.normalize)
+            where, meta = found if found is not None else onnx_backend.export(self)
+            if meta.weights_sha256 != self._weights_sha:
+                raise ValueError(f"the cached ONNX copy at {where} holds other weights")
+            self._start_onnx(where, meta)
+        except Exception as exc:  # export failures are many kinds (torch.onnx, onnxruntime, files)
+            if required:
+                raise ValueError(f"runtime='onnx': {self.config.model!r} cannot run on ONNX: {exc}") from exc
+            # a model ONNX does not take (a decoder, a hub id) is expected news; a failed export is not
+            log = logger.info if isinstance(exc, ValueError) else logger.warning
+            log("model %r runs on torch: no ONNX copy (%s)", self.config.model, exc)
+
+    @property
+    def runtime_model(self) -> Any:
+        """The object that computes vectors (torch module or ONNX session); shared by template copies."""
+        return self._onnx if self._onnx is not None else self.model
+
+    @property
+    def runtime(self) -> Literal["torch", "onnx"]:
+        """Where vectors are computed now."""
+        return "onnx" if self._onnx is not None else "torch"
+
     @classmethod
-    def from_config(cls, config: EncoderConfig, *, device: str | torch.device | None = None) -> PIEEncoder:
+    def from_config(
+        cls, config: EncoderConfig, *, device: str | torch.device | None = None, runtime: Runtime = "torch"
+    ) -> PIEEncoder:
         """The encoder a saved :class:`EncoderConfig` describes (an index manifest holds one)."""
         return cls(
             config.model,
@@ -267,6 +392,7 @@ class PIEEncoder:
             add_period=config.add_period,
             quantize=config.quantize,
             device=device,
+            runtime="torch" if config.quantize else runtime,
         )
 
     @property
@@ -318,7 +444,23 @@ class PIEEncoder:
     @property
     def dim(self) -> int:
         """Embedding dimension."""
-        return int(self.model.config.hidden_size)
+        return self._dim
+
+    def _token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of prompts as the model sees them: special tokens added, cut to ``max_length``."""
+        if self._fast is not None:
+            return self._fast.ids(prompts, max_length=self.config.max_length)
+        return self.tokenizer(
+            list(prompts), truncation=True, max_length=self.config.max_length,
+            return_attention_mask=False, return_token_type_ids=False,
+        )["input_ids"]
+
+    def _offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """Character span of every token of each text (no special tokens, no truncation)."""
+        if self._fast is not None:
+            return self._fast.offsets(texts)
+        enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+        return enc["offset_mapping"]
 
     def format(self, instructions: Sequence[str]) -> list[str]:
         """Return the prompts the model sees, instructions truncated to the token budget."""
@@ -333,11 +475,8 @@ class PIEEncoder:
         long_ids = [i for i, t in enumerate(out) if len(t) > budget // 4]
         if not long_ids:
             return out
-        enc = self.tokenizer(
-            [out[i] for i in long_ids], add_special_tokens=False, return_offsets_mapping=True, truncation=False
-        )
         cut = 0
-        for i, offsets in zip(long_ids, enc["offset_mapping"], strict=True):
+        for i, offsets in zip(long_ids, self._offsets([out[i] for i in long_ids]), strict=True):
             if len(offsets) > budget:
                 out[i] = out[i][: offsets[budget - 1][1]]
                 cut += 1
@@ -352,12 +491,22 @@ class PIEEncoder:
         """Pooled (and normalised) embeddings of already-formatted prompts; keeps the autograd graph.
 
         Training calls this directly; :meth:`encode` wraps it in batching and inference mode.
+
+        Raises:
+            ValueError: the encoder runs on ONNX (no autograd there; load it with ``runtime="torch"``).
         """
+        if self.model is None:
+            raise ValueError("embed() needs the torch runtime (PIEEncoder(..., runtime='torch')); this one runs on ONNX")
         batch = self.tokenizer(
             list(prompts), padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
         ).to(self.device)
         hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"]
+        return self.pool(hidden, batch["attention_mask"])
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pool token states ``(batch, tokens, dim)`` into one (normalised) vector per prompt."""
+        import torch
+
         if self.config.pooling == "mean":
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
@@ -416,13 +565,21 @@ class PIEEncoder:
         prompts = self.format(texts) if apply_template else self._fit(texts)
         order = self._length_order(prompts, batch_size)
         out = np.empty((len(prompts), self.dim), dtype=np.float32)
+        batches = tqdm(
+            range(0, len(prompts), batch_size),
+            desc="Encoding",
+            unit="batch",
+            disable=not show_progress_bar or len(prompts) <= batch_size,
+        )
+        if self._onnx is not None and self._fast is not None:
+            for start in batches:
+                idx = order[start : start + batch_size]
+                out[idx] = self._onnx.run(*self._fast.batch([prompts[i] for i in idx], self.config.max_length))
+            return out[0] if single else out
+        import torch
+
         with torch.inference_mode():
-            for start in tqdm(
-                range(0, len(prompts), batch_size),
-                desc="Encoding",
-                unit="batch",
-                disable=not show_progress_bar or len(prompts) <= batch_size,
-            ):
+            for start in batches:
                 idx = order[start : start + batch_size]
                 out[idx] = self.embed([prompts[i] for i in idx]).cpu().numpy()
         return out[0] if single else out
@@ -436,10 +593,7 @@ class PIEEncoder:
         """
         if len(prompts) <= batch_size:
             return np.arange(len(prompts))
-        ids = self.tokenizer(
-            list(prompts), truncation=True, max_length=self.config.max_length,
-            return_attention_mask=False, return_token_type_ids=False,
-        )["input_ids"]
+        ids = self._token_ids(prompts)
         return np.argsort([-len(x) for x in ids], kind="stable")
 
     def with_template(self, template: str, *, add_period: bool = False) -> PIEEncoder:
@@ -450,10 +604,12 @@ class PIEEncoder:
         other = copy.copy(self)
         resolved = resolve_template(template)
         other.config = self.config.model_copy(update={"template": resolved, "add_period": add_period})
-        probe = self.tokenizer(apply_template("", resolved, False))["input_ids"]
-        other._instruction_budget = max(1, other.config.max_length - len(probe))
+        other._set_budget()
         return other
 
     def __repr__(self) -> str:
         c = self.config
-        return f"PIEEncoder(model={c.model!r}, pooling={c.pooling!r}, max_length={c.max_length}, device={self.device})"
+        return (
+            f"PIEEncoder(model={c.model!r}, pooling={c.pooling!r}, max_length={c.max_length}, device={self.device}, "
+            f"runtime={self.runtime!r})"
+        )

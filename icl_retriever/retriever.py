@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +35,7 @@ from icl_retriever.controls import (
     rerank_order,
     topic_text,
 )
-from icl_retriever.encoder import PIEEncoder
+from icl_retriever.encoder import PIEEncoder, Runtime
 from icl_retriever.errors import EncoderMismatchError, PoolError
 from icl_retriever.store import (
     Manifest,
@@ -102,12 +104,12 @@ _BASE_ENCODERS: dict[str, PIEEncoder] = {}
 _BASE_LOCK = threading.Lock()
 
 
-def _shared_base_encoder(device: Any) -> PIEEncoder:
-    """The ``"default-base"`` encoder, loaded once per process and device."""
-    key = str(device)
+def _shared_base_encoder(device: Any, runtime: Runtime = "torch") -> PIEEncoder:
+    """The ``"default-base"`` encoder, loaded once per process, device and runtime."""
+    key = f"{device}|{runtime}"
     with _BASE_LOCK:
         if key not in _BASE_ENCODERS:
-            _BASE_ENCODERS[key] = PIEEncoder("default-base", device=device)
+            _BASE_ENCODERS[key] = PIEEncoder("default-base", device=device, runtime=runtime)
         return _BASE_ENCODERS[key]
 
 
@@ -118,7 +120,7 @@ def default_topic_encoder(encoder: PIEEncoder) -> tuple[PIEEncoder, Literal["bas
     (``"default-base"``); for any other model, the same model without its template.
     """
     if encoder.config.model == "default":
-        return _shared_base_encoder(encoder.device), "base_model"
+        return _shared_base_encoder(encoder.device, encoder.runtime), "base_model"
     return encoder.with_template("plain"), "same_model_plain"
 
 
@@ -177,8 +179,11 @@ class Retriever:
         self.path = path
         self.manifest = manifest
         self._cache = _LRU(cache_size)
-        # FAISS indexes may be searched concurrently; the torch model may not run two forwards at once.
-        self._encode_lock = threading.Lock()
+        # FAISS indexes may be searched concurrently; one model (torch or ONNX) embeds one batch at a time
+        # (a tokenizer may not serve two threads), but the task and the topic model may run side by side.
+        self._encode_locks: dict[int, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        self._side: ThreadPoolExecutor | None = None
         self._write_lock = threading.Lock()
         self._topic_lock = threading.Lock()
         self._said_task_order = False  # rerank="auto" on an index without topic vectors: said once
@@ -214,6 +219,7 @@ class Retriever:
         model: str | Path | None = None,
         verify: bool = True,
         cache_size: int = 1024,
+        runtime: Runtime = "auto",
     ) -> Retriever:
         """Open an index directory with the encoder it was built with.
 
@@ -228,6 +234,9 @@ class Retriever:
                 settings, instead of the one the manifest names; it must give the index's fingerprint.
             verify: check data files' sha256 (sizes, shapes and contents are always checked).
             cache_size: query embeddings kept in the LRU cache (0 disables it).
+            runtime: where query vectors are computed (:class:`PIEEncoder`): ``"auto"`` uses the ONNX copy
+                of the model on CPU (exported and cached on first use; a later process loads it without
+                torch), ``"torch"`` PyTorch. Both give the index's fingerprint.
 
         Raises:
             IndexFormatError: the directory is missing, incomplete, corrupted or hostile.
@@ -241,7 +250,7 @@ class Retriever:
         manifest = version.manifest
         if encoder is None:
             name = str(model) if model is not None else trusted_model(path, manifest.encoder.model)
-            encoder = PIEEncoder.from_config(manifest.encoder.model_copy(update={"model": name}))
+            encoder = PIEEncoder.from_config(manifest.encoder.model_copy(update={"model": name}), runtime=runtime)
         if encoder.fingerprint != manifest.fingerprint:
             raise EncoderMismatchError(
                 f"{path}: built with encoder {manifest.fingerprint} ({manifest.encoder.model!r}), but the encoder "
@@ -276,7 +285,7 @@ class Retriever:
                 ``rerank="task_then_topic"`` and content-based ``dedup``; doubles the embedding work.
         """
         pool = load_pool(demos)
-        encoder = encoder or PIEEncoder()
+        encoder = encoder or PIEEncoder(runtime="auto")
         vectors = encoder.encode(
             [d.instruction for d in pool], batch_size=batch_size, show_progress_bar=show_progress_bar
         )
@@ -332,12 +341,12 @@ class Retriever:
             cfg = info.encoder
             own = {self.encoder.config.model} | ({self.manifest.encoder.model} if self.manifest else set())
             if info.source == "base_model" and cfg.model == "default-base":
-                enc = _shared_base_encoder(self.encoder.device)
+                enc = _shared_base_encoder(self.encoder.device, self.encoder.runtime)
             elif info.source == "same_model_plain" and cfg.model in own:
                 enc = self.encoder.with_template(cfg.template, add_period=cfg.add_period)
             else:  # a model the manifest names: trusted only as the index's own would be
                 name = cfg.model if self.path is None else trusted_model(self.path, cfg.model)
-                enc = PIEEncoder.from_config(cfg.model_copy(update={"model": name}))
+                enc = PIEEncoder.from_config(cfg.model_copy(update={"model": name}), runtime=self.encoder.runtime)
             if enc.fingerprint != info.fingerprint:
                 raise EncoderMismatchError(
                     f"{self.path or 'index'}: topic vectors were made by encoder {info.fingerprint} ({cfg.model!r}), "
@@ -380,12 +389,12 @@ class Retriever:
             PoolError: a record is malformed, or an id exists and ``upsert`` is not set.
         """
         new = load_pool(demos)
-        with self._encode_lock:
+        with self._encode_lock(self.encoder):
             vectors = self.encoder.encode([d.instruction for d in new], batch_size=batch_size, show_progress_bar=False)
 
         def topic_vectors() -> np.ndarray:
             encoder = self.topic_encoder()
-            with self._encode_lock:
+            with self._encode_lock(encoder):
                 return encoder.encode([topic_text(d) for d in new], batch_size=batch_size, show_progress_bar=False)
 
         new_topic = topic_vectors() if self._state.topic is not None else None
@@ -626,8 +635,13 @@ class Retriever:
         counter = resolve_tokenizer(ctl.tokenizer, self.encoder.tokenizer) if ctl.max_tokens is not None else None
         if not queries:
             return []
+        side = self._side_by_side() if ctl.rerank is not None else None
+        topic_future = side.submit(self._embed, queries, topic=True) if side is not None else None
         vectors = self._embed(queries, topic=False)
-        topic_vectors = self._embed(queries, topic=True) if ctl.rerank is not None else None
+        if topic_future is not None:
+            topic_vectors = topic_future.result()
+        else:
+            topic_vectors = self._embed(queries, topic=True) if ctl.rerank is not None else None
         need = min(ctl.n_candidates, len(state.demos))
         if need == 0:
             return [[] for _ in queries]
@@ -643,6 +657,29 @@ class Retriever:
 
     # look-up internals --------------------------------------------------------------------------
 
+    def _encode_lock(self, encoder: PIEEncoder) -> threading.Lock:
+        """The lock of the model behind ``encoder`` (a plain-template copy shares its model's lock)."""
+        key = id(encoder.runtime_model)
+        with self._locks_lock:
+            return self._encode_locks.setdefault(key, threading.Lock())
+
+    def _side_by_side(self) -> ThreadPoolExecutor | None:
+        """A worker that embeds the topic vector while this thread embeds the task vector, where that
+        is faster: two different ONNX models (they release the GIL) and more than one core. Measured in
+        ``benchmarks/speed.py``: the default ranking then costs about one query embedding, not two."""
+        topic = self.topic_encoder()
+        if (
+            self.encoder.runtime != "onnx"
+            or topic.runtime != "onnx"
+            or topic.runtime_model is self.encoder.runtime_model
+            or (os.cpu_count() or 1) < 2
+        ):
+            return None
+        with self._locks_lock:
+            if self._side is None:
+                self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icl-topic")
+            return self._side
+
     def _embed(self, queries: list[str], *, topic: bool) -> np.ndarray:
         """Query embeddings (PIE, or topic), from the LRU cache where possible, the rest in one batch."""
         encoder = self.topic_encoder() if topic else self.encoder
@@ -657,7 +694,7 @@ class Retriever:
                 out[i] = cached
         if missing:
             texts = list(missing)
-            with self._encode_lock:
+            with self._encode_lock(encoder):
                 fresh = encoder.encode(texts, show_progress_bar=False)
             for text, vector in zip(texts, fresh, strict=True):
                 out[missing[text]] = vector

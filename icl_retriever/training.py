@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from icl_retriever import default_model
+from icl_retriever.cache import sha256_file
 from icl_retriever.encoder import PIE_CONFIG_FILE, PIEEncoder, Pooling
 from icl_retriever.errors import PoolError
 from icl_retriever.evaluation import cross_group_precision, ict_scores, iter_ieb_samples, retrieval_precision
@@ -851,9 +852,9 @@ def _card(
         versions={"torch": torch.__version__, "transformers": transformers_version, "numpy": np.__version__},
         base_model=config.base_model,
         base_weights_sha256=default_model.BASE_SHA256 if default else None,
-        base_delta_sha256=default_model.sha256_file(shipped_delta) if shipped_delta else None,
+        base_delta_sha256=sha256_file(shipped_delta) if shipped_delta else None,
         train_files=[str(Path(p).resolve()) for p in config.train_files],
-        train_files_sha256=[default_model.sha256_file(Path(p)) for p in config.train_files],
+        train_files_sha256=[sha256_file(Path(p)) for p in config.train_files],
         val_files=[str(Path(p).resolve()) for p in config.val_files],
         anchors_per_batch={src.name: src.count for src in sources},
         template_text=encoder.config.template,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,12 @@ from icl_retriever import PIEEncoder, Retriever, build_index
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POOL = ROOT / "examples" / "demos.jsonl"
 SHARED_IEB = ROOT.parent / "shared" / "data" / "ieb"
+
+# The user cache (ONNX exports, file digests, the demo index) lives in a directory of this test session,
+# so tests neither read a developer's cache nor leave anything in it.
+_CACHE = tempfile.mkdtemp(prefix="icl-retriever-test-cache-")
+os.environ["ICL_RETRIEVER_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 #: Marks tests that read the benchmark files beside the checkout; they skip only where those are absent.
 needs_shared = pytest.mark.skipif(not SHARED_IEB.is_dir(), reason=f"needs the IEB data in {SHARED_IEB}")

