@@ -1,6 +1,6 @@
 """Shared pieces of the benchmark scripts: data, synthetic pools, timing and tables.
 
-Run the scripts from the repository root (``python benchmarks/latency.py ...``). They print tables;
+Run the scripts from the repository root (``python -m benchmarks.latency ...``). They print tables;
 they are not tests and assert nothing.
 """
 
@@ -137,3 +137,27 @@ def human(n: int) -> str:
         if n >= size and n % (size // 10) == 0:
             return f"{n / size:g}{unit}"
     return str(n)
+
+
+def langchain_selector(embeddings: Any, vectors: np.ndarray, records: list[dict[str, Any]], k: int) -> Any:
+    """LangChain's ``SemanticSimilarityExampleSelector`` over a langchain-community FAISS store (flat inner
+    product, as ``FAISS.from_texts`` builds for it) that holds ``vectors`` for ``records``; queries are
+    embedded by ``embeddings`` (a LangChain ``Embeddings``). Needs ``pip install -e ".[bench]"``."""
+    import faiss
+    from langchain_community.docstore.in_memory import InMemoryDocstore
+    from langchain_community.vectorstores import FAISS
+    from langchain_community.vectorstores.utils import DistanceStrategy
+    from langchain_core.documents import Document
+    from langchain_core.example_selectors import SemanticSimilarityExampleSelector
+
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    docs = {
+        str(i): Document(page_content=r["instruction"], metadata={k_: v for k_, v in r.items() if k_ != "metadata"})
+        for i, r in enumerate(records)
+    }
+    store = FAISS(
+        embedding_function=embeddings, index=index, docstore=InMemoryDocstore(docs),
+        index_to_docstore_id={i: str(i) for i in range(len(records))}, distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT,
+    )
+    return SemanticSimilarityExampleSelector(vectorstore=store, k=k, input_keys=["instruction"])

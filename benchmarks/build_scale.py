@@ -10,9 +10,9 @@ Two kinds of row, each measured in a fresh child process (peak RSS is a per-proc
   timed are indexing (+ ef_search / nprobe tuning and recall), writing the index directory, loading
   it back (sha256 verified) and 100 ``get_demos`` queries. Peak RSS covers all of it.
 
-    python benchmarks/build_scale.py                      # full build at 1e5; indexing only at 1e5, 1e6
-    python benchmarks/build_scale.py --full-sizes 1e5 --full-types flat hnsw --index-sizes 1e6 --types hnsw
-    python benchmarks/build_scale.py --quick              # 1e3 everywhere
+    python -m benchmarks.build_scale                      # full build at 1e5; indexing only at 1e5, 1e6
+    python -m benchmarks.build_scale --full-sizes 1e5 --full-types flat hnsw --index-sizes 1e6 --types hnsw
+    python -m benchmarks.build_scale --quick              # 1e3 everywhere
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (
+from benchmarks._common import (
+    ROOT,
     SIGMA,
     default_pool,
     human,
@@ -128,10 +128,10 @@ def child_index(n: int, kind: str, workdir: Path, topic: bool) -> dict:
 
 
 def run_child(mode: str, n: int, kind: str, workdir: Path, topic: bool) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, str(n), kind, str(workdir)]
+    cmd = [sys.executable, "-m", "benchmarks.build_scale", "--child", mode, str(n), kind, str(workdir)]
     if not topic:
         cmd.append("--no-topic")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

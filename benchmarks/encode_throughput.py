@@ -10,22 +10,20 @@ costs the same per token), same texts, same batch size, same thread count. Two c
 
 Each method is warmed up, then the runs alternate between the two and the best run of each counts.
 
-    python benchmarks/encode_throughput.py            # 2000 eft_test instructions, batch 32, 3 runs
-    python benchmarks/encode_throughput.py --quick    # 200 instructions, 2 runs
+    python -m benchmarks.encode_throughput            # 2000 eft_test instructions, batch 32, 3 runs
+    python -m benchmarks.encode_throughput --quick    # 200 instructions, 2 runs
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, query_texts, table
+from benchmarks._common import machine, query_texts, table
 
 
 def main() -> None:

@@ -11,9 +11,9 @@ is searched through the same ``Retriever``; HNSW / IVF get the build's defaults,
 ``nprobe`` tuned to recall@10 >= 0.95 as ``build_index`` does; recall@10 is then measured again on
 the real queries against exact search.
 
-    python benchmarks/latency.py                                   # 1e3 1e4 1e5 1e6, flat and hnsw
-    python benchmarks/latency.py --sizes 1e5 --types hnsw          # one cell
-    python benchmarks/latency.py --quick                           # 1e3 only, 50 queries
+    python -m benchmarks.latency                                   # 1e3 1e4 1e5 1e6, flat and hnsw
+    python -m benchmarks.latency --sizes 1e5 --types hnsw          # one cell
+    python -m benchmarks.latency --quick                           # 1e3 only, 50 queries
 """
 
 from __future__ import annotations
@@ -22,17 +22,16 @@ import argparse
 import gc
 import inspect
 import os
-import sys
 import time
 import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (
+from benchmarks._common import (
     SIGMA,
     default_pool,
     human,
+    langchain_selector,
     machine,
     parse_size,
     peak_rss_gib,
@@ -45,42 +44,18 @@ from _common import (
 )
 
 
-def langchain_selector(encoder, vectors: np.ndarray, records: list[dict], k: int):  # type: ignore[no-untyped-def]
-    """LangChain's selector over a FAISS vector store holding the same vectors, or (None, why)."""
-    import faiss
-    from langchain_core.documents import Document
+def pie_embeddings(encoder):  # type: ignore[no-untyped-def]
+    """The same PIE encoder as a LangChain ``Embeddings`` (both sides embed queries alike)."""
     from langchain_core.embeddings import Embeddings
-    from langchain_core.example_selectors import SemanticSimilarityExampleSelector
 
     class PIEEmbeddings(Embeddings):
-        """The same PIE encoder as a LangChain Embeddings."""
-
         def embed_documents(self, texts: list[str]) -> list[list[float]]:
             return encoder.encode(texts, show_progress_bar=False).tolist()
 
         def embed_query(self, text: str) -> list[float]:
             return encoder.encode(text).tolist()
 
-    try:
-        from langchain_community.docstore.in_memory import InMemoryDocstore
-        from langchain_community.vectorstores import FAISS
-        from langchain_community.vectorstores.utils import DistanceStrategy
-    except ImportError:
-        return None, "langchain-community is not installed (pip install -c constraints.txt langchain-community)"
-    index = faiss.IndexFlatIP(vectors.shape[1])  # what FAISS.from_texts builds for inner product
-    index.add(vectors)
-    docs = {
-        str(i): Document(page_content=r["instruction"], metadata={k_: v for k_, v in r.items() if k_ != "metadata"})
-        for i, r in enumerate(records)
-    }
-    store = FAISS(
-        embedding_function=PIEEmbeddings(),
-        index=index,
-        docstore=InMemoryDocstore(docs),
-        index_to_docstore_id={i: str(i) for i in range(len(records))},
-        distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT,
-    )
-    return SemanticSimilarityExampleSelector(vectorstore=store, k=k, input_keys=["instruction"]), "FAISS (flat IP)"
+    return PIEEmbeddings()
 
 
 def time_retriever(r, warm: list[str], queries: list[str], qvecs: np.ndarray, k: int) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
@@ -104,6 +79,7 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=SIGMA, help="noise norm of the synthetic vectors (default 0.3)")
     ap.add_argument("--no-langchain", action="store_true", help="skip the LangChain comparison")
     ap.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto", help="encoder runtime (default auto)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1e3 demos, 50 queries")
     args = ap.parse_args()
     if args.quick:
@@ -120,7 +96,7 @@ def main() -> None:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    encoder = PIEEncoder(device="cpu")
+    encoder = PIEEncoder(device="cpu", runtime=args.runtime)
     base = encoder.encode([d["instruction"] for d in default_pool()], show_progress_bar=False)
     texts = query_texts(args.queries + args.warmup)
     warm, queries = texts[: args.warmup], texts[args.warmup :]
@@ -155,7 +131,10 @@ def main() -> None:
             del index
             gc.collect()
         if not args.no_langchain:
-            selector, lc_note = langchain_selector(encoder, vectors, records, args.k)
+            try:
+                selector, lc_note = langchain_selector(pie_embeddings(encoder), vectors, records, args.k), "FAISS (flat IP)"
+            except ImportError:
+                selector, lc_note = None, "langchain-community is not installed (pip install -e '.[bench]')"
             if selector is not None:
                 for q in warm:
                     selector.select_examples({"instruction": q})
@@ -171,7 +150,8 @@ def main() -> None:
     print(
         f"Synthetic pools: default-pool demos (385) repeated with varied inputs; vectors are the real embeddings of "
         f"their instructions plus Gaussian noise (norm {args.sigma}, renormalised), NOT re-encoded. "
-        f"{len(queries)} real eft_test queries per cell, each embedded by get_demos (PIE default encoder, fp32), "
+        f"{len(queries)} real eft_test queries per cell, each embedded by get_demos (PIE default encoder, fp32, "
+        f"{encoder.runtime}), "
         f"k={args.k}, after {len(warm)} warm-up queries. recall@10: on those queries vs exact search."
     )
     if not args.no_langchain:

@@ -5,23 +5,21 @@ instruction text is excluded, as in ``icl_retriever.evaluation.retrieval_precisi
 encoder is acceptable if it loses no more than 0.01 of float32's P@1. Speed: both encoders embed the same
 texts in the same process, alternating, best run of each.
 
-    python benchmarks/quantization.py                  # all 3291 eft_test instructions (a few minutes)
-    python benchmarks/quantization.py --quick          # 300 sampled instructions: a smoke run, P@k is noisy
-    python benchmarks/quantization.py --all-linear     # also the variant quantising every Linear layer
+    python -m benchmarks.quantization                  # all 3291 eft_test instructions (a few minutes)
+    python -m benchmarks.quantization --quick          # 300 sampled instructions: a smoke run, P@k is noisy
+    python -m benchmarks.quantization --all-linear     # also the variant quantising every Linear layer
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import EFT_TEST, machine, table
+from benchmarks._common import EFT_TEST, machine, table
 
 TOLERANCE = 0.01
 

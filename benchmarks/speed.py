@@ -39,6 +39,7 @@ from benchmarks._common import (
     SIGMA,
     default_pool,
     human,
+    langchain_selector,
     machine,
     parse_size,
     percentiles,
@@ -54,29 +55,15 @@ CLI = [sys.executable, "-m", "icl_retriever.cli"]
 QUERY = "Translate 'good night' into German."
 
 
-def langchain_selector(vectors: np.ndarray, records: list[dict], k: int):  # type: ignore[no-untyped-def]
-    """LangChain's selector: FAISS (inner product, normalised HuggingFaceEmbeddings) over ``vectors``."""
-    import faiss
-    from langchain_community.docstore.in_memory import InMemoryDocstore
-    from langchain_community.vectorstores import FAISS
-    from langchain_community.vectorstores.utils import DistanceStrategy
-    from langchain_core.documents import Document
-    from langchain_core.example_selectors import SemanticSimilarityExampleSelector
+def hf_embeddings():  # type: ignore[no-untyped-def]
+    """What a LangChain user plugs in: ``HuggingFaceEmbeddings`` of the same base weights, normalised."""
     from langchain_huggingface import HuggingFaceEmbeddings
 
     from icl_retriever.default_model import base_model_dir
 
-    embeddings = HuggingFaceEmbeddings(
+    return HuggingFaceEmbeddings(
         model_name=str(base_model_dir()), model_kwargs={"device": "cpu"}, encode_kwargs={"normalize_embeddings": True}
     )
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    docs = {str(i): Document(page_content=r["instruction"], metadata={"id": r["id"]}) for i, r in enumerate(records)}
-    store = FAISS(
-        embedding_function=embeddings, index=index, docstore=InMemoryDocstore(docs),
-        index_to_docstore_id={i: str(i) for i in range(len(records))}, distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT,
-    )
-    return SemanticSimilarityExampleSelector(vectorstore=store, k=k, input_keys=["instruction"])
 
 
 def query_latency(sizes: list[int], n_queries: int, warmup: int, k: int) -> list[list[object]]:
@@ -103,7 +90,7 @@ def query_latency(sizes: list[int], n_queries: int, warmup: int, k: int) -> list
         demos = [Demo.model_construct(score=None, **r) for r in records]
         vectors = synthetic_vectors(base, n, sigma=SIGMA)
         topic_vectors = synthetic_vectors(base_topic, n, sigma=SIGMA, seed=1)
-        selector = langchain_selector(vectors, records, k)
+        selector = langchain_selector(hf_embeddings(), vectors, records, k)
         for q in warm:
             selector.select_examples({"instruction": q})
         lc50, lc95 = percentiles(time_each(lambda q: selector.select_examples({"instruction": q}), queries))  # noqa: B023
