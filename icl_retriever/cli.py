@@ -11,6 +11,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import Any, Literal
+
+from pydantic_core import PydanticUndefined
+
 from icl_retriever._version import __version__
 from icl_retriever.errors import ICLRetrieverError
 from icl_retriever.records import Demo, check_text
@@ -61,6 +65,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     tasks = {d.metadata.get("task") for d in demos} - {None}
     manifest = retriever.manifest
     assert manifest is not None
+    if args.json:
+        _print_json({"index": str(args.out), "demos": len(retriever), "tasks": len(tasks), "seconds": round(seconds, 3),
+                     "runtime": encoder.runtime, "manifest": manifest.model_dump(mode="json")})
+        return 0
     params = ", ".join(f"{k} {v}" for k, v in manifest.index_params.model_dump(exclude_none=True).items())
     print(
         f"Indexed {len(retriever)} demos"
@@ -131,12 +139,17 @@ def _cmd_query(args: argparse.Namespace) -> int:
     retriever = Retriever.from_index(args.index, model=args.model, verify=not args.no_verify, runtime=args.runtime)
     demos = retriever.get_demos(args.text, k=args.k, **controls)
     if args.json:
-        print(json.dumps([d.model_dump() for d in demos], ensure_ascii=False, indent=2))
+        _print_json([d.model_dump() for d in demos])
         return 0
     if not demos and args.min_score is not None:
         print(f"No demo reached --min-score {args.min_score}: none is confidently of this request's task")
     _print_demos(demos)
     return 0
+
+
+def _print_json(data: Any) -> None:
+    """A report as JSON on stdout (``--json``)."""
+    print(json.dumps(data, ensure_ascii=False, indent=2))
 
 
 def _min_score(text: str | None) -> float | str | None:
@@ -199,6 +212,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"Building the packaged pool ({pool.name}, shipped with the package) into {out}", file=sys.stderr)
         encoder = PIEEncoder(runtime=args.runtime)
         retriever = build_index(pool, out, encoder=encoder, force=out.exists(), show_progress_bar=True)
+    if args.json:
+        _print_json({"index": str(out), "demos": len(retriever), "answers": [
+            {"query": text, "demos": [d.model_dump() for d in retriever.get_demos(text, k=args.k)]}
+            for text in args.queries or DEMO_QUERIES
+        ]})
+        return 0
     print(f"Index {out}: {len(retriever)} demos")
     for text in args.queries or DEMO_QUERIES:
         print(f"\n> {_shorten(text)}")
@@ -211,8 +230,11 @@ def _cmd_add(args: argparse.Namespace) -> int:
     from icl_retriever.retriever import Retriever
 
     demos = load_pool(args.pool)  # validate everything before loading a model
-    retriever = Retriever.from_index(args.index, model=args.model)
+    retriever = Retriever.from_index(args.index, model=args.model, runtime=args.runtime)
     ids = retriever.add(demos, upsert=args.upsert, batch_size=args.batch_size, persist=True)
+    if args.json:
+        _print_json({"index": str(args.index), "added": ids, "demos": len(retriever)})
+        return 0
     print(f"Added {len(ids)} demos to {args.index}; it now holds {len(retriever)}")
     return 0
 
@@ -223,6 +245,9 @@ def _cmd_remove(args: argparse.Namespace) -> int:
     retriever = Retriever.from_index(args.index, model=args.model)
     removed = retriever.remove(args.ids, persist=True)
     missing = sorted(set(args.ids) - set(removed))
+    if args.json:
+        _print_json({"index": str(args.index), "removed": list(removed), "not_found": missing, "demos": len(retriever)})
+        return 0
     print(f"Removed {len(removed)} demos from {args.index}; it now holds {len(retriever)}")
     if missing:
         print(f"icl-retriever: warning: not in the index: {_printable(', '.join(missing))}", file=sys.stderr)
@@ -268,13 +293,17 @@ def _floats(text: str) -> list[float]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from icl_retriever.training import TrainConfig, train
+    from icl_retriever.train_config import TrainConfig
+    from icl_retriever.training import train
 
     fields = TrainConfig.model_fields
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     config = TrainConfig(**given)
     out = train(config, show_progress_bar=True)
     card = json.loads((out / "training_card.json").read_text(encoding="utf-8"))
+    if args.json:
+        _print_json({"model": str(out), "training_card": card})
+        return 0
     val = card.get("validation") or {}
     print(
         f"Trained {card['steps_done']} steps in {card['wall_time_s']:.0f} s "
@@ -297,6 +326,48 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     print(report.model_dump_json(indent=2) if args.json else report.table())
     return 0
+
+
+#: Flags of ``train`` whose spelling is not the TrainConfig field's (``--val-file FILE`` repeats).
+_TRAIN_FLAG_NAMES = {"output_dir": "--out", "val_files": "--val-file"}
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field, generated from its type, default and description, so
+    every setting is reachable and none drifts from the config (a test checks it)."""
+    import types
+    import typing
+
+    from icl_retriever.train_config import TrainConfig
+
+    for name, field in TrainConfig.model_fields.items():
+        if name == "train_files":
+            continue
+        flag = _TRAIN_FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        default = field.get_default(call_default_factory=True)
+        help_text = (field.description or "").replace("%", "%%")
+        if default not in (None, [], PydanticUndefined):
+            help_text += f" (default {default})" if help_text else f"default {default}"
+        annotation = field.annotation
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None: the flag takes an X
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        kind = annotation
+        kw: dict[str, Any] = {"dest": name, "default": None, "help": help_text or None}
+        if name == "output_dir":
+            kw.update(type=Path, required=True, metavar="DIR")
+        elif name == "val_files":
+            kw.update(type=Path, action="append", metavar="FILE")
+        elif name == "mix":
+            kw.update(type=_floats, metavar="W1,W2,...")
+        elif kind is bool:
+            kw.update(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(kind) is Literal:
+            kw.update(choices=list(typing.get_args(kind)))
+        elif kind in (int, float, str, Path):
+            kw.update(type=kind)
+        else:  # a field of a type this generator does not know: fail loudly, not silently drop it
+            raise TypeError(f"TrainConfig.{name}: no CLI flag for type {field.annotation!r}")
+        p.add_argument(flag, **kw)
 
 
 _RUNTIME_HELP = (
@@ -344,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", action="store_true",
                    help="CPU only: dynamic int8 encoder (faster; the index then needs int8 queries, which it loads)")
     _add_runtime(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("query", help="show the demos an index returns for a request")
@@ -394,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="the model to load, if the index names one outside its directory that you trust "
                         "(default: the one the manifest names, if it is the embedded default or inside the index)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_runtime(p)
     p.set_defaults(func=_cmd_add)
 
     p = sub.add_parser("remove", help="remove demos from an index by id (atomic update)")
@@ -402,47 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="the model to load, if the index names one outside its directory that you trust "
                         "(default: the one the manifest names, if it is the embedded default or inside the index)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_remove)
 
     p = sub.add_parser("train", help="PIE contrastive fine-tuning on task-labelled instructions")
     p.add_argument("train_files", type=Path, nargs="+", metavar="TRAIN_FILE",
                    help="IEB-format JSON or JSONL with instruction + task (or, with --label-field, demo pools); "
                         "several files are mixed in every batch")
-    p.add_argument("--mix", type=_floats, default=None, metavar="W1,W2,...",
-                   help="share of each train file's anchors in every batch (default: equal)")
-    p.add_argument("--label-field", default=None, metavar="FIELD",
-                   help="read the train files as demo pools whose metadata FIELD is the task (e.g. task)")
-    p.add_argument("--with-input", action="store_true", default=None,
-                   help="also train on 'instruction + input' of samples that have an input")
-    p.add_argument("--val-file", dest="val_files", type=Path, action="append", default=None, metavar="FILE",
-                   help="extra validation file in IEB format (cross-group P@1 when samples carry 'dataset'); repeatable")
-    p.add_argument("--distill", type=float, default=None, metavar="W",
-                   help="weight of keeping each text's embedding near the starting model's (default 0)")
-    p.add_argument("--out", dest="output_dir", type=Path, required=True, help="output model directory")
-    p.add_argument("--base-model", default=None,
-                   help='model to fine-tune (default "default": the shipped model; "default-base": the untrained base)')
-    p.add_argument("--template", default=None, help='"short" (default), "pie", "plain" or a string with {instruction}')
-    p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="anchor/positive/negative triplets per step (32)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 500)")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the anchors, instead of --steps")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (3e-5)")
-    p.add_argument("--warmup-ratio", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None, help="InfoNCE temperature (0.05)")
-    p.add_argument("--grad-accum", type=int, default=None)
-    p.add_argument("--symmetric", action="store_true", default=None, help="also rank anchors for each positive")
-    p.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None, help="train with dropout")
-    p.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false", default=None)
-    p.add_argument("--hard-negative-facets", choices=["verb_or_noun", "verb", "noun"], default=None,
-                   help="what a hard negative's task shares with the anchor's (default verb_or_noun, as the paper)")
-    p.add_argument("--no-mask-same-task", dest="mask_same_task", action="store_false", default=None)
-    p.add_argument("--val-fraction", type=float, default=None, help="fraction of train TASKS held out (0.1)")
-    p.add_argument("--eval-every", type=int, default=None, help="validate every N steps, keep the best (0: end only)")
-    p.add_argument("--patience", type=int, default=None, metavar="N",
-                   help="with --eval-every: stop after N validations without improvement (default 0: never)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None)
+    _add_train_flags(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="ICT clustering, IIS similarity, cross-group and pool retrieval P@k of a model")
@@ -470,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "~/.cache/icl-retriever)")
     p.add_argument("--rebuild", action="store_true", help="build the index again even if it exists")
     _add_runtime(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("info", help="describe an index directory")

@@ -84,13 +84,18 @@ def test_add_and_remove(tmp_path: Path, pool: Path) -> None:
     assert "now holds 5" in added.stdout
     dup = cli("add", out, extra)
     assert dup.returncode == 1 and "already in the index: 's1'" in dup.stderr
-    assert cli("add", out, extra, "--upsert").returncode == 0
+    upserted = json.loads(cli("add", out, extra, "--upsert", "--json").stdout)
+    assert upserted == {"index": str(out), "added": ["s1"], "demos": 5}
     top = json.loads(cli("query", out, "Write a SQL query listing orders.", "-k", "1", "--json").stdout)[0]
     assert top["id"] == "s1"
     removed = cli("remove", out, "--ids", "s1", "unknown")
     assert removed.returncode == 0 and "now holds 4" in removed.stdout and "unknown" in removed.stderr
     after = json.loads(cli("query", out, "Write a SQL query listing orders.", "-k", "10", "--json").stdout)
     assert "s1" not in [d["id"] for d in after]
+    gone = json.loads(cli("remove", out, "--ids", after[0]["id"], "nope", "--json").stdout)
+    assert gone == {"index": str(out), "removed": [after[0]["id"]], "not_found": ["nope"], "demos": 3}
+    rebuilt = json.loads(cli("build", pool, "--out", out, "--force", "--json").stdout)
+    assert rebuilt["demos"] == 4 and rebuilt["manifest"]["count"] == 4 and rebuilt["runtime"] in ("onnx", "torch")
 
 
 def test_eval_several_notions_of_task_in_one_call(pool: Path) -> None:
@@ -112,6 +117,10 @@ def test_train_on_a_labelled_pool_then_build_with_it(tmp_path: Path) -> None:
                   "--eval-every", "1", "--distill", "1")
     assert trained.returncode == 0, trained.stderr
     assert "held-out validation: demos.p_at_1" in trained.stdout
+    again = cli("train", pool, "--label-field", "task", "--out", tmp_path / "m2", "--steps", "1", "--batch-size", "4",
+                "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["training_card"]["steps_done"] == 1
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps(r) + "\n" for r in POOL_LINES), encoding="utf-8")
     built = cli("build", small, "--out", tmp_path / "idx", "--model", model, "--no-topic")
@@ -137,6 +146,8 @@ def test_demo_builds_the_packaged_pool_once(tmp_path: Path, monkeypatch: pytest.
     again = cli("demo", "-k", "1")  # reused, and the four default requests
     assert again.returncode == 0, again.stderr
     assert "Building" not in again.stderr and again.stdout.count("\n> ") == 4
+    as_json = json.loads(cli("demo", "Write a haiku about rain.", "-k", "2", "--json").stdout)
+    assert as_json["demos"] == 385 and len(as_json["answers"][0]["demos"]) == 2
     # a damaged cache is rebuilt, and says so; an index the user named is never overwritten unasked
     next(index.glob("demos.*.jsonl")).write_text("{}\n", encoding="utf-8")
     repaired = cli("demo", "Write a haiku about rain.", "-k", "1")
@@ -148,3 +159,23 @@ def test_demo_builds_the_packaged_pool_once(tmp_path: Path, monkeypatch: pytest.
     refused = cli("demo", "--index", mine, "-k", "1")
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     assert (mine / "notes.txt").read_text(encoding="utf-8") == "keep me"
+
+
+def test_train_has_a_flag_for_every_train_config_field() -> None:
+    """The train flags are generated from TrainConfig: each field parses into the config unchanged."""
+    from icl_retriever.cli import build_parser
+    from icl_retriever.train_config import TrainConfig
+
+    argv = ["train", "a.json", "b.json", "--out", "runs/x", "--mix", "1,2", "--val-file", "v.json", "--val-file", "w.json",
+            "--no-freeze-embeddings", "--weight-decay", "0.2", "--max-grad-norm", "0.5", "--add-period", "--symmetric",
+            "--no-dropout", "--hard-negative-facets", "verb", "--pooling", "cls", "--steps", "7"]
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
+    config = TrainConfig(**given)
+    assert config.train_files == [Path("a.json"), Path("b.json")] and config.mix == [1.0, 2.0]
+    assert config.val_files == [Path("v.json"), Path("w.json")] and config.output_dir == Path("runs/x")
+    assert (config.freeze_embeddings, config.weight_decay, config.max_grad_norm) == (False, 0.2, 0.5)
+    assert (config.add_period, config.symmetric, config.dropout) == (True, True, False)
+    assert (config.hard_negative_facets, config.pooling, config.steps) == ("verb", "cls", 7)
+    flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    assert set(TrainConfig.model_fields) <= flags
