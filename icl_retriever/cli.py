@@ -46,9 +46,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     )
     check_target(Path(args.out), force=args.force)
     demos = load_pool(args.pool)  # validate everything before loading a model
-    if args.quantize and args.runtime == "onnx":
-        raise ValueError("--quantize runs on torch: it excludes --runtime onnx")
-    encoder = PIEEncoder(args.model, quantize=args.quantize, runtime="torch" if args.quantize else args.runtime)
+    encoder = PIEEncoder(args.model, quantize=args.quantize, runtime=args.runtime)
     start = time.perf_counter()
     try:
         retriever = build_index(
@@ -319,7 +317,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.ict is None and args.iis is None and args.cross_group is None and args.pool is None:
         raise ValueError("give at least one of --ict, --iis, --cross-group, --pool")
-    encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime)
+    encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime,
+                         quantize=args.quantize)
     report = evaluate(
         encoder, args.ict, args.iis, cross_group_path=args.cross_group, pool_path=args.pool,
         label_field=args.label_field, batch_size=args.batch_size, show_progress_bar=not args.json,
@@ -377,6 +376,12 @@ _RUNTIME_HELP = (
 )
 
 
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", action="store_true",
+                   help="CPU only: dynamic int8 encoder (faster, slightly different vectors: an index built with it "
+                        "is queried with it, which it loads by itself)")
+
+
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto", help=_RUNTIME_HELP)
 
@@ -412,8 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instructions embedded and checkpointed at a time; an interrupted build resumes from the "
                         "last finished chunk (default 10000)")
     p.add_argument("--no-resume", action="store_true", help="embed everything again, ignoring finished chunks")
-    p.add_argument("--quantize", action="store_true",
-                   help="CPU only: dynamic int8 encoder (faster; the index then needs int8 queries, which it loads)")
+    _add_quantize(p)
     _add_runtime(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_build)
@@ -501,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_quantize(p)
     _add_runtime(p)
     p.set_defaults(func=_cmd_eval)
 

@@ -66,6 +66,11 @@ class EncoderConfig(BaseModel):
     add_period: bool = Field(False, description='append "." to instructions not ending in . ? " or \'')
     normalize: bool = True
     quantize: bool = Field(False, description="dynamic int8 quantisation of the Linear layers (CPU only)")
+    quantize_scheme: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="with quantize: torch's dynamic int8 of the Linear layers (feed-forward down-projections kept "
+        "float), or ONNX Runtime's dynamic per-channel int8 of every MatMul; they give different vectors",
+    )
 
 
 def resolve_template(template: str) -> str:
@@ -244,8 +249,8 @@ class PIEEncoder:
         on_cpu = device is None or str(device).split(":")[0] == "cpu"
         if quantize and not on_cpu:
             raise ValueError(f"quantize=True runs on CPU only, not on {device!r}")
-        if runtime == "onnx" and (quantize or not on_cpu):
-            raise ValueError("runtime='onnx' runs float32 on CPU: it excludes quantize=True and other devices")
+        if runtime == "onnx" and not on_cpu:
+            raise ValueError("runtime='onnx' runs on CPU: it excludes other devices")
         name = "default" if model is None or str(model) == "default" else str(model)
         if name not in ("default", "default-base") and Path(name).expanduser().exists():
             name = str(Path(name).expanduser().resolve())
@@ -253,8 +258,8 @@ class PIEEncoder:
         self._onnx: OnnxRuntime | None = None
         self._fast: FastTokenizer | None = None
         self.model: Any = None
-        if runtime != "torch" and not quantize and on_cpu:
-            if self._load_onnx(name, settings, required=runtime == "onnx"):
+        if runtime != "torch" and on_cpu:
+            if self._load_onnx(name, settings, quantize=quantize, required=runtime == "onnx"):
                 return
         self.tokenizer, self.model, saved = _load_model(name)
         self.is_decoder = _is_decoder(self.model.config)
@@ -271,7 +276,8 @@ class PIEEncoder:
             self.tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
         self.model_max_length = int(min(getattr(self.tokenizer, "model_max_length", 512) or 512, 1_000_000))
         self._dim = int(self.model.config.hidden_size)
-        self._configure(name, saved, quantize=quantize, **settings)
+        scheme: Literal["torch", "onnx"] = "onnx" if runtime != "torch" else "torch"
+        self._configure(name, saved, quantize=quantize, scheme=scheme, **settings)
         self._weights_sha = _hash_state_dict(self.model)  # of the float weights, before any quantisation
         import torch
 
@@ -280,11 +286,12 @@ class PIEEncoder:
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.model.eval()
-        if quantize:
-            self.model = _quantize_dynamic_int8(self.model)
         self._set_budget()
-        if runtime != "torch" and not quantize and self.device.type == "cpu":
-            self._export_onnx(required=runtime == "onnx")
+        if runtime != "torch" and self.device.type == "cpu" and self._export_onnx(required=runtime == "onnx"):
+            return
+        if quantize:
+            self.config = self.config.model_copy(update={"quantize_scheme": "torch"})
+            self.model = _quantize_dynamic_int8(self.model)
 
     def _configure(
         self,
@@ -296,6 +303,7 @@ class PIEEncoder:
         max_length: int | None,
         add_period: bool | None,
         quantize: bool,
+        scheme: Literal["torch", "onnx"],
     ) -> None:
         """Settle the settings: arguments, else those saved with the model, else the defaults."""
         template_name = template or saved.get("template") or ("pie" if self.is_decoder else "short")
@@ -307,6 +315,7 @@ class PIEEncoder:
             max_length=min(int(max_length or saved.get("max_length") or 256), self.model_max_length),
             add_period=add_period if add_period is not None else saved.get("add_period", resolved == TEMPLATES["pie"]),
             quantize=quantize,
+            quantize_scheme=scheme,
         )
 
     def _set_budget(self) -> None:
@@ -314,7 +323,7 @@ class PIEEncoder:
         probe = self._token_ids([apply_template("", self.config.template, False)])[0]
         self._instruction_budget = max(1, self.config.max_length - len(probe))
 
-    def _load_onnx(self, name: str, settings: dict[str, Any], *, required: bool) -> bool:
+    def _load_onnx(self, name: str, settings: dict[str, Any], *, quantize: bool, required: bool) -> bool:
         """Set this encoder up from a cached ONNX export of ``name``; False if there is none (yet)."""
         from icl_retriever import onnx_backend
 
@@ -327,7 +336,7 @@ class PIEEncoder:
             if required:
                 raise ValueError(f"runtime='onnx': {name!r} is not a local model directory or the default")
             return False
-        found = onnx_backend.find(name, settings["pooling"] or saved.get("pooling") or "mean", True)
+        found = onnx_backend.find(name, settings["pooling"] or saved.get("pooling") or "mean", True, int8=quantize)
         if found is None:
             return False
         where, meta = found
@@ -335,7 +344,7 @@ class PIEEncoder:
         self.is_decoder = False
         self.model_max_length = meta.model_max_length
         self._dim = meta.dim
-        self._configure(name, saved, quantize=False, **settings)
+        self._configure(name, saved, quantize=quantize, scheme="onnx", **settings)
         self._weights_sha = meta.weights_sha256
         self._set_budget()
         return True
@@ -349,25 +358,28 @@ class PIEEncoder:
         self.tokenizer = self._fast
         self.device = "cpu"
 
-    def _export_onnx(self, *, required: bool) -> None:
-        """Export this torch encoder to the ONNX cache and run on it from now on (``auto``: stay on torch,
-        with a warning saying why, if it cannot be exported)."""
+    def _export_onnx(self, *, required: bool) -> bool:
+        """Export this (float) torch encoder to the ONNX cache and run on it from now on; False if it
+        cannot be exported (``auto``: it stays on torch, with a note saying why)."""
         from icl_retriever import onnx_backend
 
+        c = self.config
         try:
             if not onnx_backend.available():
                 raise ValueError("onnxruntime or tokenizers is not installed")
-            found = onnx_backend.find(self.config.model, self.config.pooling, self.config.normalize)
-            where, meta = found if found is not None else onnx_backend.export(self)
+            found = onnx_backend.find(c.model, c.pooling, c.normalize, int8=c.quantize)
+            where, meta = found if found is not None else onnx_backend.export(self, int8=c.quantize)
             if meta.weights_sha256 != self._weights_sha:
                 raise ValueError(f"the cached ONNX copy at {where} holds other weights")
             self._start_onnx(where, meta)
+            return True
         except Exception as exc:  # export failures are many kinds (torch.onnx, onnxruntime, files)
             if required:
-                raise ValueError(f"runtime='onnx': {self.config.model!r} cannot run on ONNX: {exc}") from exc
+                raise ValueError(f"runtime='onnx': {c.model!r} cannot run on ONNX: {exc}") from exc
             # a model ONNX does not take (a decoder, a hub id) is expected news; a failed export is not
             log = logger.info if isinstance(exc, ValueError) else logger.warning
-            log("model %r runs on torch: no ONNX copy (%s)", self.config.model, exc)
+            log("model %r runs on torch: no ONNX copy (%s)", c.model, exc)
+            return False
 
     @property
     def runtime_model(self) -> Any:
@@ -392,7 +404,8 @@ class PIEEncoder:
             add_period=config.add_period,
             quantize=config.quantize,
             device=device,
-            runtime="torch" if config.quantize else runtime,
+            # int8 vectors are only reproduced by the scheme that made them
+            runtime=runtime if not config.quantize else "onnx" if config.quantize_scheme == "onnx" else "torch",
         )
 
     @property
@@ -402,11 +415,18 @@ class PIEEncoder:
             # quantize is left out while off, so fingerprints of float encoders are what they always were
             {
                 "weights_sha256": self._weights_sha,
-                **self.config.model_dump(exclude={"model"} | (set() if self.config.quantize else {"quantize"})),
+                **self.config.model_dump(exclude={"model"} | self._unfingerprinted()),
             },
             sort_keys=True,
         )
         return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
+
+    def _unfingerprinted(self) -> set[str]:
+        """Settings left out of the fingerprint while at their old defaults, so fingerprints made before
+        they existed still match: float encoders, and torch's int8 scheme."""
+        if not self.config.quantize:
+            return {"quantize", "quantize_scheme"}
+        return {"quantize_scheme"} if self.config.quantize_scheme == "torch" else set()
 
     def calibrated_floor(self) -> float:
         """The cosine floor of ``min_score="auto"``, measured for this model (``calibration.json`` beside
@@ -572,9 +592,12 @@ class PIEEncoder:
             disable=not show_progress_bar or len(prompts) <= batch_size,
         )
         if self._onnx is not None and self._fast is not None:
-            for start in batches:
-                idx = order[start : start + batch_size]
-                out[idx] = self._onnx.run(*self._fast.batch([prompts[i] for i in idx], self.config.max_length))
+            rows = [order[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
+            tokens = [self._fast.batch([prompts[i] for i in idx], self.config.max_length) for idx in rows]
+            for idx, vectors in zip(rows, self._onnx.run_many(tokens), strict=True):
+                out[idx] = vectors
+                batches.update()
+            batches.close()
             return out[0] if single else out
         import torch
 

@@ -100,6 +100,7 @@ class _LRU:
         return len(self._data)
 
 
+_CORES = os.cpu_count() or 1
 _BASE_ENCODERS: dict[str, PIEEncoder] = {}
 _BASE_LOCK = threading.Lock()
 
@@ -672,7 +673,7 @@ class Retriever:
             self.encoder.runtime != "onnx"
             or topic.runtime != "onnx"
             or topic.runtime_model is self.encoder.runtime_model
-            or (os.cpu_count() or 1) < 2
+            or _CORES < 2
         ):
             return None
         with self._locks_lock:

@@ -80,9 +80,26 @@ def test_embed_needs_torch(onnx_default: PIEEncoder) -> None:
         onnx_default.embed(["a"])
 
 
+def test_int8_onnx_is_its_own_numerics(encoder: PIEEncoder, tmp_path: Path) -> None:
+    """ONNX int8 vectors stay close to float ones but carry their own fingerprint, and an index built
+    with them is queried with them (the manifest says which int8 scheme)."""
+    int8 = PIEEncoder(quantize=True, runtime="onnx")
+    torch_int8 = PIEEncoder(quantize=True)
+    assert (int8.runtime, int8.config.quantize_scheme) == ("onnx", "onnx")
+    assert (torch_int8.runtime, torch_int8.config.quantize_scheme) == ("torch", "torch")
+    assert len({int8.fingerprint, torch_int8.fingerprint, encoder.fingerprint}) == 3
+    cos = (int8.encode(TEXTS[:3]) * encoder.encode(TEXTS[:3])).sum(1)
+    assert cos.min() >= onnx_backend.INT8_MIN_COSINE
+    out = tmp_path / "idx"
+    from icl_retriever import build_index
+
+    build_index(POOL, out, encoder=int8, topic=False)
+    again = Retriever.from_index(out, runtime="torch")  # the scheme decides: int8 ONNX, whatever was asked
+    assert again.encoder.runtime == "onnx" and again.encoder.fingerprint == int8.fingerprint
+    assert again.get_demos(QUERY, k=1)[0].id == "d2"
+
+
 def test_onnx_is_refused_where_it_cannot_run(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="quantize"):
-        PIEEncoder(runtime="onnx", quantize=True)
     with pytest.raises(ValueError, match="runtime must be"):
         PIEEncoder(runtime="tensorrt")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="other devices"):
