@@ -12,6 +12,8 @@ import functools
 import hashlib
 import json
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -122,6 +124,15 @@ def _hash_state_dict(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _cuda_visible() -> bool:
+    """Whether torch would pick a GPU, answered without importing torch when it is not loaded yet (a
+    CUDA driver's control device is visible and CUDA_VISIBLE_DEVICES does not hide every GPU)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    return Path("/dev/nvidiactl").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "0") not in ("", "-1")
+
+
 def _saved_settings(name: str) -> dict[str, Any] | None:
     """Settings saved with a local or packaged model (without loading it); None for a hub id."""
     if name == "default":
@@ -219,13 +230,14 @@ class PIEEncoder:
         max_length: token budget for a prompt; longer instructions are truncated with a warning.
         add_period: PIE's rule of ending the instruction with a period; defaults to True for ``"pie"``.
         device: ``"cuda"``, ``"cpu"``, ...; defaults to CUDA when available.
-        quantize: run the Linear layers in dynamic int8 (CPU only; faster on CPU, slightly different
-            vectors, so it is part of the fingerprint: an index built with it needs it at query time).
+        quantize: int8 weights (CPU only; faster, slightly different vectors, so it is part of the
+            fingerprint: an index built with it is queried with it). On torch: dynamic int8 Linear layers;
+            on ONNX: ONNX Runtime's dynamic per-channel int8 (another scheme, another fingerprint).
         runtime: ``"torch"``; ``"onnx"``: ONNX Runtime on CPU, float32 (the same vectors within
             :data:`~icl_retriever.onnx_backend.TOLERANCE`; exported once with torch and cached, later
             loads import neither torch nor transformers); ``"auto"``: ONNX when the model can run there
-            (CPU, not quantised, an encoder-only local or default model, ``onnxruntime`` installed),
-            torch otherwise. Training needs ``"torch"``.
+            (CPU: ``device="cpu"``, or no device given and no GPU visible; an encoder-only local or default
+            model; ``onnxruntime`` installed), torch otherwise. Training needs ``"torch"``.
 
     Raises:
         ModelLoadError: the model cannot be found, verified or loaded.
@@ -246,7 +258,7 @@ class PIEEncoder:
     ) -> None:
         if runtime not in ("auto", "torch", "onnx"):
             raise ValueError(f"runtime must be 'auto', 'torch' or 'onnx', got {runtime!r}")
-        on_cpu = device is None or str(device).split(":")[0] == "cpu"
+        on_cpu = str(device).split(":")[0] == "cpu" if device is not None else not _cuda_visible()
         if quantize and not on_cpu:
             raise ValueError(f"quantize=True runs on CPU only, not on {device!r}")
         if runtime == "onnx" and not on_cpu:
