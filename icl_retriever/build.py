@@ -56,7 +56,8 @@ from icl_retriever.store import (
     save_index,
 )
 from icl_retriever.records import Demo, load_pool
-from icl_retriever.retriever import Retriever, default_topic_encoder
+from icl_retriever.retriever import Retriever
+from icl_retriever.topic import default_topic_encoder, topic_info
 
 logger = logging.getLogger(__name__)
 
@@ -194,15 +195,13 @@ def build_index(
 
     vectors = checkpointed([d.instruction for d in demos], encoder)
     # topic vectors next, so that an interruption never costs a finished (HNSW) indexing step
-    topic_index = topic_info = topic_encoder = None
+    topic_index = info = topic_encoder = None
     if topic:
         topic_encoder, source = default_topic_encoder(encoder)
         topic_vectors = checkpointed([topic_text(d) for d in demos], topic_encoder, desc="Embedding topics")
         topic_index = new_flat_index(topic_vectors, topic_encoder.dim)
         del topic_vectors
-        topic_info = TopicInfo(
-            encoder=topic_encoder.config, fingerprint=topic_encoder.fingerprint, source=source, dim=topic_encoder.dim
-        )
+        info = topic_info(topic_encoder, source)
     if kind == "hnsw":
         params = IndexParams(
             M=HNSW_M if hnsw_m is None else hnsw_m,
@@ -228,13 +227,13 @@ def build_index(
         force=force,
         recall_at_10=recall,
         topic_index=topic_index,
-        topic=topic_info,
+        topic=info,
     )
     for directory in checkpoints:
         shutil.rmtree(directory, ignore_errors=True)
     _remove_abandoned_checkpoints(out)
     return Retriever(
-        encoder, index, demos, path=out, manifest=manifest, topic_index=topic_index, topic=topic_info,
+        encoder, index, demos, path=out, manifest=manifest, topic_index=topic_index, topic=info,
         topic_encoder=topic_encoder,
     )
 

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -22,17 +18,9 @@ from icl_retriever.controls import (
     DemoFormat,
     DemoPredicate,
     MetadataFilter,
-    MetadataIndex,
     SearchControls,
-    as_predicate,
     RerankSetting,
-    dedup_keep,
-    format_demo,
-    is_query_itself,
-    mmr_order,
-    pack_by_tokens,
     resolve_tokenizer,
-    rerank_order,
     topic_text,
 )
 from icl_retriever.encoder import PIEEncoder, Runtime
@@ -50,88 +38,12 @@ from icl_retriever.store import (
     write_lock,
     write_version,
 )
+from icl_retriever.query_vectors import QueryVectors
 from icl_retriever.records import Demo, check_text, load_pool
+from icl_retriever.search import Snapshot, find_candidates, select
+from icl_retriever.topic import default_topic_encoder, shared_base_encoder, topic_info
 
 logger = logging.getLogger(__name__)
-
-#: A metadata filter matching at most this many demos is searched exactly over just those demos.
-_EXACT_FILTER_MAX = 4096
-
-
-class _State:
-    """One version of the retriever's data, swapped as a whole so a search never mixes two versions."""
-
-    __slots__ = ("demos", "index", "meta", "topic")
-
-    def __init__(self, index: faiss.Index, demos: list[Demo], topic: faiss.Index | None) -> None:
-        if topic is not None and topic.ntotal != len(demos):
-            raise ValueError(f"topic index holds {topic.ntotal} vectors but {len(demos)} demos were given")
-        self.index = index
-        self.demos = demos
-        self.topic = topic
-        self.meta = MetadataIndex(demos)  # postings for metadata filters, built lazily per field
-
-
-class _LRU:
-    """A small thread-safe LRU map (query text -> embedding); size 0 disables it."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[Any, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> np.ndarray | None:
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: np.ndarray) -> None:
-        if self.size <= 0:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
-_CORES = os.cpu_count() or 1
-_BASE_ENCODERS: dict[str, PIEEncoder] = {}
-_BASE_LOCK = threading.Lock()
-
-
-def _shared_base_encoder(device: Any, runtime: Runtime = "torch") -> PIEEncoder:
-    """The ``"default-base"`` encoder, loaded once per process, device and runtime."""
-    key = f"{device}|{runtime}"
-    with _BASE_LOCK:
-        if key not in _BASE_ENCODERS:
-            _BASE_ENCODERS[key] = PIEEncoder("default-base", device=device, runtime=runtime)
-        return _BASE_ENCODERS[key]
-
-
-def default_topic_encoder(encoder: PIEEncoder) -> tuple[PIEEncoder, Literal["base_model", "same_model_plain"]]:
-    """The encoder of topic vectors for an index of ``encoder``, and which kind it is.
-
-    For the default encoder it is the base model without PIE training and without template
-    (``"default-base"``); for any other model, the same model without its template.
-    """
-    if encoder.config.model == "default":
-        return _shared_base_encoder(encoder.device, encoder.runtime), "base_model"
-    return encoder.with_template("plain"), "same_model_plain"
-
-
-def _topic_info(topic_encoder: PIEEncoder, source: Literal["base_model", "same_model_plain"]) -> TopicInfo:
-    return TopicInfo(encoder=topic_encoder.config, fingerprint=topic_encoder.fingerprint, source=source, dim=topic_encoder.dim)
-
-
-def _rows_to_demos(state: _State, rows: Sequence[int], scores: Sequence[float]) -> list[Demo]:
-    return [state.demos[int(r)].model_copy(update={"score": float(s)}) for r, s in zip(rows, scores, strict=True)]
-
 
 class Retriever:
     """Return, for a request, the k demonstrations that show the same kind of task.
@@ -174,17 +86,12 @@ class Retriever:
         if not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be an integer >= 0, got {cache_size!r}")
         self.encoder = encoder
-        self._state = _State(index, list(demos), topic_index)
+        self._state = Snapshot(index, list(demos), topic_index)
         self._topic = topic
         self._topic_encoder = topic_encoder
         self.path = path
         self.manifest = manifest
-        self._cache = _LRU(cache_size)
-        # FAISS indexes may be searched concurrently; one model (torch or ONNX) embeds one batch at a time
-        # (a tokenizer may not serve two threads), but the task and the topic model may run side by side.
-        self._encode_locks: dict[int, threading.Lock] = {}
-        self._locks_lock = threading.Lock()
-        self._side: ThreadPoolExecutor | None = None
+        self._queries = QueryVectors(cache_size)
         self._write_lock = threading.Lock()
         self._topic_lock = threading.Lock()
         self._said_task_order = False  # rerank="auto" on an index without topic vectors: said once
@@ -296,7 +203,7 @@ class Retriever:
             topic_vectors = topic_encoder.encode(
                 [topic_text(d) for d in pool], batch_size=batch_size, show_progress_bar=show_progress_bar
             )
-            topic_index, info = new_flat_index(topic_vectors, topic_encoder.dim), _topic_info(topic_encoder, source)
+            topic_index, info = new_flat_index(topic_vectors, topic_encoder.dim), topic_info(topic_encoder, source)
         return cls(
             encoder,
             new_flat_index(vectors, encoder.dim),
@@ -342,7 +249,7 @@ class Retriever:
             cfg = info.encoder
             own = {self.encoder.config.model} | ({self.manifest.encoder.model} if self.manifest else set())
             if info.source == "base_model" and cfg.model == "default-base":
-                enc = _shared_base_encoder(self.encoder.device, self.encoder.runtime)
+                enc = shared_base_encoder(str(self.encoder.device), self.encoder.runtime)
             elif info.source == "same_model_plain" and cfg.model in own:
                 enc = self.encoder.with_template(cfg.template, add_period=cfg.add_period)
             else:  # a model the manifest names: trusted only as the index's own would be
@@ -390,17 +297,17 @@ class Retriever:
             PoolError: a record is malformed, or an id exists and ``upsert`` is not set.
         """
         new = load_pool(demos)
-        with self._encode_lock(self.encoder):
+        with self._queries.lock(self.encoder):
             vectors = self.encoder.encode([d.instruction for d in new], batch_size=batch_size, show_progress_bar=False)
 
         def topic_vectors() -> np.ndarray:
             encoder = self.topic_encoder()
-            with self._encode_lock(encoder):
+            with self._queries.lock(encoder):
                 return encoder.encode([topic_text(d) for d in new], batch_size=batch_size, show_progress_bar=False)
 
         new_topic = topic_vectors() if self._state.topic is not None else None
 
-        def change(state: _State) -> _State:
+        def change(state: Snapshot) -> Snapshot:
             nonlocal new_topic
             new_ids = {d.id for d in new}
             clashes = [d.id for d in state.demos if d.id in new_ids]
@@ -413,7 +320,7 @@ class Retriever:
                 if new_topic is None:  # the version on disk gained topic vectors since we loaded ours
                     new_topic = topic_vectors()
                 topic = new_flat_index(np.concatenate([all_vectors(state.topic)[keep], new_topic]), state.topic.d)
-            return _State(index, [state.demos[i] for i in keep] + new, topic)
+            return Snapshot(index, [state.demos[i] for i in keep] + new, topic)
 
         self._apply(change, persist)
         return [d.id for d in new]
@@ -427,12 +334,12 @@ class Retriever:
         drop = set(ids)
         removed: list[str] = []
 
-        def change(state: _State) -> _State:
+        def change(state: Snapshot) -> Snapshot:
             keep = [i for i, d in enumerate(state.demos) if d.id not in drop]
             removed[:] = [d.id for d in state.demos if d.id in drop]
             index = rebuild_index(state.index, all_vectors(state.index)[keep])
             topic = None if state.topic is None else new_flat_index(all_vectors(state.topic)[keep], state.topic.d)
-            return _State(index, [state.demos[i] for i in keep], topic)
+            return Snapshot(index, [state.demos[i] for i in keep], topic)
 
         self._apply(change, persist)
         return removed
@@ -451,11 +358,11 @@ class Retriever:
             return False
         if version.manifest.fingerprint != self.encoder.fingerprint:
             raise EncoderMismatchError(f"{self.path}: now holds an index of another encoder ({version.manifest.fingerprint})")
-        self._state = _State(version.index, version.demos, version.topic)
+        self._state = Snapshot(version.index, version.demos, version.topic)
         self._topic, self.manifest = version.manifest.topic, version.manifest
         return True
 
-    def _apply(self, change: Callable[[_State], _State], persist: bool | None) -> None:
+    def _apply(self, change: Callable[[Snapshot], Snapshot], persist: bool | None) -> None:
         """Run ``change`` on the current state, in memory or as a new on-disk version.
 
         On disk this is a read-modify-write under the directory's file lock: another process may have
@@ -636,190 +543,20 @@ class Retriever:
         counter = resolve_tokenizer(ctl.tokenizer, self.encoder.tokenizer) if ctl.max_tokens is not None else None
         if not queries:
             return []
-        side = self._side_by_side() if ctl.rerank is not None else None
-        topic_future = side.submit(self._embed, queries, topic=True) if side is not None else None
-        vectors = self._embed(queries, topic=False)
-        if topic_future is not None:
-            topic_vectors = topic_future.result()
-        else:
-            topic_vectors = self._embed(queries, topic=True) if ctl.rerank is not None else None
+        topic_encoder = self.topic_encoder() if ctl.rerank is not None else None
+        vectors, topic_vectors = self._queries.embed_both(self.encoder, topic_encoder, queries)
         need = min(ctl.n_candidates, len(state.demos))
         if need == 0:
             return [[] for _ in queries]
         if ctl.filter is None and not ctl.exclude_query:
             scores, ids = search(state.index, vectors, need)  # one search for the whole batch
-            candidates = [(row_i[row_i >= 0], row_s[row_i >= 0]) for row_s, row_i in zip(scores, ids, strict=True)]
+            found = [(row_i[row_i >= 0], row_s[row_i >= 0]) for row_s, row_i in zip(scores, ids, strict=True)]
         else:
-            candidates = [self._filtered_candidates(state, q, v, need, ctl) for q, v in zip(queries, vectors, strict=True)]
+            found = [find_candidates(state, q, v, need, ctl) for q, v in zip(queries, vectors, strict=True)]
         return [
-            self._select(state, vectors[i], None if topic_vectors is None else topic_vectors[i], rows, scores, ctl, counter)
-            for i, (rows, scores) in enumerate(candidates)
+            select(state, vectors[i], None if topic_vectors is None else topic_vectors[i], rows, scores, ctl, counter)
+            for i, (rows, scores) in enumerate(found)
         ]
-
-    # look-up internals --------------------------------------------------------------------------
-
-    def _encode_lock(self, encoder: PIEEncoder) -> threading.Lock:
-        """The lock of the model behind ``encoder`` (a plain-template copy shares its model's lock)."""
-        key = id(encoder.runtime_model)
-        with self._locks_lock:
-            return self._encode_locks.setdefault(key, threading.Lock())
-
-    def _side_by_side(self) -> ThreadPoolExecutor | None:
-        """A worker that embeds the topic vector while this thread embeds the task vector, where that
-        is faster: two different ONNX models (they release the GIL) and more than one core. Measured in
-        ``benchmarks/speed.py``: the default ranking then costs about one query embedding, not two."""
-        topic = self.topic_encoder()
-        if (
-            self.encoder.runtime != "onnx"
-            or topic.runtime != "onnx"
-            or topic.runtime_model is self.encoder.runtime_model
-            or _CORES < 2
-        ):
-            return None
-        with self._locks_lock:
-            if self._side is None:
-                self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icl-topic")
-            return self._side
-
-    def _embed(self, queries: list[str], *, topic: bool) -> np.ndarray:
-        """Query embeddings (PIE, or topic), from the LRU cache where possible, the rest in one batch."""
-        encoder = self.topic_encoder() if topic else self.encoder
-        kind = ("topic", encoder.fingerprint) if topic else ("pie",)
-        out = np.empty((len(queries), encoder.dim), dtype=np.float32)
-        missing: dict[str, list[int]] = {}
-        for i, q in enumerate(queries):
-            cached = self._cache.get((kind, q))
-            if cached is None:
-                missing.setdefault(q, []).append(i)
-            else:
-                out[i] = cached
-        if missing:
-            texts = list(missing)
-            with self._encode_lock(encoder):
-                fresh = encoder.encode(texts, show_progress_bar=False)
-            for text, vector in zip(texts, fresh, strict=True):
-                out[missing[text]] = vector
-                stored = vector.copy()
-                stored.flags.writeable = False
-                self._cache.put((kind, text), stored)
-        return out
-
-    def _filtered_candidates(
-        self, state: _State, query: str, vector: np.ndarray, need: int, ctl: SearchControls
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``need`` best demos passing ``filter`` / ``exclude_query``, filtered during the search."""
-        n = len(state.demos)
-        spec = ctl.filter
-        excluded: Callable[[int], bool] = (
-            (lambda row: is_query_itself(state.demos[row], query)) if ctl.exclude_query else (lambda row: False)
-        )
-        if spec is not None and not callable(spec):
-            allowed = state.meta.rows(spec)
-            if len(allowed) == 0:
-                return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-            if len(allowed) <= _EXACT_FILTER_MAX:
-                return self._exact(state, allowed, vector, need, excluded)
-            mask = np.zeros(n, dtype=bool)
-            mask[allowed] = True
-            # start deep enough to expect `need` matches at the filter's match rate
-            start = math.ceil(1.5 * need * n / len(allowed)) + need
-            return self._overfetch(state, vector, need, lambda row: bool(mask[row]) and not excluded(row), start)
-        predicate = as_predicate(spec)
-        if predicate is None:
-            return self._overfetch(state, vector, need, lambda row: not excluded(row), need + 4)
-        demos = state.demos
-        return self._overfetch(
-            state, vector, need, lambda row: bool(predicate(demos[row])) and not excluded(row), max(4 * need, 32)
-        )
-
-    @staticmethod
-    def _exact(
-        state: _State, rows: np.ndarray, vector: np.ndarray, need: int, excluded: Callable[[int], bool]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact search over the given rows only (their stored vectors read back from the index)."""
-        scores = state.index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64)) @ vector
-        order = np.argsort(-scores, kind="stable")
-        keep_rows: list[int] = []
-        keep_scores: list[float] = []
-        for j in order:
-            row = int(rows[j])
-            if excluded(row):
-                continue
-            keep_rows.append(row)
-            keep_scores.append(float(scores[j]))
-            if len(keep_rows) == need:
-                break
-        return np.asarray(keep_rows, dtype=np.int64), np.asarray(keep_scores, dtype=np.float32)
-
-    def _overfetch(
-        self, state: _State, vector: np.ndarray, need: int, accept: Callable[[int], bool], start: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Search ``fetch`` deep, keep accepted rows; double ``fetch`` until ``need`` are found or the pool is exhausted."""
-        n = state.index.ntotal
-        fetch = min(max(start, need), n)
-        seen: dict[int, bool] = {}  # a predicate runs once per demo, whatever the rounds
-        while True:
-            scores, ids = search(state.index, vector[None, :], fetch)
-            rows: list[int] = []
-            kept: list[float] = []
-            for score, row in zip(scores[0], ids[0], strict=True):
-                if row < 0:
-                    continue
-                ok = seen.get(int(row))
-                if ok is None:
-                    ok = seen[int(row)] = accept(int(row))
-                if ok:
-                    rows.append(int(row))
-                    kept.append(float(score))
-                    if len(rows) == need:
-                        break
-            if len(rows) >= need:
-                break
-            if fetch >= n:
-                if int((ids[0] >= 0).sum()) < n:
-                    # an approximate index did not return every demo even at full depth: go exact
-                    passing = np.asarray([r for r in range(n) if seen.get(r, None) or (r not in seen and accept(r))])
-                    if not len(passing):
-                        break
-                    return self._exact(state, passing, vector, need, lambda row: False)
-                break  # the pool is exhausted
-            fetch = min(fetch * 2, n)
-        return np.asarray(rows, dtype=np.int64), np.asarray(kept, dtype=np.float32)
-
-    def _select(
-        self,
-        state: _State,
-        vector: np.ndarray,
-        topic_vector: np.ndarray | None,
-        rows: np.ndarray,
-        scores: np.ndarray,
-        ctl: SearchControls,
-        counter: Callable[[list[str]], list[int]] | None,
-    ) -> list[Demo]:
-        """Order, de-duplicate and cut the candidates (best first by PIE score) of one query."""
-        if ctl.min_score is not None:  # resolved to a cosine by get_demos_batch
-            keep = scores >= float(ctl.min_score)
-            rows, scores = rows[keep], scores[keep]
-        if not len(rows):
-            return []
-        order = list(range(len(rows)))
-        if ctl.rerank is not None and ctl.rerank != "auto":
-            assert state.topic is not None and topic_vector is not None
-            topic_scores = state.topic.reconstruct_batch(rows) @ topic_vector
-            order = rerank_order(ctl.rerank, scores, topic_scores, weight=ctl.rerank_weight, margin=ctl.rerank_margin)
-        elif ctl.diversity > 0:
-            order = mmr_order(vector, state.index.reconstruct_batch(rows), ctl.diversity)
-        if ctl.dedup is not None:
-            space = state.topic if state.topic is not None else state.index
-            ordered_rows = np.ascontiguousarray(rows[order], dtype=np.int64)
-            order = [order[j] for j in dedup_keep(space.reconstruct_batch(ordered_rows), ctl.dedup)]
-        if ctl.max_tokens is not None:
-            assert counter is not None
-            texts = [format_demo(state.demos[int(rows[j])], ctl.demo_format) for j in order]
-            order = [order[j] for j in pack_by_tokens(counter(texts), ctl.max_tokens, ctl.k)]
-        else:
-            order = order[: ctl.k]
-        return _rows_to_demos(state, [rows[j] for j in order], [scores[j] for j in order])
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""

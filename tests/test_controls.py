@@ -16,6 +16,8 @@ import pytest
 
 from icl_retriever import Demo, PIEEncoder, Retriever, build_index
 from icl_retriever import retriever as retriever_module
+import icl_retriever.search.candidates as search_candidates
+from icl_retriever.search import find_candidates
 from icl_retriever.controls import (
     DEFAULT_DEDUP_THRESHOLD,
     DEFAULT_RERANK,
@@ -227,7 +229,7 @@ def test_filter_refills_when_the_best_are_filtered_out(r: Retriever, monkeypatch
     got = r.get_demos(query, k=3, filter={"task": "translate"})  # ...so the search must go deeper
     assert ids(got) == ids(expected)
     # the same through over-fetching (the path for filters matching many demos) and through a callable
-    monkeypatch.setattr(retriever_module, "_EXACT_FILTER_MAX", 0)
+    monkeypatch.setattr(search_candidates, "EXACT_FILTER_MAX", 0)
     assert ids(r.get_demos(query, k=3, filter={"task": "translate"})) == ids(expected)
     assert ids(r.get_demos(query, k=3, filter=lambda d: d.metadata["task"] == "translate")) == ids(expected)
     assert [d.score for d in got] == sorted((d.score for d in got), reverse=True)
@@ -492,8 +494,8 @@ def test_filter_on_approximate_index_finds_rare_matches(encoder: PIEEncoder, ind
     rare = np.array([7, 1007, 2007])
     expected = rare[np.argsort(-(vectors[rare] @ query))].tolist()
     ctl = SearchControls.parse(k=3, filter=lambda d: d.metadata["rare"])
-    rows, scores = approx._filtered_candidates(approx._state, "q", query, 3, ctl)
+    rows, scores = find_candidates(approx._state, "q", query, 3, ctl)
     assert rows.tolist() == expected
     np.testing.assert_allclose(scores, vectors[expected] @ query, atol=1e-5)
     ctl = SearchControls.parse(k=3, filter={"rare": True})
-    assert approx._filtered_candidates(approx._state, "q", query, 3, ctl)[0].tolist() == expected
+    assert find_candidates(approx._state, "q", query, 3, ctl)[0].tolist() == expected

@@ -172,7 +172,7 @@ def test_threads_share_an_onnx_retriever(default_index: Path) -> None:
     fast = Retriever.from_index(default_index, runtime="onnx", cache_size=0)
     queries = [d["instruction"] + " Please." for d in POOL] * 3
     expected = [[d.id for d in fast.get_demos(q, k=3)] for q in queries]
-    assert fast._side is not None  # the topic model ran on the side worker
+    assert fast._queries.side is not None  # the topic model ran on the side worker
     with ThreadPoolExecutor(max_workers=4) as pool:
         got = list(pool.map(lambda q: [d.id for d in fast.get_demos(q, k=3)], queries))
     assert got == expected

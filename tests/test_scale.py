@@ -94,7 +94,7 @@ def test_bad_or_unwanted_chunks_are_embedded_again(
 def test_build_with_topic_vectors_resumes_too(
     tmp_path: Path, encoder: PIEEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from icl_retriever.retriever import default_topic_encoder
+    from icl_retriever.topic import default_topic_encoder
 
     topic_encoder, _ = default_topic_encoder(encoder)
     monkeypatch.setattr(topic_encoder, "encode", CountingEncode(topic_encoder, fail_on_call=2))

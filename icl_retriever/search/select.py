@@ -1,0 +1,46 @@
+"""Selection: order, de-duplicate and cut one query's candidates into the demos returned."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from icl_retriever.controls import SearchControls, dedup_keep, format_demo, mmr_order, pack_by_tokens, rerank_order
+from icl_retriever.records import Demo
+from icl_retriever.search.snapshot import Snapshot
+
+
+def select(
+    state: Snapshot,
+    vector: np.ndarray,
+    topic_vector: np.ndarray | None,
+    rows: np.ndarray,
+    scores: np.ndarray,
+    ctl: SearchControls,
+    counter: Callable[[list[str]], list[int]] | None,
+) -> list[Demo]:
+    """Order, de-duplicate and cut the candidates (best first by PIE score) of one query."""
+    if ctl.min_score is not None:  # resolved to a cosine by get_demos_batch
+        keep = scores >= float(ctl.min_score)
+        rows, scores = rows[keep], scores[keep]
+    if not len(rows):
+        return []
+    order = list(range(len(rows)))
+    if ctl.rerank is not None and ctl.rerank != "auto":
+        assert state.topic is not None and topic_vector is not None
+        topic_scores = state.topic.reconstruct_batch(rows) @ topic_vector
+        order = rerank_order(ctl.rerank, scores, topic_scores, weight=ctl.rerank_weight, margin=ctl.rerank_margin)
+    elif ctl.diversity > 0:
+        order = mmr_order(vector, state.index.reconstruct_batch(rows), ctl.diversity)
+    if ctl.dedup is not None:
+        space = state.topic if state.topic is not None else state.index
+        ordered_rows = np.ascontiguousarray(rows[order], dtype=np.int64)
+        order = [order[j] for j in dedup_keep(space.reconstruct_batch(ordered_rows), ctl.dedup)]
+    if ctl.max_tokens is not None:
+        assert counter is not None
+        texts = [format_demo(state.demos[int(rows[j])], ctl.demo_format) for j in order]
+        order = [order[j] for j in pack_by_tokens(counter(texts), ctl.max_tokens, ctl.k)]
+    else:
+        order = order[: ctl.k]
+    return state.scored([rows[j] for j in order], [scores[j] for j in order])

@@ -1,0 +1,35 @@
+"""Topic vectors: which encoder makes them for an index, and how the manifest records it.
+
+A topic vector is a plain sentence embedding of a demo's instruction and input, kept beside the PIE
+vectors so that ``rerank="task_then_topic"`` can order demos of the query's task by topic. For the
+embedded default the topic encoder is its untrained base (``"default-base"``, no template), loaded once
+per process; for any other model it is the same model without its template.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+from icl_retriever.encoder import PIEEncoder, Runtime
+from icl_retriever.store import TopicInfo
+
+TopicSource = Literal["base_model", "same_model_plain"]
+
+
+@functools.cache
+def shared_base_encoder(device: Any, runtime: Runtime = "torch") -> PIEEncoder:
+    """The ``"default-base"`` encoder, loaded once per process, device and runtime."""
+    return PIEEncoder("default-base", device=device, runtime=runtime)
+
+
+def default_topic_encoder(encoder: PIEEncoder) -> tuple[PIEEncoder, TopicSource]:
+    """The encoder of topic vectors for an index of ``encoder``, and which kind it is."""
+    if encoder.config.model == "default":
+        return shared_base_encoder(str(encoder.device), encoder.runtime), "base_model"
+    return encoder.with_template("plain"), "same_model_plain"
+
+
+def topic_info(topic_encoder: PIEEncoder, source: TopicSource) -> TopicInfo:
+    """What the manifest records of a topic encoder."""
+    return TopicInfo(encoder=topic_encoder.config, fingerprint=topic_encoder.fingerprint, source=source, dim=topic_encoder.dim)
