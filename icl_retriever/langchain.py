@@ -39,7 +39,6 @@ run the model in parallel.
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,39 +51,29 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.records import CORE_FIELDS, Demo
+from icl_retriever.controls import SearchControls
 from icl_retriever.retriever import Retriever
 
 __all__ = ["PIEExampleSelector", "PIERetriever", "check_search_kwargs", "demo_to_document", "demo_to_example"]
-
-#: Parameters of ``Retriever.get_demos`` that are not search controls.
-_NOT_CONTROLS = ("self", "query", "k")
-
 
 # helpers ------------------------------------------------------------------------------------
 
 
 def check_search_kwargs(controls: Mapping[str, Any]) -> dict[str, Any]:
-    """Return ``controls`` as a dict if ``Retriever.get_demos`` accepts every one of them.
+    """Return ``controls`` as a dict if each is a search control (a :class:`SearchControls` field).
 
-    Controls are the keyword arguments of ``get_demos`` other than the query and ``k`` (which has
-    its own field). Checking them up front makes a typo fail at construction, not on the first query.
+    ``k`` has its own field here. Checking names up front makes a typo fail at construction, not on the
+    first query; values are validated by ``get_demos`` with the query.
 
     Raises:
-        ValueError: a control is ``k``, or ``get_demos`` has no such parameter.
+        ValueError: a control is ``k`` or ``query``, or no such control exists.
     """
-    params = inspect.signature(Retriever.get_demos).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    known = [
-        name
-        for name, p in params.items()
-        if name not in _NOT_CONTROLS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
+    known = [name for name in SearchControls.model_fields if name != "k"]
     for name in controls:
-        if name in _NOT_CONTROLS:
+        if name in ("k", "query", "self"):
             raise ValueError(f"{name!r} is not a search control; pass it as its own argument")
-        if name not in known and not takes_any:
-            accepted = ", ".join(map(repr, known)) or "none besides k"
-            raise ValueError(f"unknown search control {name!r} (Retriever.get_demos accepts: {accepted})")
+        if name not in known:
+            raise ValueError(f"unknown search control {name!r} (Retriever.get_demos accepts: {', '.join(map(repr, known))})")
     return dict(controls)
 
 

@@ -499,3 +499,22 @@ def test_filter_on_approximate_index_finds_rare_matches(encoder: PIEEncoder, ind
     np.testing.assert_allclose(scores, vectors[expected] @ query, atol=1e-5)
     ctl = SearchControls.parse(k=3, filter={"rare": True})
     assert find_candidates(approx._state, "q", query, 3, ctl)[0].tolist() == expected
+
+
+def test_every_search_control_is_reachable_from_every_entry_point() -> None:
+    """SearchControls is the one list of controls: get_demos, get_demos_batch, the CLI's query command and
+    the LangChain / DSPy components take exactly its fields (this fails when one of them misses a new one)."""
+    import inspect
+
+    from icl_retriever.cli import build_parser
+    from icl_retriever.langchain import check_search_kwargs
+
+    fields = set(SearchControls.model_fields)
+    for method in (Retriever.get_demos, Retriever.get_demos_batch):
+        assert set(inspect.signature(method).parameters) - {"self", "query", "queries"} == fields, method.__name__
+    query = build_parser()._subparsers._group_actions[0].choices["query"]
+    assert fields <= {a.dest for a in query._actions}
+    for name in fields - {"k"}:
+        assert check_search_kwargs({name: None}) == {name: None}
+    with pytest.raises(ValueError, match="unknown search control 'diversty'"):
+        check_search_kwargs({"diversty": 0.5})
