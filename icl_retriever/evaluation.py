@@ -19,16 +19,23 @@ IEB's ``verb|noun`` is one notion of a task among several, so two more views are
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, Field
 
+from icl_retriever.datasets import (  # noqa: F401  (the readers evaluation has always exported)
+    IEBSample,
+    iter_ieb_samples,
+    load_grouped,
+    load_ict,
+    load_iis,
+    load_pool_labels,
+)
 from icl_retriever.errors import PoolError
 
 if TYPE_CHECKING:
@@ -135,139 +142,6 @@ class EvalReport(BaseModel):
         if self.n_samples is not None or self.n_pool is not None:
             lines.append("P@k: neighbours whose instruction text is identical to the query's are excluded.")
         return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------- files
-
-
-class IEBSample(NamedTuple):
-    """One instruction of an IEB file, with its task label and (optional) [verb, noun] category."""
-
-    label: str
-    instruction: str
-    category: tuple[str, str] | None
-    group: str | None = None
-    input: str = ""
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise PoolError("file not found", path=str(path)) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PoolError(f"cannot read ({exc})", path=str(path)) from exc
-    except json.JSONDecodeError as exc:
-        raise PoolError(f"not valid JSON: {exc.msg} (column {exc.colno})", path=str(path), line=exc.lineno) from exc
-
-
-def iter_ieb_samples(path: str | Path) -> Iterator[IEBSample]:
-    """Yield the samples of an IEB file: ``{label: {"samples": [{"instruction", "category"?}, ...]}}``.
-
-    Raises:
-        PoolError: the file is missing, not JSON, or not in that shape (the message says where).
-    """
-    path = Path(path)
-    data = _read_json(path)
-    if not isinstance(data, dict) or not data:
-        raise PoolError('expected a non-empty JSON object {label: {"samples": [...]}} (IEB format)', path=str(path))
-    for label, entry in data.items():
-        samples = entry.get("samples") if isinstance(entry, dict) else None
-        if not isinstance(samples, list):
-            raise PoolError(f'label {label!r}: expected an object with a "samples" list', path=str(path))
-        for i, sample in enumerate(samples):
-            text = sample.get("instruction") if isinstance(sample, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise PoolError(f'label {label!r}, sample {i}: missing or empty "instruction"', path=str(path))
-            category = sample.get("category")
-            if category is not None and not (
-                isinstance(category, list) and len(category) == 2 and all(isinstance(c, str) for c in category)
-            ):
-                raise PoolError(f'label {label!r}, sample {i}: "category" must be [verb, noun]', path=str(path))
-            group = sample.get("dataset")
-            if group is not None and not isinstance(group, str):
-                raise PoolError(f'label {label!r}, sample {i}: "dataset" must be a string', path=str(path))
-            extra = sample.get("input") or ""
-            if not isinstance(extra, str):
-                raise PoolError(f'label {label!r}, sample {i}: "input" must be a string', path=str(path))
-            yield IEBSample(label, text, tuple(category) if category else None, group, extra)  # type: ignore[arg-type]
-
-
-def load_ict(path: str | Path) -> tuple[list[str], list[str]]:
-    """Instructions and their task labels from an IEB file (e.g. ``eft_test.json``), duplicates kept.
-
-    Raises:
-        PoolError: see :func:`iter_ieb_samples`; also when fewer than two labels are present.
-    """
-    samples = list(iter_ieb_samples(path))
-    labels = [s.label for s in samples]
-    if len(set(labels)) < 2:
-        raise PoolError("clustering needs at least two task labels", path=str(path))
-    return [s.instruction for s in samples], labels
-
-
-def load_grouped(path: str | Path) -> tuple[list[str], list[str], list[str]]:
-    """Instructions, labels and groups (each sample's ``dataset``) of an IEB-format file such as ``sni_dev.json``.
-
-    Raises:
-        PoolError: see :func:`iter_ieb_samples`; also when a sample has no ``dataset`` or there is one group only.
-    """
-    samples = list(iter_ieb_samples(path))
-    missing = [s for s in samples if not s.group]
-    if missing:
-        raise PoolError(
-            f'label {missing[0].label!r}: a sample has no "dataset" (cross-group P@1 needs each sample\'s group)',
-            path=str(path),
-        )
-    if len({s.group for s in samples}) < 2:
-        raise PoolError("cross-group P@1 needs at least two groups (datasets)", path=str(path))
-    return [s.instruction for s in samples], [s.label for s in samples], [str(s.group) for s in samples]
-
-
-def load_pool_labels(path: str | Path, label_field: str = "task") -> tuple[list[str], list[str]]:
-    """Instructions and ``metadata[label_field]`` of a demo pool (any format :func:`load_pool` reads).
-
-    Raises:
-        PoolError: the pool is unreadable, or a demo lacks the label (the message names its id).
-    """
-    from icl_retriever.records import load_pool
-
-    demos = load_pool(path)
-    texts, labels = [], []
-    for demo in demos:
-        label = demo.metadata.get(label_field)
-        if label is None or (isinstance(label, str) and not label.strip()):
-            raise PoolError(f"demo {demo.id!r} has no metadata field {label_field!r}", path=str(path))
-        texts.append(demo.instruction)
-        labels.append(str(label))
-    if len(set(labels)) < 2:
-        raise PoolError(f"pool P@k needs at least two distinct {label_field!r} values", path=str(path))
-    return texts, labels
-
-
-def load_iis(path: str | Path) -> list[tuple[str, str, int]]:
-    """``(instruction1, instruction2, label)`` pairs of an intention-similarity file (label 0 or 1).
-
-    Raises:
-        PoolError: the file is missing, not a JSON list of such objects, or has a single label class.
-    """
-    path = Path(path)
-    data = _read_json(path)
-    if not isinstance(data, list) or not data:
-        raise PoolError('expected a non-empty JSON list of {"instruction1", "instruction2", "label"}', path=str(path))
-    pairs: list[tuple[str, str, int]] = []
-    for i, item in enumerate(data):
-        if not isinstance(item, dict):
-            raise PoolError(f"item {i}: expected an object", path=str(path))
-        first, second, label = item.get("instruction1"), item.get("instruction2"), item.get("label")
-        if not isinstance(first, str) or not isinstance(second, str):
-            raise PoolError(f'item {i}: "instruction1" and "instruction2" must be strings', path=str(path))
-        if label not in (0, 1) or isinstance(label, bool | float):
-            raise PoolError(f'item {i}: "label" must be 0 or 1, got {label!r}', path=str(path))
-        pairs.append((first, second, int(label)))
-    if len({p[2] for p in pairs}) < 2:
-        raise PoolError("Spearman needs both labels 0 and 1", path=str(path))
-    return pairs
 
 
 # ------------------------------------------------------------------------------------------- metrics

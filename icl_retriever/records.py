@@ -152,11 +152,12 @@ def demo_from_record(record: Any, *, path: str | None = None, line: int | None =
     return Demo(id=demo_id, metadata=metadata, **values)
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A file's text, or a PoolError naming it (missing, a directory, or not UTF-8, with the line)."""
     if not path.exists():
         raise PoolError("no such file", path=str(path))
     if path.is_dir():
-        raise PoolError("is a directory, expected a pool file (.jsonl or .json)", path=str(path))
+        raise PoolError("is a directory, expected a JSON or JSONL file", path=str(path))
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
@@ -171,7 +172,7 @@ def _is_ieb(data: Any) -> bool:
 
 def _iter_file(path: Path) -> Iterator[tuple[str, Demo]]:
     """Yield (where, demo) pairs; ``where`` locates the record for error messages."""
-    text = _read_text(path)
+    text = read_text(path)
     name = str(path)
     stripped = text.lstrip()
     whole: Any = None

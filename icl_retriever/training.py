@@ -37,7 +37,8 @@ from icl_retriever import default_model
 from icl_retriever.cache import sha256_file
 from icl_retriever.encoder import PIE_CONFIG_FILE, PIEEncoder
 from icl_retriever.errors import PoolError
-from icl_retriever.evaluation import cross_group_precision, ict_scores, iter_ieb_samples, retrieval_precision
+from icl_retriever.datasets import iter_labelled
+from icl_retriever.evaluation import cross_group_precision, ict_scores, retrieval_precision
 from icl_retriever.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -107,52 +108,6 @@ def parse_facets(label: str) -> Facets:
     return frozenset(verbs), frozenset(nouns)
 
 
-class _Sample(NamedTuple):
-    task: str
-    text: str
-    category: tuple[str, str] | None
-    group: str | None
-    input: str
-
-
-def _iter_jsonl(path: Path) -> Iterator[_Sample]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise PoolError("file not found", path=str(path)) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PoolError(f"cannot read ({exc})", path=str(path)) from exc
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PoolError(f"not valid JSON: {exc.msg}", path=str(path), line=number) from exc
-        if not isinstance(record, dict):
-            raise PoolError("expected a JSON object", path=str(path), line=number)
-        text, task = record.get("instruction"), record.get("task")
-        if not isinstance(text, str) or not text.strip():
-            raise PoolError('missing or empty "instruction"', path=str(path), line=number)
-        if not isinstance(task, str) or not task.strip():
-            raise PoolError('missing or empty "task"', path=str(path), line=number)
-        group, extra = record.get("dataset"), record.get("input") or ""
-        if group is not None and not isinstance(group, str) or not isinstance(extra, str):
-            raise PoolError('"dataset" and "input" must be strings', path=str(path), line=number)
-        yield _Sample(task.strip(), text, None, group, extra)
-
-
-def _iter_pool(path: Path, label_field: str) -> Iterator[_Sample]:
-    from icl_retriever.records import load_pool
-
-    for demo in load_pool(path):
-        label = demo.metadata.get(label_field)
-        if label is None or not str(label).strip():
-            raise PoolError(f"demo {demo.id!r} has no metadata field {label_field!r} to train on", path=str(path))
-        group = demo.metadata.get("dataset")
-        yield _Sample(str(label).strip(), demo.instruction, None, str(group) if group is not None else None, demo.input)
-
-
 def load_task_set(path: str | Path, *, label_field: str | None = None, with_input: bool = False) -> TaskSet:
     """Read a train file: ``.jsonl``/``.ndjson`` as one ``{"instruction", "task"}`` per line, else IEB JSON;
     with ``label_field``, any demo pool labelled by that metadata field.
@@ -165,12 +120,7 @@ def load_task_set(path: str | Path, *, label_field: str | None = None, with_inpu
         PoolError: the file is missing, malformed (message gives the line for JSONL) or empty.
     """
     path = Path(path)
-    if label_field:
-        records: Iterator[Any] = _iter_pool(path, label_field)
-    elif path.suffix.lower() in {".jsonl", ".ndjson"}:
-        records = _iter_jsonl(path)
-    else:
-        records = (_Sample(s.label, s.instruction, s.category, s.group, s.input) for s in iter_ieb_samples(path))
+    records = iter_labelled(path, label_field=label_field)
     instructions: dict[str, dict[str, None]] = {}  # dict as an ordered set
     groups: dict[str, dict[str, str]] = {}
     verbs: dict[str, set[str]] = {}

@@ -141,7 +141,7 @@ def test_load_ict_names_file_and_problem(tmp_path: Path, content: str, message: 
 
 
 def test_load_ict_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(PoolError, match="file not found"):
+    with pytest.raises(PoolError, match="no such file"):
         load_ict(tmp_path / "absent.json")
 
 
