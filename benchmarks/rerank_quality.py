@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from icl_retriever import Demo, PIEEncoder, Retriever
-from icl_retriever.controls import topic_text
+from icl_retriever.topic import topic_text
 from icl_retriever.store import all_vectors
 
 ROOT = Path(__file__).resolve().parents[1]

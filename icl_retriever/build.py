@@ -35,7 +35,7 @@ import numpy as np
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
-from icl_retriever.controls import topic_text
+from icl_retriever.topic import topic_text
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.errors import first_validation_error
 from icl_retriever.store import (
@@ -46,7 +46,6 @@ from icl_retriever.store import (
     TARGET_RECALL,
     IndexParams,
     IndexType,
-    TopicInfo,
     check_target,
     measure_recall,
     new_flat_index,

@@ -116,7 +116,7 @@ def _parse_filters(items: Sequence[str] | None) -> dict[str, object] | None:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from icl_retriever.controls import SearchControls
+    from icl_retriever.search.controls import SearchControls
     from icl_retriever.retriever import Retriever
 
     controls = dict(

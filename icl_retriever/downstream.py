@@ -34,14 +34,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from icl_retriever.controls import (
-    DEFAULT_FETCH_K,
-    DEFAULT_RERANK,
-    DEFAULT_RERANK_MARGIN,
-    mmr_order,
-    rerank_order,
-    topic_text,
-)
+from icl_retriever.search.controls import DEFAULT_FETCH_K, DEFAULT_RERANK
+from icl_retriever.search.ranking import DEFAULT_RERANK_MARGIN, mmr_order, rerank_order
+from icl_retriever.topic import topic_text
 from icl_retriever.encoder import PIEEncoder, _quiet_transformers
 from icl_retriever.errors import ModelLoadError, PoolError, first_validation_error
 from icl_retriever.records import Demo, load_pool

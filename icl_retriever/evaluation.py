@@ -36,7 +36,6 @@ from icl_retriever.datasets import (  # noqa: F401  (the readers evaluation has 
     load_iis,
     load_pool_labels,
 )
-from icl_retriever.errors import PoolError
 
 if TYPE_CHECKING:
     from icl_retriever.encoder import PIEEncoder

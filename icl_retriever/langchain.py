@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.records import CORE_FIELDS, Demo
-from icl_retriever.controls import SearchControls
+from icl_retriever.search.controls import SearchControls
 from icl_retriever.retriever import Retriever
 
 __all__ = ["PIEExampleSelector", "PIERetriever", "check_search_kwargs", "demo_to_document", "demo_to_example"]

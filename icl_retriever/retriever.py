@@ -11,18 +11,11 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from icl_retriever.controls import (
-    DEFAULT_HYBRID_WEIGHT,
-    DEFAULT_RERANK,
-    DEFAULT_RERANK_MARGIN,
-    DemoFormat,
-    DemoPredicate,
-    MetadataFilter,
-    SearchControls,
-    RerankSetting,
-    resolve_tokenizer,
-    topic_text,
-)
+from icl_retriever.search.ranking import DEFAULT_HYBRID_WEIGHT, DEFAULT_RERANK_MARGIN
+from icl_retriever.search.controls import DEFAULT_RERANK, RerankSetting, SearchControls
+from icl_retriever.search.budget import DemoFormat, resolve_tokenizer
+from icl_retriever.search.filters import DemoPredicate, MetadataFilter
+from icl_retriever.topic import topic_text
 from icl_retriever.encoder import PIEEncoder, Runtime
 from icl_retriever.errors import EncoderMismatchError, PoolError
 from icl_retriever.store import (

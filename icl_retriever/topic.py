@@ -12,6 +12,7 @@ import functools
 from typing import Any, Literal
 
 from icl_retriever.encoder import PIEEncoder, Runtime
+from icl_retriever.records import Demo
 from icl_retriever.store import TopicInfo
 
 TopicSource = Literal["base_model", "same_model_plain"]
@@ -33,3 +34,6 @@ def default_topic_encoder(encoder: PIEEncoder) -> tuple[PIEEncoder, TopicSource]
 def topic_info(topic_encoder: PIEEncoder, source: TopicSource) -> TopicInfo:
     """What the manifest records of a topic encoder."""
     return TopicInfo(encoder=topic_encoder.config, fingerprint=topic_encoder.fingerprint, source=source, dim=topic_encoder.dim)
+def topic_text(demo: Demo) -> str:
+    """What a topic vector embeds: the instruction, then the input on the next line when there is one."""
+    return f"{demo.instruction}\n{demo.input}" if demo.input else demo.instruction

@@ -18,22 +18,17 @@ from icl_retriever import Demo, PIEEncoder, Retriever, build_index
 from icl_retriever import retriever as retriever_module
 import icl_retriever.search.candidates as search_candidates
 from icl_retriever.search import find_candidates
-from icl_retriever.controls import (
-    DEFAULT_DEDUP_THRESHOLD,
-    DEFAULT_RERANK,
-    MetadataIndex,
-    SearchControls,
+from icl_retriever.search.ranking import (
     dedup_keep,
-    format_demo,
+    DEFAULT_DEDUP_THRESHOLD,
     hybrid_order,
-    is_query_itself,
-    metadata_matches,
     mmr_order,
-    pack_by_tokens,
     task_then_topic_order,
-    token_counter,
-    topic_text,
 )
+from icl_retriever.search.controls import DEFAULT_RERANK, SearchControls
+from icl_retriever.search.filters import is_query_itself, metadata_matches, MetadataIndex
+from icl_retriever.search.budget import format_demo, pack_by_tokens, token_counter
+from icl_retriever.topic import topic_text
 from icl_retriever.store import TOPIC, all_vectors, load_manifest, new_index
 
 LONG_STORY = " ".join(["Once upon a time a dragon guarded a mountain of gold and slept for a hundred years."] * 12)

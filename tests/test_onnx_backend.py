@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from icl_retriever import PIEEncoder, Retriever, onnx_backend
-from icl_retriever.controls import token_counter
+from icl_retriever.search.budget import token_counter
 from helpers import POOL, QUERY
 
 TEXTS = [

@@ -21,7 +21,7 @@ import dspy
 import numpy as np
 from dspy.teleprompt import Teleprompter
 
-from icl_retriever.controls import SearchControls
+from icl_retriever.search.controls import SearchControls
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.records import CORE_FIELDS, Demo
 from icl_retriever.retriever import Retriever

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from icl_retriever.controls import SearchControls, as_predicate, is_query_itself
+from icl_retriever.search.controls import SearchControls
+from icl_retriever.search.filters import as_predicate, is_query_itself
 from icl_retriever.search.snapshot import Snapshot
 from icl_retriever.store import search
 

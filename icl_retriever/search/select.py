@@ -6,7 +6,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from icl_retriever.controls import SearchControls, dedup_keep, format_demo, mmr_order, pack_by_tokens, rerank_order
+from icl_retriever.search.controls import SearchControls
+from icl_retriever.search.ranking import dedup_keep, mmr_order, rerank_order
+from icl_retriever.search.budget import format_demo, pack_by_tokens
 from icl_retriever.records import Demo
 from icl_retriever.search.snapshot import Snapshot
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import faiss
 
-from icl_retriever.controls import MetadataIndex
+from icl_retriever.search.filters import MetadataIndex
 from icl_retriever.records import Demo
 
 

@@ -1,0 +1,190 @@
+"""The search controls of :meth:`Retriever.get_demos`, defined once: :class:`SearchControls` validates
+them together. The retriever, the CLI and the LangChain / DSPy components take their list from it.
+
+A search: (1) candidates, the ``fetch_k`` best demos by PIE similarity that pass ``filter`` and
+``exclude_query`` (:mod:`~icl_retriever.search.candidates`); (2) order, ``rerank`` or MMR
+(:mod:`~icl_retriever.search.ranking`); (3) ``dedup``; (4) ``max_tokens`` packs the best demos that fit
+(:mod:`~icl_retriever.search.budget`), else the first ``k`` are taken.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from icl_retriever.errors import first_validation_error
+from icl_retriever.records import check_text
+from icl_retriever.search.filters import check_filter
+from icl_retriever.search.ranking import DEFAULT_DEDUP_THRESHOLD, DEFAULT_HYBRID_WEIGHT, DEFAULT_RERANK_MARGIN, RERANKERS
+
+#: Candidates examined when a control re-orders or drops results and ``fetch_k`` is not given.
+DEFAULT_FETCH_K = 20
+#: What ``rerank="auto"`` (the default) uses over an index with topic vectors: the ranking that lowered an
+#: LLM's gold-output NLL most in the downstream benchmark on data that is not a test set (README,
+#: "Downstream benchmark"), with ``rerank_weight`` / ``rerank_margin`` at their defaults.
+DEFAULT_RERANK = "task_then_topic"
+
+#: ``rerank`` values: a method, ``"auto"`` (the default ranking) or ``None`` (task order only).
+RerankSetting = Literal["auto", "task_then_topic", "hybrid"] | None
+
+
+# validation -------------------------------------------------------------------------------------
+
+
+class SearchControls(BaseModel):
+    """The keyword controls of ``get_demos`` / ``get_demos_batch``, validated together.
+
+    Build with :meth:`parse`, which raises a plain ``ValueError`` naming the control at fault.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    k: int
+    diversity: float = 0.0
+    fetch_k: int | None = None
+    filter: Any = None
+    dedup: float | None = None
+    exclude_query: bool = False
+    rerank: RerankSetting = "auto"
+    rerank_margin: float = DEFAULT_RERANK_MARGIN
+    rerank_weight: float = DEFAULT_HYBRID_WEIGHT
+    min_score: float | Literal["auto"] | None = None
+    max_tokens: int | None = None
+    tokenizer: Any = None
+    demo_format: Any = None
+
+    @classmethod
+    def parse(cls, **controls: Any) -> SearchControls:
+        """Validate controls; raises ``ValueError`` with one clear message."""
+        try:
+            return cls(**controls)
+        except ValidationError as exc:
+            field, cause, msg = first_validation_error(exc, "controls")
+            raise ValueError(str(cause) if cause is not None else f"{field}: {msg}") from None
+
+    @field_validator("k", "fetch_k", "max_tokens", mode="before")
+    @classmethod
+    def _positive_int(cls, value: Any, info: Any) -> Any:
+        if value is None and info.field_name != "k":
+            return None
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{info.field_name} must be a positive integer, got {value!r}")
+        return int(value)
+
+    @field_validator("diversity", mode="before")
+    @classmethod
+    def _diversity(cls, value: Any) -> float:
+        if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"diversity must be a number from 0 (plain ranking) to 1 (most diverse), got {value!r}")
+        return float(value)
+
+    @field_validator("rerank_margin", mode="before")
+    @classmethod
+    def _margin(cls, value: Any) -> float:
+        if not _is_number(value) or not 0.0 <= float(value) <= 2.0:
+            raise ValueError(f"rerank_margin must be a cosine difference from 0 to 2, got {value!r}")
+        return float(value)
+
+    @field_validator("rerank_weight", mode="before")
+    @classmethod
+    def _weight(cls, value: Any) -> float:
+        if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"rerank_weight must be the PIE weight from 0 (content only) to 1 (task only), got {value!r}")
+        return float(value)
+
+    @field_validator("min_score", mode="before")
+    @classmethod
+    def _min_score(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return value
+        if not _is_number(value) or not -1.0 <= float(value) <= 1.0:
+            raise ValueError(f"min_score must be a cosine from -1 to 1 or 'auto' (the model's calibrated floor), got {value!r}")
+        return float(value)
+
+    @field_validator("dedup", mode="before")
+    @classmethod
+    def _dedup(cls, value: Any) -> float | None:
+        if value is None or value is False:
+            return None
+        if value is True:
+            return DEFAULT_DEDUP_THRESHOLD
+        if not _is_number(value) or not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"dedup must be True or a cosine threshold in (0, 1], got {value!r}")
+        return float(value)
+
+    @field_validator("exclude_query", mode="before")
+    @classmethod
+    def _bool(cls, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"exclude_query must be True or False, got {value!r}")  # noqa: TRY004 (pydantic wants ValueError)
+        return value
+
+    @field_validator("rerank", mode="before")
+    @classmethod
+    def _rerank(cls, value: Any) -> Any:
+        if value is not None and value != "auto" and value not in RERANKERS:
+            choices = ", ".join(map(repr, ("auto", *RERANKERS)))
+            raise ValueError(f"unknown rerank {value!r}; expected one of {choices} or None (task order only)")
+        return value
+
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _filter(cls, value: Any) -> Any:
+        check_filter(value)
+        return value
+
+    @field_validator("demo_format", mode="before")
+    @classmethod
+    def _format(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str) and not callable(value):
+            raise ValueError(f"demo_format must be a format string or a callable Demo -> str, got {type(value).__name__}")
+        if isinstance(value, str):
+            check_text(value, "demo_format")
+            try:
+                names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+            except ValueError as exc:
+                raise ValueError(f"demo_format {value!r}: {exc}") from None
+            for name in names:
+                if not name or name.isdigit() or any(c in name for c in ".["):
+                    raise ValueError(
+                        f"demo_format {value!r}: field {{{name}}} is not a field name; use {{instruction}}, {{input}}, "
+                        "{output}, {id} or a metadata field (no positions, attributes or indexes)"
+                    )
+        return value
+
+    @model_validator(mode="after")
+    def _together(self) -> SearchControls:
+        if self.fetch_k is not None and self.fetch_k < self.k:
+            raise ValueError(f"fetch_k ({self.fetch_k}) must be at least k ({self.k})")
+        if self.rerank not in (None, "auto") and self.diversity > 0:
+            raise ValueError("diversity and rerank both decide the order of the demos; use one of them")
+        if self.tokenizer is not None and self.max_tokens is None:
+            raise ValueError("tokenizer is only used with max_tokens")
+        return self
+
+    def resolve(self, *, has_topic: bool) -> SearchControls:
+        """Settle ``rerank="auto"``: :data:`DEFAULT_RERANK` over an index with topic vectors, task order
+        without them (the caller says so) or when ``diversity`` asks for MMR."""
+        if self.rerank != "auto":
+            return self
+        return self.model_copy(update={"rerank": DEFAULT_RERANK if has_topic and self.diversity == 0 else None})
+
+    @property
+    def reorders(self) -> bool:
+        """Whether a control looks beyond the top k (so candidates are over-fetched)."""
+        return self.diversity > 0 or self.rerank is not None or self.dedup is not None or self.max_tokens is not None
+
+    @property
+    def n_candidates(self) -> int:
+        """How many filtered candidates the search must produce."""
+        if not self.reorders:
+            return self.k
+        return self.fetch_k if self.fetch_k is not None else max(DEFAULT_FETCH_K, 4 * self.k)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
