@@ -31,7 +31,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 from benchmarks._common import (
     DEFAULT_POOL,

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from icl_retriever.search.controls import DEFAULT_FETCH_K, DEFAULT_RERANK
 from icl_retriever.search.ranking import DEFAULT_RERANK_MARGIN, mmr_order, rerank_order
 from icl_retriever.topic import topic_text
-from icl_retriever.encoder import PIEEncoder, _quiet_transformers
+from icl_retriever.encoder import PIEEncoder, quiet_transformers
 from icl_retriever.errors import ModelLoadError, PoolError, first_validation_error
 from icl_retriever.records import Demo, load_pool
 
@@ -181,7 +181,7 @@ def load_causal_lm(
     if source.gguf_file and importlib.util.find_spec("gguf") is None:
         raise ModelLoadError("GGUF models need the 'gguf' package: pip install 'icl-retriever[downstream]'")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except Exception as exc:  # OSError, ValueError, hub errors: one line naming the model

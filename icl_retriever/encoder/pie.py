@@ -12,205 +12,33 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import sys
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from icl_retriever import default_model
+from icl_retriever.encoder.config import TEMPLATES, EncoderConfig, Pooling, Runtime, apply_template, resolve_template
+from icl_retriever.encoder.loading import (
+    cuda_visible,
+    hash_state_dict,
+    is_decoder_config,
+    load_model,
+    quantize_dynamic_int8,
+    saved_settings,
+)
 from icl_retriever.errors import ModelLoadError
 
 if TYPE_CHECKING:
     import torch
 
     from icl_retriever.calibration import FloorCalibration
-    from icl_retriever.onnx_backend import FastTokenizer, OnnxMeta, OnnxRuntime
+    from icl_retriever.encoder.onnx import FastTokenizer, OnnxMeta, OnnxRuntime
 
 logger = logging.getLogger(__name__)
-
-Pooling = Literal["mean", "cls", "last"]
-#: How vectors are computed: PyTorch, ONNX Runtime (CPU, float32, torch-free at load), or ONNX where it
-#: can be used and torch elsewhere (see :mod:`icl_retriever.onnx_backend`).
-Runtime = Literal["auto", "torch", "onnx"]
-
-#: Named templates. ``{instruction}`` is replaced by the (stripped) instruction.
-TEMPLATES: dict[str, str] = {
-    # The PIE paper's prompt.
-    "pie": (
-        "The essence of an instruction is its task intention. With this in mind, given the instruction "
-        "below:\n\n{instruction}\n\nafter thinking step by step, the task of the given instruction is:"
-    ),
-    # The PIE authors' short prompt; measured best for the untrained MiniLM base with mean pooling.
-    "short": 'This sentence of "{instruction}" means:',
-    "plain": "{instruction}",
-}
-
-#: File holding template / pooling / max length next to a model's weights.
-PIE_CONFIG_FILE = "pie_config.json"
-
-
-class EncoderConfig(BaseModel):
-    """Everything that decides an embedding; it is hashed, with the weights, into the fingerprint."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(description='"default", a local model directory or a Hugging Face id')
-    template: str = Field(description="prompt with an {instruction} placeholder")
-    pooling: Pooling = "mean"
-    max_length: int = Field(256, ge=8, description="token budget per prompt, template included")
-    add_period: bool = Field(False, description='append "." to instructions not ending in . ? " or \'')
-    normalize: bool = True
-    quantize: bool = Field(False, description="dynamic int8 quantisation of the Linear layers (CPU only)")
-    quantize_scheme: Literal["torch", "onnx"] = Field(
-        "torch",
-        description="with quantize: torch's dynamic int8 of the Linear layers (feed-forward down-projections kept "
-        "float), or ONNX Runtime's dynamic per-channel int8 of every MatMul; they give different vectors",
-    )
-
-
-def resolve_template(template: str) -> str:
-    """Return the template text for a name in TEMPLATES or a literal template string."""
-    text = TEMPLATES.get(template, template)
-    if "{instruction}" not in text:
-        raise ValueError(
-            f"template {template!r} is neither one of {sorted(TEMPLATES)} nor a string containing '{{instruction}}'"
-        )
-    return text
-
-
-def apply_template(instruction: str, template: str, add_period: bool) -> str:
-    """Wrap one instruction in the template (PIE's period rule applied when asked)."""
-    text = instruction.strip()
-    if add_period and text and text[-1] not in ".?\"'":
-        text += "."
-    return template.replace("{instruction}", text)
-
-
-def _is_decoder(config: Any) -> bool:
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForCausalLM") for a in archs) or bool(getattr(config, "is_decoder", False))
-
-
-def _read_pie_config(directory: Path) -> dict[str, Any]:
-    path = directory / PIE_CONFIG_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not a valid JSON encoder config ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object")
-    return data
-
-
-def _hash_state_dict(model: torch.nn.Module) -> str:
-    """sha256 of the weights actually loaded, so two encoders agree iff their weights do."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
-
-
-def _cuda_visible() -> bool:
-    """Whether torch would pick a GPU, answered without importing torch when it is not loaded yet (a
-    CUDA driver's control device is visible and CUDA_VISIBLE_DEVICES does not hide every GPU)."""
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        return bool(torch.cuda.is_available())
-    return Path("/dev/nvidiactl").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "0") not in ("", "-1")
-
-
-def _saved_settings(name: str) -> dict[str, Any] | None:
-    """Settings saved with a local or packaged model (without loading it); None for a hub id."""
-    if name == "default":
-        return default_model.saved_config()
-    if name == "default-base":
-        return dict(default_model.BASE_CONFIG)
-    local = Path(name)
-    return _read_pie_config(local) if local.is_dir() else None
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' per-tensor loading bar; our own progress bars are the ones that matter."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _load_model(model: str) -> tuple[Any, Any, dict[str, Any]]:
-    """Load tokenizer, model and the saved PIE settings of ``model`` (no network for the default)."""
-    with _quiet_transformers():
-        return _load_model_unquiet(model)
-
-
-def _load_model_unquiet(model: str) -> tuple[Any, Any, dict[str, Any]]:
-    from transformers import AutoModel, AutoTokenizer
-
-    if model == "default":
-        return default_model.load()
-    if model == "default-base":  # the default's base weights, no PIE delta: plain topical embeddings
-        return default_model.load(base=True)
-    source: str | Path = model
-    saved: dict[str, Any] = {}
-    local = Path(model).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise ModelLoadError(f"{local}: a model must be a directory, not a file")
-        source = local
-        saved = _read_pie_config(local)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModel.from_pretrained(source)
-    except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
-        raise ModelLoadError(
-            f"cannot load model {model!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            " (a local directory must hold config.json, tokenizer files and weights; a Hugging Face id needs"
-            " network access or a warm cache)"
-        ) from exc
-    return tokenizer, hf_model, saved
-
-
-def _quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 copy of ``model``: int8 weights, activations quantised per batch on the fly.
-
-    Every Linear layer is quantised except the down-projections (``in_features > out_features``: the
-    feed-forward outputs), whose inputs carry activation outliers; on the default model that keeps the
-    cosine to the float32 vectors near 0.99 instead of 0.94, at about 2x the float32 speed instead of 3x.
-    """
-    import torch
-
-    try:
-        from torch.ao.quantization import quantize_dynamic
-    except ImportError as exc:  # torch.ao.quantization is deprecated and may be gone in later torch
-        raise ModelLoadError(f"quantize=True needs torch.ao.quantization, missing from torch {torch.__version__}") from exc
-    names = {
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module.in_features <= module.out_features
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its deprecation notice, once per load, is not the user's to act on
-        return quantize_dynamic(model, names, dtype=torch.qint8)
 
 
 class PIEEncoder:
@@ -234,7 +62,7 @@ class PIEEncoder:
             fingerprint: an index built with it is queried with it). On torch: dynamic int8 Linear layers;
             on ONNX: ONNX Runtime's dynamic per-channel int8 (another scheme, another fingerprint).
         runtime: ``"torch"``; ``"onnx"``: ONNX Runtime on CPU, float32 (the same vectors within
-            :data:`~icl_retriever.onnx_backend.TOLERANCE`; exported once with torch and cached, later
+            :data:`~icl_retriever.encoder.onnx.TOLERANCE`; exported once with torch and cached, later
             loads import neither torch nor transformers); ``"auto"``: ONNX when the model can run there
             (CPU: ``device="cpu"``, or no device given and no GPU visible; an encoder-only local or default
             model; ``onnxruntime`` installed), torch otherwise. Training needs ``"torch"``.
@@ -258,7 +86,7 @@ class PIEEncoder:
     ) -> None:
         if runtime not in ("auto", "torch", "onnx"):
             raise ValueError(f"runtime must be 'auto', 'torch' or 'onnx', got {runtime!r}")
-        on_cpu = str(device).split(":")[0] == "cpu" if device is not None else not _cuda_visible()
+        on_cpu = str(device).split(":")[0] == "cpu" if device is not None else not cuda_visible()
         if quantize and not on_cpu:
             raise ValueError(f"quantize=True runs on CPU only, not on {device!r}")
         if runtime == "onnx" and not on_cpu:
@@ -273,8 +101,8 @@ class PIEEncoder:
         if runtime != "torch" and on_cpu:
             if self._load_onnx(name, settings, quantize=quantize, required=runtime == "onnx"):
                 return
-        self.tokenizer, self.model, saved = _load_model(name)
-        self.is_decoder = _is_decoder(self.model.config)
+        self.tokenizer, self.model, saved = load_model(name)
+        self.is_decoder = is_decoder_config(self.model.config)
         if getattr(self.model.config, "is_encoder_decoder", False):
             self.model = self.model.get_encoder()
         if self.tokenizer.pad_token is None:
@@ -290,7 +118,7 @@ class PIEEncoder:
         self._dim = int(self.model.config.hidden_size)
         scheme: Literal["torch", "onnx"] = "onnx" if runtime != "torch" else "torch"
         self._configure(name, saved, quantize=quantize, scheme=scheme, **settings)
-        self._weights_sha = _hash_state_dict(self.model)  # of the float weights, before any quantisation
+        self._weights_sha = hash_state_dict(self.model)  # of the float weights, before any quantisation
         import torch
 
         if quantize:
@@ -303,7 +131,7 @@ class PIEEncoder:
             return
         if quantize:
             self.config = self.config.model_copy(update={"quantize_scheme": "torch"})
-            self.model = _quantize_dynamic_int8(self.model)
+            self.model = quantize_dynamic_int8(self.model)
 
     def _configure(
         self,
@@ -337,13 +165,13 @@ class PIEEncoder:
 
     def _load_onnx(self, name: str, settings: dict[str, Any], *, quantize: bool, required: bool) -> bool:
         """Set this encoder up from a cached ONNX export of ``name``; False if there is none (yet)."""
-        from icl_retriever import onnx_backend
+        from icl_retriever.encoder import onnx as onnx_backend
 
         if not onnx_backend.available():
             if required:
                 raise ValueError("runtime='onnx' needs onnxruntime and tokenizers: pip install onnxruntime tokenizers")
             return False
-        saved = _saved_settings(name)
+        saved = saved_settings(name)
         if saved is None:
             if required:
                 raise ValueError(f"runtime='onnx': {name!r} is not a local model directory or the default")
@@ -362,7 +190,7 @@ class PIEEncoder:
         return True
 
     def _start_onnx(self, where: Path, meta: OnnxMeta) -> None:
-        from icl_retriever import onnx_backend
+        from icl_retriever.encoder import onnx as onnx_backend
 
         self._fast = onnx_backend.FastTokenizer(where / onnx_backend.TOKENIZER_FILE, meta.pad_id)
         self._onnx = onnx_backend.OnnxRuntime(where, meta)
@@ -373,7 +201,7 @@ class PIEEncoder:
     def _export_onnx(self, *, required: bool) -> bool:
         """Export this (float) torch encoder to the ONNX cache and run on it from now on; False if it
         cannot be exported (``auto``: it stays on torch, with a note saying why)."""
-        from icl_retriever import onnx_backend
+        from icl_retriever.encoder import onnx as onnx_backend
 
         c = self.config
         try:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icl_retriever import PIEEncoder, Retriever, onnx_backend
+from icl_retriever import PIEEncoder, Retriever
+from icl_retriever.encoder import onnx as onnx_backend
 from icl_retriever.search.budget import token_counter
 from helpers import POOL, QUERY
 

@@ -1,0 +1,65 @@
+"""What decides an embedding besides the weights: the prompt template, pooling, token budget, numerics
+(:class:`EncoderConfig`, hashed into every encoder's fingerprint), and applying a template."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Pooling = Literal["mean", "cls", "last"]
+#: How vectors are computed: PyTorch, ONNX Runtime (CPU, float32, torch-free at load), or ONNX where it
+#: can be used and torch elsewhere (see :mod:`icl_retriever.encoder.onnx`).
+Runtime = Literal["auto", "torch", "onnx"]
+
+#: Named templates. ``{instruction}`` is replaced by the (stripped) instruction.
+TEMPLATES: dict[str, str] = {
+    # The PIE paper's prompt.
+    "pie": (
+        "The essence of an instruction is its task intention. With this in mind, given the instruction "
+        "below:\n\n{instruction}\n\nafter thinking step by step, the task of the given instruction is:"
+    ),
+    # The PIE authors' short prompt; measured best for the untrained MiniLM base with mean pooling.
+    "short": 'This sentence of "{instruction}" means:',
+    "plain": "{instruction}",
+}
+
+#: File holding template / pooling / max length next to a model's weights.
+PIE_CONFIG_FILE = "pie_config.json"
+
+
+class EncoderConfig(BaseModel):
+    """Everything that decides an embedding; it is hashed, with the weights, into the fingerprint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description='"default", a local model directory or a Hugging Face id')
+    template: str = Field(description="prompt with an {instruction} placeholder")
+    pooling: Pooling = "mean"
+    max_length: int = Field(256, ge=8, description="token budget per prompt, template included")
+    add_period: bool = Field(False, description='append "." to instructions not ending in . ? " or \'')
+    normalize: bool = True
+    quantize: bool = Field(False, description="dynamic int8 quantisation of the Linear layers (CPU only)")
+    quantize_scheme: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="with quantize: torch's dynamic int8 of the Linear layers (feed-forward down-projections kept "
+        "float), or ONNX Runtime's dynamic per-channel int8 of every MatMul; they give different vectors",
+    )
+
+
+def resolve_template(template: str) -> str:
+    """Return the template text for a name in TEMPLATES or a literal template string."""
+    text = TEMPLATES.get(template, template)
+    if "{instruction}" not in text:
+        raise ValueError(
+            f"template {template!r} is neither one of {sorted(TEMPLATES)} nor a string containing '{{instruction}}'"
+        )
+    return text
+
+
+def apply_template(instruction: str, template: str, add_period: bool) -> str:
+    """Wrap one instruction in the template (PIE's period rule applied when asked)."""
+    text = instruction.strip()
+    if add_period and text and text[-1] not in ".?\"'":
+        text += "."
+    return template.replace("{instruction}", text)
