@@ -15,16 +15,13 @@ from icl_retriever.search.ranking import DEFAULT_HYBRID_WEIGHT, DEFAULT_RERANK_M
 from icl_retriever.search.controls import DEFAULT_RERANK, RerankSetting, SearchControls
 from icl_retriever.search.budget import DemoFormat, resolve_tokenizer
 from icl_retriever.search.filters import DemoPredicate, MetadataFilter
-from icl_retriever.topic import topic_text
 from icl_retriever.encoder import PIEEncoder, Runtime
-from icl_retriever.errors import EncoderMismatchError, PoolError
+from icl_retriever.errors import EncoderMismatchError
 from icl_retriever.store import (
     Manifest,
     TopicInfo,
-    all_vectors,
     load_version,
     new_flat_index,
-    rebuild_index,
     save_index,
     search,
     trusted_model,
@@ -34,7 +31,8 @@ from icl_retriever.store import (
 from icl_retriever.query_vectors import QueryVectors
 from icl_retriever.records import Demo, check_text, load_pool
 from icl_retriever.search import Snapshot, find_candidates, select
-from icl_retriever.topic import default_topic_encoder, shared_base_encoder, topic_info
+from icl_retriever.topic import default_topic_encoder, shared_base_encoder, topic_info, topic_text
+from icl_retriever.updates import with_added, without
 
 logger = logging.getLogger(__name__)
 
@@ -302,18 +300,9 @@ class Retriever:
 
         def change(state: Snapshot) -> Snapshot:
             nonlocal new_topic
-            new_ids = {d.id for d in new}
-            clashes = [d.id for d in state.demos if d.id in new_ids]
-            if clashes and not upsert:
-                raise PoolError(f"id(s) already in the index: {', '.join(map(repr, clashes[:5]))} (use upsert)")
-            keep = [i for i, d in enumerate(state.demos) if d.id not in new_ids]
-            index = rebuild_index(state.index, np.concatenate([all_vectors(state.index)[keep], vectors]))
-            topic = None
-            if state.topic is not None:
-                if new_topic is None:  # the version on disk gained topic vectors since we loaded ours
-                    new_topic = topic_vectors()
-                topic = new_flat_index(np.concatenate([all_vectors(state.topic)[keep], new_topic]), state.topic.d)
-            return Snapshot(index, [state.demos[i] for i in keep] + new, topic)
+            if state.topic is not None and new_topic is None:  # the version on disk gained topic vectors
+                new_topic = topic_vectors()
+            return with_added(state, new, vectors, new_topic, upsert=upsert)
 
         self._apply(change, persist)
         return [d.id for d in new]
@@ -328,11 +317,8 @@ class Retriever:
         removed: list[str] = []
 
         def change(state: Snapshot) -> Snapshot:
-            keep = [i for i, d in enumerate(state.demos) if d.id not in drop]
             removed[:] = [d.id for d in state.demos if d.id in drop]
-            index = rebuild_index(state.index, all_vectors(state.index)[keep])
-            topic = None if state.topic is None else new_flat_index(all_vectors(state.topic)[keep], state.topic.d)
-            return Snapshot(index, [state.demos[i] for i in keep], topic)
+            return without(state, drop)
 
         self._apply(change, persist)
         return removed
