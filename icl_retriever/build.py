@@ -27,18 +27,19 @@ import shutil
 import stat
 import time
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import faiss
 import numpy as np
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
-from icl_retriever.topic import topic_text
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.errors import first_validation_error
 from icl_retriever.store import (
+    TopicInfo,
     AUTO_HNSW_FROM,
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
@@ -56,7 +57,7 @@ from icl_retriever.store import (
 )
 from icl_retriever.records import Demo, load_pool
 from icl_retriever.retriever import Retriever
-from icl_retriever.topic import default_topic_encoder, topic_info
+from icl_retriever.topic import default_topic_encoder, topic_info, topic_text
 
 logger = logging.getLogger(__name__)
 
@@ -192,15 +193,8 @@ def build_index(
             **kw,
         )
 
-    vectors = checkpointed([d.instruction for d in demos], encoder)
     # topic vectors next, so that an interruption never costs a finished (HNSW) indexing step
-    topic_index = info = topic_encoder = None
-    if topic:
-        topic_encoder, source = default_topic_encoder(encoder)
-        topic_vectors = checkpointed([topic_text(d) for d in demos], topic_encoder, desc="Embedding topics")
-        topic_index = new_flat_index(topic_vectors, topic_encoder.dim)
-        del topic_vectors
-        info = topic_info(topic_encoder, source)
+    vectors, topic_index, info, topic_encoder = embed_demos(demos, encoder, topic=topic, embed=checkpointed)
     if kind == "hnsw":
         params = IndexParams(
             M=HNSW_M if hnsw_m is None else hnsw_m,
@@ -235,6 +229,27 @@ def build_index(
         encoder, index, demos, path=out, manifest=manifest, topic_index=topic_index, topic=info,
         topic_encoder=topic_encoder,
     )
+
+
+# embedding -------------------------------------------------------------------------------------
+
+
+Embed = Callable[..., np.ndarray]
+
+
+def embed_demos(
+    demos: Sequence[Demo], encoder: PIEEncoder, *, topic: bool, embed: Embed
+) -> tuple[np.ndarray, faiss.Index | None, TopicInfo | None, PIEEncoder | None]:
+    """The one embedding path of a pool, for :func:`build_index` and ``Retriever.from_demos``: PIE vectors
+    of the instructions, then (``topic``) the flat index of topic vectors, what the manifest records of
+    them, and their encoder. ``embed(texts, encoder, desc=...)`` embeds a text list (checkpointed in
+    chunks for a build, at once in memory)."""
+    vectors = embed([d.instruction for d in demos], encoder)
+    if not topic:
+        return vectors, None, None, None
+    topic_encoder, source = default_topic_encoder(encoder)
+    topic_vectors = embed([topic_text(d) for d in demos], topic_encoder, desc="Embedding topics")
+    return vectors, new_flat_index(topic_vectors, topic_encoder.dim), topic_info(topic_encoder, source), topic_encoder
 
 
 # resumable embedding -------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from icl_retriever.store import (
 from icl_retriever.query_vectors import QueryVectors
 from icl_retriever.records import Demo, check_text, load_pool
 from icl_retriever.search import Snapshot, find_candidates, select
-from icl_retriever.topic import default_topic_encoder, shared_base_encoder, topic_info, topic_text
+from icl_retriever.topic import shared_base_encoder, topic_text
 from icl_retriever.updates import with_added, without
 
 logger = logging.getLogger(__name__)
@@ -183,18 +183,17 @@ class Retriever:
             topic: also embed each demo's instruction + input with the plain (topic) encoder, for
                 ``rerank="task_then_topic"`` and content-based ``dedup``; doubles the embedding work.
         """
+        from icl_retriever.build import embed_demos, embed_pool
+
         pool = load_pool(demos)
         encoder = encoder or PIEEncoder(runtime="auto")
-        vectors = encoder.encode(
-            [d.instruction for d in pool], batch_size=batch_size, show_progress_bar=show_progress_bar
-        )
-        topic_index = info = topic_encoder = None
-        if topic:
-            topic_encoder, source = default_topic_encoder(encoder)
-            topic_vectors = topic_encoder.encode(
-                [topic_text(d) for d in pool], batch_size=batch_size, show_progress_bar=show_progress_bar
-            )
-            topic_index, info = new_flat_index(topic_vectors, topic_encoder.dim), topic_info(topic_encoder, source)
+        progress = show_progress_bar if show_progress_bar is not None else logger.getEffectiveLevel() <= logging.INFO
+
+        def in_memory(texts: list[str], enc: PIEEncoder, desc: str = "Embedding") -> np.ndarray:
+            return embed_pool(texts, enc, batch_size=batch_size, chunk_size=max(1, len(texts)),
+                              show_progress_bar=progress, desc=desc)
+
+        vectors, topic_index, info, topic_encoder = embed_demos(pool, encoder, topic=topic, embed=in_memory)
         return cls(
             encoder,
             new_flat_index(vectors, encoder.dim),

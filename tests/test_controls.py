@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from icl_retriever import Demo, PIEEncoder, Retriever, build_index
-from icl_retriever import retriever as retriever_module
 import icl_retriever.search.candidates as search_candidates
 from icl_retriever.search import find_candidates
 from icl_retriever.search.ranking import (
@@ -392,9 +391,9 @@ def test_topic_vectors_persist_and_follow_updates(tmp_path: Path, encoder: PIEEn
     assert r.topic_index is not None and r.topic_index.ntotal == 4
     topic_encoder = r.topic_encoder()
     expected = topic_encoder.encode([topic_text(d) for d in r.demos])
-    np.testing.assert_allclose(retriever_module.all_vectors(r.topic_index), expected, atol=1e-5)
+    np.testing.assert_allclose(all_vectors(r.topic_index), expected, atol=1e-5)
     # the topic model is the base model: its vectors differ from the PIE ones
-    assert not np.allclose(expected, retriever_module.all_vectors(r.index), atol=1e-2)
+    assert not np.allclose(expected, all_vectors(r.index), atol=1e-2)
 
     r.add([POOL[8], POOL[9]])
     reopened = Retriever.from_index(out, encoder=encoder)
@@ -408,7 +407,7 @@ def test_topic_vectors_persist_and_follow_updates(tmp_path: Path, encoder: PIEEn
     again = Retriever.from_index(out, encoder=encoder)
     assert again.topic_index is not None and again.topic_index.ntotal == 4 == len(again)
     np.testing.assert_allclose(
-        retriever_module.all_vectors(again.topic_index),
+        all_vectors(again.topic_index),
         topic_encoder.encode([topic_text(d) for d in again.demos]),
         atol=1e-5,
     )
