@@ -1,6 +1,6 @@
 """Checkpoints of resumable builds: an unambiguous key, chunks that prove what produced them, no leftovers.
 
-(Resuming itself is tested in test_scale.py.)
+(Resuming itself is tested in test_build.py.)
 """
 
 from __future__ import annotations

@@ -166,8 +166,8 @@ def test_unknown_control_is_an_error_at_once(small_retriever: Retriever, tmp_pat
         PIERetriever(retriever=small_retriever).invoke("Write a poem.", search_kwargs={"mmr": True})
 
 
-def test_controls_follow_get_demos_signature(monkeypatch: pytest.MonkeyPatch, small_retriever: Retriever) -> None:
-    """A control Retriever.get_demos gains is accepted and forwarded, with no change here."""
+def test_controls_are_forwarded_to_get_demos(monkeypatch: pytest.MonkeyPatch, small_retriever: Retriever) -> None:
+    """Controls (SearchControls fields) given to the components reach Retriever.get_demos unchanged."""
     seen: list[dict[str, Any]] = []
     original = Retriever.get_demos
 

@@ -1,4 +1,4 @@
-"""Search controls of get_demos: the pure algorithms directly, then each control through a real index."""
+"""The search package: every control alone (pure functions) and through a real index and its entry points."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scale features: resumable chunked builds, the int8 encoder, build parameters and flags.
+"""build_index: resumable chunked builds, the int8 encoder, build parameters and flags.
 
 HNSW / IVF indexes on disk are tested in test_store_faiss_index.py."""
 
