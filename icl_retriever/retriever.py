@@ -6,15 +6,11 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Unpack
 
 import faiss
 import numpy as np
 
-from icl_retriever.search.ranking import DEFAULT_HYBRID_WEIGHT, DEFAULT_RERANK_MARGIN
-from icl_retriever.search.controls import DEFAULT_RERANK, RerankSetting, SearchControls
-from icl_retriever.search.budget import DemoFormat, resolve_tokenizer
-from icl_retriever.search.filters import DemoPredicate, MetadataFilter
 from icl_retriever.encoder import PIEEncoder, Runtime
 from icl_retriever.errors import EncoderMismatchError
 from icl_retriever.store import (
@@ -30,7 +26,8 @@ from icl_retriever.store import (
 )
 from icl_retriever.query_vectors import QueryVectors
 from icl_retriever.records import Demo, check_text, load_pool
-from icl_retriever.search import Snapshot, find_candidates, select
+from icl_retriever.search import DEFAULT_RERANK, SearchControls, SearchKwargs, Snapshot, find_candidates, select
+from icl_retriever.search.budget import resolve_tokenizer
 from icl_retriever.topic import shared_base_encoder, topic_text
 from icl_retriever.updates import with_added, without
 
@@ -375,24 +372,7 @@ class Retriever:
     def __len__(self) -> int:
         return len(self.demos)
 
-    def get_demos(
-        self,
-        query: str,
-        k: int = 4,
-        *,
-        diversity: float = 0.0,
-        fetch_k: int | None = None,
-        filter: MetadataFilter | DemoPredicate | None = None,  # the name vector stores use
-        dedup: bool | float | None = None,
-        exclude_query: bool = False,
-        rerank: RerankSetting = "auto",
-        rerank_margin: float = DEFAULT_RERANK_MARGIN,
-        rerank_weight: float = DEFAULT_HYBRID_WEIGHT,
-        min_score: float | Literal["auto"] | None = None,
-        max_tokens: int | None = None,
-        tokenizer: Any = None,
-        demo_format: DemoFormat | None = None,
-    ) -> list[Demo]:
+    def get_demos(self, query: str, k: int = 4, **controls: Unpack[SearchKwargs]) -> list[Demo]:
         """The ``k`` demos whose instructions show the query's task, best first, each with ``score``.
 
         ``score`` is always the PIE (task) cosine between the query and the demo's instruction.
@@ -400,83 +380,19 @@ class Retriever:
         Args:
             query: the incoming instruction (its input may be included; the task is what counts).
             k: how many; more than the pool holds returns the whole pool.
-            diversity: 0 (default) ranks by similarity alone; above 0, maximal marginal relevance over
-                the ``fetch_k`` best candidates trades similarity for variety (1: variety only), as
-                LangChain's MMR selector with ``lambda_mult = 1 - diversity``.
-            fetch_k: candidates examined by ``diversity``, ``rerank``, ``dedup`` and ``max_tokens``
-                (default ``max(20, 4 k)``); must be at least ``k``.
-            filter: only demos whose metadata match, as ``{"task": "translation"}`` (equality) or
-                ``{"lang": ["en", "de"]}`` (any of), several keys all matching; or a callable
-                ``Demo -> bool``. Applied during the search: the index is searched deeper until ``k``
-                matches are found or the pool is exhausted.
-            dedup: drop a demo whose cosine to a better-ranked one exceeds the threshold (``True``:
-                0.95). Compares topic vectors (instruction + input) when the index has them, else
-                instruction embeddings.
-            exclude_query: drop demos whose instruction (or instruction + input) is the query itself,
-                whitespace aside (leave-one-out evaluation, self-retrieval).
-            rerank: how the ``fetch_k`` best candidates by task similarity are ordered. ``"auto"``
-                (default): the ranking that helped an LLM most in our downstream benchmark
-                (``controls.DEFAULT_RERANK``) when the index has topic vectors and ``diversity`` is 0,
-                else task order (logged once). ``None``: task (PIE) order only.
-                ``"task_then_topic"``: among the candidates within ``rerank_margin`` of the best
-                PIE score (the query's task), order by the plain-embedding similarity of the demo's
-                instruction + input to the query (its content); the other candidates follow by PIE
-                score. Needs topic vectors (built by default).
-                ``"hybrid"``: order the candidates by ``rerank_weight`` x PIE cosine + (1 -
-                ``rerank_weight``) x that plain-embedding cosine.
-            rerank_margin: PIE cosine margin defining "same task" for ``rerank`` (default 0.1).
-            rerank_weight: PIE weight of ``rerank="hybrid"`` (default 0.5).
-            min_score: drop demos whose PIE cosine is below this, so fewer than ``k`` (or none) may
-                come back when the pool holds no demo of the query's task. ``"auto"``: the model's
-                calibrated floor, at which a kept demo shares the query's task with precision 0.9 on
-                tasks it never trained on (:meth:`PIEEncoder.calibrated_floor`).
-            max_tokens: pack the best demos whose formatted length fits this budget in total, skipping
-                one that would overflow (a later, shorter one may still fit); never truncates a demo.
-            tokenizer: counts tokens for ``max_tokens``: default the encoder's tokenizer; a Hugging
-                Face tokenizer, a model name or directory (``AutoTokenizer``), an object with
-                ``encode`` (tiktoken) or a callable ``str -> int``.
-            demo_format: the text counted per demo: default instruction, input (if any) and output
-                on separate lines; a ``str.format`` template over ``instruction``, ``input``,
-                ``output``, ``id`` and metadata fields; or a callable ``Demo -> str``.
+            **controls: the search controls, each documented on :class:`~icl_retriever.search.SearchControls`:
+                ``diversity``, ``fetch_k``, ``filter``, ``dedup``, ``exclude_query``, ``rerank``,
+                ``rerank_margin``, ``rerank_weight``, ``min_score``, ``max_tokens``, ``tokenizer``,
+                ``demo_format``.
 
         Raises:
-            ValueError: empty query, ``k < 1``, or an invalid control (named in the message);
+            ValueError: empty query, ``k < 1``, an unknown or invalid control (named in the message);
                 an explicit ``rerank`` method on an index without topic vectors.
         """
-        return self.get_demos_batch(
-            [query],
-            k=k,
-            diversity=diversity,
-            fetch_k=fetch_k,
-            filter=filter,
-            dedup=dedup,
-            exclude_query=exclude_query,
-            rerank=rerank,
-            rerank_margin=rerank_margin,
-            rerank_weight=rerank_weight,
-            min_score=min_score,
-            max_tokens=max_tokens,
-            tokenizer=tokenizer,
-            demo_format=demo_format,
-        )[0]
+        return self.get_demos_batch([query], k=k, **controls)[0]
 
     def get_demos_batch(
-        self,
-        queries: Sequence[str],
-        k: int = 4,
-        *,
-        diversity: float = 0.0,
-        fetch_k: int | None = None,
-        filter: MetadataFilter | DemoPredicate | None = None,
-        dedup: bool | float | None = None,
-        exclude_query: bool = False,
-        rerank: RerankSetting = "auto",
-        rerank_margin: float = DEFAULT_RERANK_MARGIN,
-        rerank_weight: float = DEFAULT_HYBRID_WEIGHT,
-        min_score: float | Literal["auto"] | None = None,
-        max_tokens: int | None = None,
-        tokenizer: Any = None,
-        demo_format: DemoFormat | None = None,
+        self, queries: Sequence[str], k: int = 4, **controls: Unpack[SearchKwargs]
     ) -> list[list[Demo]]:
         """:meth:`get_demos` for many queries: all embedded in one batch (cached ones skipped), same controls."""
         if isinstance(queries, str):
@@ -490,21 +406,7 @@ class Retriever:
             if not q.strip():
                 raise ValueError(f"query {i} is empty")
             check_text(q, f"query {i} ({q[:40]!r})")
-        ctl = SearchControls.parse(
-            k=k,
-            diversity=diversity,
-            fetch_k=fetch_k,
-            filter=filter,
-            dedup=dedup,
-            exclude_query=exclude_query,
-            rerank=rerank,
-            rerank_margin=rerank_margin,
-            rerank_weight=rerank_weight,
-            min_score=min_score,
-            max_tokens=max_tokens,
-            tokenizer=tokenizer,
-            demo_format=demo_format,
-        )
+        ctl = SearchControls.parse(k=k, **controls)
         state = self._state  # one version for the whole batch
         if ctl.rerank == "auto" and state.topic is None and ctl.diversity == 0 and not self._said_task_order:
             self._said_task_order = True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -327,7 +326,7 @@ def test_rerank_hybrid(r: Retriever) -> None:
 
 def test_default_ranking_is_auto(r: Retriever) -> None:
     """rerank="auto" (the default) is DEFAULT_RERANK over an index with topic vectors; None is task order."""
-    assert inspect.signature(Retriever.get_demos).parameters["rerank"].default == "auto"
+    assert SearchControls.model_fields["rerank"].default == "auto"
     ctl = SearchControls.parse(k=2)
     assert ctl.rerank == "auto" and ctl.resolve(has_topic=True).rerank == DEFAULT_RERANK
     assert ctl.resolve(has_topic=False).rerank is None
@@ -495,20 +494,26 @@ def test_filter_on_approximate_index_finds_rare_matches(encoder: PIEEncoder, ind
     assert find_candidates(approx._state, "q", query, 3, ctl)[0].tolist() == expected
 
 
-def test_every_search_control_is_reachable_from_every_entry_point() -> None:
-    """SearchControls is the one list of controls: get_demos, get_demos_batch, the CLI's query command and
-    the LangChain / DSPy components take exactly its fields (this fails when one of them misses a new one)."""
-    import inspect
+def test_every_search_control_is_reachable_from_every_entry_point(r: Retriever) -> None:
+    """SearchControls is the one list of controls: get_demos / get_demos_batch (typed by SearchKwargs), the
+    CLI's query command and the LangChain / DSPy components take exactly its fields, each documented (this
+    fails when one of them misses a new control)."""
+    import typing
 
     from icl_retriever.cli import build_parser
     from icl_retriever.langchain import check_search_kwargs
+    from icl_retriever.search import SearchKwargs
 
     fields = set(SearchControls.model_fields)
-    for method in (Retriever.get_demos, Retriever.get_demos_batch):
-        assert set(inspect.signature(method).parameters) - {"self", "query", "queries"} == fields, method.__name__
+    assert set(typing.get_type_hints(SearchKwargs)) == fields - {"k"}
+    assert all(f.description for f in SearchControls.model_fields.values())
     query = build_parser()._subparsers._group_actions[0].choices["query"]
     assert fields <= {a.dest for a in query._actions}
     for name in fields - {"k"}:
         assert check_search_kwargs({name: None}) == {name: None}
     with pytest.raises(ValueError, match="unknown search control 'diversty'"):
         check_search_kwargs({"diversty": 0.5})
+    with pytest.raises(ValueError, match="unknown search control 'diversty'"):
+        r.get_demos("Write a poem.", diversty=0.5)  # type: ignore[call-arg]
+    defaults = {name: f.default for name, f in SearchControls.model_fields.items() if name != "k"}
+    assert ids(r.get_demos("Write a poem.", k=2, **defaults)) == ids(r.get_demos("Write a poem.", k=2))

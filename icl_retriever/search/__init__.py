@@ -2,7 +2,7 @@
 ordering, and the token budget; all over one snapshot of the data."""
 
 from icl_retriever.search.candidates import EXACT_FILTER_MAX, exact, find_candidates, overfetch
-from icl_retriever.search.controls import DEFAULT_FETCH_K, DEFAULT_RERANK, RerankSetting, SearchControls
+from icl_retriever.search.controls import DEFAULT_FETCH_K, DEFAULT_RERANK, RerankSetting, SearchControls, SearchKwargs
 from icl_retriever.search.select import select
 from icl_retriever.search.snapshot import Snapshot
 
@@ -12,6 +12,7 @@ __all__ = [
     "EXACT_FILTER_MAX",
     "RerankSetting",
     "SearchControls",
+    "SearchKwargs",
     "Snapshot",
     "exact",
     "find_candidates",

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 import string
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from icl_retriever.errors import first_validation_error
 from icl_retriever.records import check_text
-from icl_retriever.search.filters import check_filter
+from icl_retriever.search.budget import DemoFormat
+from icl_retriever.search.filters import DemoPredicate, MetadataFilter, check_filter
 from icl_retriever.search.ranking import DEFAULT_DEDUP_THRESHOLD, DEFAULT_HYBRID_WEIGHT, DEFAULT_RERANK_MARGIN, RERANKERS
 
 #: Candidates examined when a control re-orders or drops results and ``fetch_k`` is not given.
@@ -35,31 +36,99 @@ RerankSetting = Literal["auto", "task_then_topic", "hybrid"] | None
 # validation -------------------------------------------------------------------------------------
 
 
-class SearchControls(BaseModel):
-    """The keyword controls of ``get_demos`` / ``get_demos_batch``, validated together.
+class SearchKwargs(TypedDict, total=False):
+    """The keyword controls of ``get_demos`` / ``get_demos_batch`` as typed keywords (``**controls:
+    Unpack[SearchKwargs]``); the fields and their meaning are :class:`SearchControls`' (a test keeps the
+    two lists equal)."""
 
-    Build with :meth:`parse`, which raises a plain ``ValueError`` naming the control at fault.
-    """
+    diversity: float
+    fetch_k: int | None
+    filter: MetadataFilter | DemoPredicate | None
+    dedup: bool | float | None
+    exclude_query: bool
+    rerank: RerankSetting
+    rerank_margin: float
+    rerank_weight: float
+    min_score: float | Literal["auto"] | None
+    max_tokens: int | None
+    tokenizer: Any
+    demo_format: DemoFormat | None
+
+
+class SearchControls(BaseModel):
+    """The keyword controls of ``get_demos`` / ``get_demos_batch``, each defined and documented here once
+    and validated together. Build with :meth:`parse`, which raises a plain ``ValueError`` naming the control
+    at fault. A search: candidates (the ``fetch_k`` best by task similarity that pass ``filter`` and
+    ``exclude_query``), then ``min_score``, the order (``rerank`` or ``diversity``), ``dedup``, and ``k``
+    or the ``max_tokens`` budget."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
-    k: int
-    diversity: float = 0.0
-    fetch_k: int | None = None
-    filter: Any = None
-    dedup: float | None = None
-    exclude_query: bool = False
-    rerank: RerankSetting = "auto"
-    rerank_margin: float = DEFAULT_RERANK_MARGIN
-    rerank_weight: float = DEFAULT_HYBRID_WEIGHT
-    min_score: float | Literal["auto"] | None = None
-    max_tokens: int | None = None
-    tokenizer: Any = None
-    demo_format: Any = None
+    k: int = Field(description="how many demos; more than the pool holds returns the whole pool")
+    diversity: float = Field(
+        0.0,
+        description="0 ranks by similarity alone; above 0, maximal marginal relevance over the fetch_k best "
+        "candidates trades similarity for variety (1: variety only), as LangChain's MMR with lambda_mult = "
+        "1 - diversity",
+    )
+    fetch_k: int | None = Field(
+        None, description="candidates examined by diversity, rerank, dedup and max_tokens (default max(20, 4 k)); "
+        "at least k",
+    )
+    filter: Any = Field(
+        None,
+        description='only demos whose metadata match: {"task": "translation"} (equality), {"lang": ["en", "de"]} '
+        "(any of), several keys all matching; or a callable Demo -> bool. Applied during the search: the index "
+        "is searched deeper until k matches are found or the pool is exhausted",
+    )
+    dedup: float | None = Field(
+        None,
+        description="drop a demo whose cosine to a better-ranked one exceeds this (True: 0.95); compares topic "
+        "vectors (instruction + input) when the index has them, else instruction embeddings",
+    )
+    exclude_query: bool = Field(
+        False, description="drop demos whose instruction (or instruction + input) is the query itself, whitespace "
+        "aside (leave-one-out evaluation)",
+    )
+    rerank: RerankSetting = Field(
+        "auto",
+        description='how the candidates are ordered. "auto": DEFAULT_RERANK (the ranking that helped an LLM most '
+        "downstream) when the index has topic vectors and diversity is 0, else task order (logged once); None: "
+        'task (PIE) order; "task_then_topic": candidates within rerank_margin of the best PIE score (the '
+        "query's task) ordered by the plain-embedding similarity of instruction + input to the query, the "
+        'others after by PIE score; "hybrid": rerank_weight x PIE cosine + (1 - rerank_weight) x plain cosine',
+    )
+    rerank_margin: float = Field(DEFAULT_RERANK_MARGIN, description='PIE cosine margin of "same task" for rerank')
+    rerank_weight: float = Field(DEFAULT_HYBRID_WEIGHT, description='PIE weight of rerank="hybrid"')
+    min_score: float | Literal["auto"] | None = Field(
+        None,
+        description='drop demos whose PIE cosine is below this, so fewer than k (or none) may come back; "auto": '
+        "the model's calibrated floor, where a kept demo shares the query's task with precision 0.9 on tasks it "
+        "never trained on (PIEEncoder.calibrated_floor)",
+    )
+    max_tokens: int | None = Field(
+        None,
+        description="pack the best demos whose formatted length fits this budget in total, skipping one that "
+        "would overflow (a later, shorter one may still fit); never truncates a demo",
+    )
+    tokenizer: Any = Field(
+        None,
+        description="counts tokens for max_tokens: default the encoder's; a Hugging Face tokenizer, a model name "
+        "or directory, an object with encode (tiktoken) or a callable str -> int",
+    )
+    demo_format: Any = Field(
+        None,
+        description="the text counted per demo: default instruction, input (if any) and output on separate lines; "
+        "a str.format template over instruction, input, output, id and metadata fields; or a callable Demo -> str",
+    )
 
     @classmethod
     def parse(cls, **controls: Any) -> SearchControls:
         """Validate controls; raises ``ValueError`` with one clear message."""
+        unknown = [name for name in controls if name not in cls.model_fields]
+        if unknown:
+            known = ", ".join(name for name in cls.model_fields if name != "k")
+            raise ValueError(f"unknown search control {unknown[0]!r} (the controls: {known})")
         try:
             return cls(**controls)
         except ValidationError as exc:
