@@ -1,0 +1,282 @@
+"""The commands: each turns parsed arguments into library calls and prints the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from icl_retriever._version import __version__
+from icl_retriever.cli.output import print_demos, print_json, printable, shorten
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from icl_retriever.encoder import PIEEncoder
+    from icl_retriever.store import check_target
+    from icl_retriever.records import load_pool
+    from icl_retriever.build import build_index, check_build_params
+
+    check_build_params(  # before the pool is read or a model loaded
+        args.index_type, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
+        nlist=args.nlist, nprobe=args.nprobe, batch_size=args.batch_size, chunk_size=args.chunk_size,
+    )
+    check_target(Path(args.out), force=args.force)
+    demos = load_pool(args.pool)  # validate everything before loading a model
+    encoder = PIEEncoder(args.model, quantize=args.quantize, runtime=args.runtime)
+    start = time.perf_counter()
+    try:
+        retriever = build_index(
+            demos, args.out, encoder=encoder, index_type=args.index_type, hnsw_m=args.hnsw_m,
+            ef_construction=args.ef_construction, ef_search=args.ef_search, nlist=args.nlist, nprobe=args.nprobe,
+            batch_size=args.batch_size, chunk_size=args.chunk_size, force=args.force, resume=not args.no_resume,
+            show_progress_bar=True, topic=not args.no_topic,
+        )
+    except KeyboardInterrupt:
+        print("icl-retriever: interrupted; finished chunks are kept: run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    seconds = time.perf_counter() - start
+    tasks = {d.metadata.get("task") for d in demos} - {None}
+    manifest = retriever.manifest
+    assert manifest is not None
+    if args.json:
+        print_json({"index": str(args.out), "demos": len(retriever), "tasks": len(tasks), "seconds": round(seconds, 3),
+                     "runtime": encoder.runtime, "manifest": manifest.model_dump(mode="json")})
+        return 0
+    params = ", ".join(f"{k} {v}" for k, v in manifest.index_params.model_dump(exclude_none=True).items())
+    print(
+        f"Indexed {len(retriever)} demos"
+        + (f" ({len(tasks)} tasks)" if tasks else "")
+        + f" into {args.out} in {seconds:.1f} s ({len(retriever) / seconds:.0f} demos/s); "
+        f"dim {encoder.dim}, model {encoder.config.model}, pooling {encoder.config.pooling}"
+        + (", int8" if encoder.config.quantize else "")
+        + f"; index {manifest.index_type}"
+        + (f" ({params})" if params else "")
+        + (f", recall@10 {manifest.recall_at_10:.3f} vs exact search" if manifest.recall_at_10 is not None else "")
+    )
+    return 0
+
+
+def _filter_value(text: str) -> object:
+    """A JSON literal (number, true, false, null) as itself; anything else as a string."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if not isinstance(value, (dict, list, str)) else text
+
+
+def _parse_filters(items: Sequence[str] | None) -> dict[str, object] | None:
+    """``KEY=VALUE`` (equality) / ``KEY=V1,V2`` (any of) / ``KEY=[JSON list]`` flags as a metadata filter."""
+    if not items:
+        return None
+    spec: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw:
+            raise ValueError(f"--filter {item!r}: expected KEY=VALUE or KEY=VALUE1,VALUE2")
+        if key in spec:
+            raise ValueError(f"--filter: {key!r} given twice; list its values once: {key}=V1,V2")
+        if raw.startswith("["):
+            try:
+                values = json.loads(raw)
+            except ValueError as exc:
+                raise ValueError(f"--filter {item!r}: not a JSON list ({exc})") from None
+            spec[key] = values if isinstance(values, list) else [values]
+        elif "," in raw:
+            spec[key] = [_filter_value(v.strip()) for v in raw.split(",") if v.strip()]
+        else:
+            spec[key] = _filter_value(raw.strip())
+    return spec
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from icl_retriever.search.controls import SearchControls
+    from icl_retriever.retriever import Retriever
+
+    controls = dict(
+        diversity=args.diversity,
+        fetch_k=args.fetch_k,
+        filter=_parse_filters(args.filter),
+        dedup=args.dedup,
+        exclude_query=args.exclude_query,
+        **({"rerank": None if args.rerank == "none" else args.rerank} if args.rerank is not None else {}),
+        max_tokens=args.max_tokens,
+        tokenizer=args.tokenizer,
+        demo_format=args.demo_format.replace("\\n", "\n").replace("\\t", "\t") if args.demo_format else None,
+        **({"rerank_margin": args.rerank_margin} if args.rerank_margin is not None else {}),
+        **({"rerank_weight": args.rerank_weight} if args.rerank_weight is not None else {}),
+        min_score=_min_score(args.min_score),
+    )
+    SearchControls.parse(k=args.k, **controls)  # a bad flag fails before the model loads
+    retriever = Retriever.from_index(args.index, model=args.model, verify=not args.no_verify, runtime=args.runtime)
+    demos = retriever.get_demos(args.text, k=args.k, **controls)
+    if args.json:
+        print_json([d.model_dump() for d in demos])
+        return 0
+    if not demos and args.min_score is not None:
+        print(f"No demo reached --min-score {args.min_score}: none is confidently of this request's task")
+    print_demos(demos)
+    return 0
+
+
+def _min_score(text: str | None) -> float | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--min-score must be a cosine or 'auto', got {text!r}") from None
+
+
+DEMO_QUERIES = (
+    "Translate 'good night' into German.",
+    "Write a limerick about a cat who loves lasagna.",
+    "Write a SQL query that lists customers from Spain.",
+    "Is this review positive or negative? 'The battery died after two days.'",
+)
+
+
+def demo_cache_dir() -> Path:
+    """Where ``icl-retriever demo`` keeps its index: the user cache (:func:`~icl_retriever.cache.cache_dir`)."""
+    from icl_retriever.cache import cache_dir
+
+    return cache_dir()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from icl_retriever.build import build_index
+    from icl_retriever.encoder import PIEEncoder
+    from icl_retriever.errors import IndexFormatError
+    from icl_retriever.records import default_pool_path
+    from icl_retriever.retriever import Retriever
+
+    pool = default_pool_path()
+    digest = hashlib.sha256(pool.read_bytes()).hexdigest()[:12]
+    cached = args.index is None
+    out = demo_cache_dir() / f"default-pool-{__version__}-{digest}" if cached else Path(args.index)
+    retriever = None
+    if out.exists() and not args.rebuild:
+        try:
+            retriever = Retriever.from_index(out, runtime=args.runtime)
+        except IndexFormatError as exc:  # also EncoderMismatchError: made by another model
+            if not cached:
+                raise
+            print(f"icl-retriever: the cached demo index is unusable ({printable(exc)}); rebuilding", file=sys.stderr)
+    if retriever is None:
+        print(f"Building the packaged pool ({pool.name}, shipped with the package) into {out}", file=sys.stderr)
+        encoder = PIEEncoder(runtime=args.runtime)
+        retriever = build_index(pool, out, encoder=encoder, force=out.exists(), show_progress_bar=True)
+    if args.json:
+        print_json({"index": str(out), "demos": len(retriever), "answers": [
+            {"query": text, "demos": [d.model_dump() for d in retriever.get_demos(text, k=args.k)]}
+            for text in args.queries or DEMO_QUERIES
+        ]})
+        return 0
+    print(f"Index {out}: {len(retriever)} demos")
+    for text in args.queries or DEMO_QUERIES:
+        print(f"\n> {shorten(text)}")
+        print_demos(retriever.get_demos(text, k=args.k))
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from icl_retriever.records import load_pool
+    from icl_retriever.retriever import Retriever
+
+    demos = load_pool(args.pool)  # validate everything before loading a model
+    retriever = Retriever.from_index(args.index, model=args.model, runtime=args.runtime)
+    ids = retriever.add(demos, upsert=args.upsert, batch_size=args.batch_size, persist=True)
+    if args.json:
+        print_json({"index": str(args.index), "added": ids, "demos": len(retriever)})
+        return 0
+    print(f"Added {len(ids)} demos to {args.index}; it now holds {len(retriever)}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from icl_retriever.retriever import Retriever
+
+    retriever = Retriever.from_index(args.index, model=args.model)
+    removed = retriever.remove(args.ids, persist=True)
+    missing = sorted(set(args.ids) - set(removed))
+    if args.json:
+        print_json({"index": str(args.index), "removed": list(removed), "not_found": missing, "demos": len(retriever)})
+        return 0
+    print(f"Removed {len(removed)} demos from {args.index}; it now holds {len(retriever)}")
+    if missing:
+        print(f"icl-retriever: warning: not in the index: {printable(', '.join(missing))}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from icl_retriever.store import load_manifest
+
+    manifest = load_manifest(args.index)
+    if args.json:
+        print(manifest.model_dump_json(indent=2))
+        return 0
+    enc = manifest.encoder
+    rows = [
+        ("index", str(args.index)),
+        ("demos", str(manifest.count)),
+        ("dim", str(manifest.dim)),
+        ("index type", f"{manifest.index_type} ({manifest.metric})"
+         + "".join(f", {k} {v}" for k, v in manifest.index_params.model_dump(exclude_none=True).items())
+         + (f", recall@10 {manifest.recall_at_10:.3f}" if manifest.recall_at_10 is not None else "")),
+        ("model", enc.model),
+        ("pooling", enc.pooling),
+        ("max length", str(enc.max_length)),
+        ("template", json.dumps(enc.template)),
+        ("fingerprint", manifest.fingerprint),
+        ("created", manifest.created.isoformat(timespec="seconds")),
+        ("updated", f"{manifest.updated.isoformat(timespec='seconds')} (generation {manifest.generation})"),
+        ("format", f"{manifest.format_version} (library {manifest.library_version})"),
+    ]
+    rows += [(f"{role} file", f"{e.name}, {e.size} bytes, sha256 {e.sha256[:16]}…") for role, e in manifest.files.items()]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {printable(value)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from icl_retriever.train_config import TrainConfig
+    from icl_retriever.training import train
+
+    fields = TrainConfig.model_fields
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    config = TrainConfig(**given)
+    out = train(config, show_progress_bar=True)
+    card = json.loads((out / "training_card.json").read_text(encoding="utf-8"))
+    if args.json:
+        print_json({"model": str(out), "training_card": card})
+        return 0
+    val = card.get("validation") or {}
+    print(
+        f"Trained {card['steps_done']} steps in {card['wall_time_s']:.0f} s "
+        f"({card['seconds_per_step']:.2f} s/step) -> {out}; held-out validation: "
+        + (", ".join(f"{k} {v:.4f}" for k, v in val.items() if k not in ("step", "tiebreak")) or "none")
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from icl_retriever.encoder import PIEEncoder
+    from icl_retriever.evaluation import evaluate
+
+    if args.ict is None and args.iis is None and args.cross_group is None and args.pool is None:
+        raise ValueError("give at least one of --ict, --iis, --cross-group, --pool")
+    encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime,
+                         quantize=args.quantize)
+    report = evaluate(
+        encoder, args.ict, args.iis, cross_group_path=args.cross_group, pool_path=args.pool,
+        label_field=args.label_field, batch_size=args.batch_size, show_progress_bar=not args.json,
+    )
+    print(report.model_dump_json(indent=2) if args.json else report.table())
+    return 0

@@ -1,0 +1,227 @@
+"""The argument parser: one sub-command per job; train's flags generated from TrainConfig."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic_core import PydanticUndefined
+
+from icl_retriever._version import __version__
+from icl_retriever.cli.commands import (
+    cmd_add,
+    cmd_build,
+    cmd_demo,
+    cmd_eval,
+    cmd_info,
+    cmd_query,
+    cmd_remove,
+    cmd_train,
+)
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+#: Flags of ``train`` whose spelling is not the TrainConfig field's (``--val-file FILE`` repeats).
+_TRAIN_FLAG_NAMES = {"output_dir": "--out", "val_files": "--val-file"}
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field, generated from its type, default and description, so
+    every setting is reachable and none drifts from the config (a test checks it)."""
+    import types
+    import typing
+
+    from icl_retriever.train_config import TrainConfig
+
+    for name, field in TrainConfig.model_fields.items():
+        if name == "train_files":
+            continue
+        flag = _TRAIN_FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        default = field.get_default(call_default_factory=True)
+        help_text = (field.description or "").replace("%", "%%")
+        if default not in (None, [], PydanticUndefined):
+            help_text += f" (default {default})" if help_text else f"default {default}"
+        annotation = field.annotation
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None: the flag takes an X
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        kind = annotation
+        kw: dict[str, Any] = {"dest": name, "default": None, "help": help_text or None}
+        if name == "output_dir":
+            kw.update(type=Path, required=True, metavar="DIR")
+        elif name == "val_files":
+            kw.update(type=Path, action="append", metavar="FILE")
+        elif name == "mix":
+            kw.update(type=_floats, metavar="W1,W2,...")
+        elif kind is bool:
+            kw.update(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(kind) is Literal:
+            kw.update(choices=list(typing.get_args(kind)))
+        elif kind in (int, float, str, Path):
+            kw.update(type=kind)
+        else:  # a field of a type this generator does not know: fail loudly, not silently drop it
+            raise TypeError(f"TrainConfig.{name}: no CLI flag for type {field.annotation!r}")
+        p.add_argument(flag, **kw)
+
+
+_RUNTIME_HELP = (
+    "where vectors are computed: auto (default): ONNX Runtime on CPU, exported from the model once and cached "
+    "(float32, the same vectors within 1e-4; later starts load neither torch nor transformers), torch elsewhere; "
+    "torch; onnx"
+)
+
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", action="store_true",
+                   help="CPU only: dynamic int8 encoder (faster, slightly different vectors: an index built with it "
+                        "is queried with it, which it loads by itself)")
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto", help=_RUNTIME_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="icl-retriever", description="Pick few-shot demonstrations by task (PIE embeddings + FAISS)."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", help="embed a pool of demos into an index directory")
+    p.add_argument("pool", help="pool file: JSONL, JSON list of records, or IEB format")
+    p.add_argument("--out", required=True, help="index directory to create")
+    p.add_argument("--model", default=None, help="model directory or Hugging Face id (default: the embedded PIE model)")
+    p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
+    p.add_argument("--force", action="store_true", help="replace an existing index at --out")
+    p.add_argument("--no-topic", action="store_true",
+                   help="skip the topic vectors (plain embeddings of instruction + input) that --rerank "
+                        "task_then_topic needs; halves the embedding work")
+    p.add_argument("--index-type", choices=["auto", "flat", "hnsw", "ivf"], default="auto",
+                   help="flat: exact; hnsw / ivf: approximate, for large pools (default auto: flat below 200,000 "
+                        "demos, hnsw above)")
+    p.add_argument("--hnsw-m", type=int, default=None, metavar="M", help="HNSW links per node (default 32)")
+    p.add_argument("--ef-construction", type=int, default=None, metavar="N", help="HNSW build breadth (default 128)")
+    p.add_argument("--ef-search", type=int, default=None, metavar="N",
+                   help="HNSW search breadth (default: tuned from 64 until recall@10 >= 0.95 on a sample)")
+    p.add_argument("--nlist", type=int, default=None, metavar="N", help="IVF clusters (default about sqrt(demos))")
+    p.add_argument("--nprobe", type=int, default=None, metavar="N",
+                   help="IVF clusters searched (default: tuned from 32 until recall@10 >= 0.95)")
+    p.add_argument("--chunk-size", type=int, default=10_000, metavar="N",
+                   help="instructions embedded and checkpointed at a time; an interrupted build resumes from the "
+                        "last finished chunk (default 10000)")
+    p.add_argument("--no-resume", action="store_true", help="embed everything again, ignoring finished chunks")
+    _add_quantize(p)
+    _add_runtime(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("query", help="show the demos an index returns for a request")
+    p.add_argument("index", help="index directory")
+    p.add_argument("text", help="the request / instruction")
+    p.add_argument("-k", type=int, default=4, help="how many demos (default 4)")
+    p.add_argument("--diversity", type=float, default=0.0, metavar="D",
+                   help="0..1: maximal marginal relevance over the --fetch-k best (0, the default: plain ranking)")
+    p.add_argument("--fetch-k", type=int, default=None, metavar="N",
+                   help="candidates examined by --diversity/--rerank/--dedup/--max-tokens (default max(20, 4k))")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE[,VALUE...]",
+                   help="only demos whose metadata KEY equals VALUE (or one of the VALUEs); repeat for more keys "
+                        "(all must match); numbers/true/false are JSON, other values strings")
+    p.add_argument("--dedup", nargs="?", type=float, const=True, default=None, metavar="COSINE",
+                   help="drop near-duplicate demos (cosine above COSINE, default 0.95)")
+    p.add_argument("--exclude-query", action="store_true", help="drop demos whose instruction is the query itself")
+    p.add_argument("--rerank", choices=["auto", "hybrid", "task_then_topic", "none"], default=None,
+                   help="auto (default): the measured default ranking when the index has topic vectors; none: task "
+                        "similarity only; hybrid: a weighted sum of task and content similarity; task_then_topic: "
+                        "among same-task demos, those closest in content first")
+    p.add_argument("--rerank-margin", type=float, default=None, metavar="M",
+                   help="PIE cosine margin that counts as the same task for --rerank task_then_topic (default 0.1)")
+    p.add_argument("--rerank-weight", type=float, default=None, metavar="W",
+                   help="PIE (task) weight of --rerank hybrid, the content weight is 1 - W (default 0.5)")
+    p.add_argument("--min-score", default=None, metavar="COSINE|auto",
+                   help="drop demos below this PIE cosine (fewer than k, or none, may come back); auto: the "
+                        "model's calibrated floor (precision 0.9 that a kept demo has the query's task)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="pack the best demos whose formatted length fits N tokens in total (never truncates one)")
+    p.add_argument("--tokenizer", default=None, metavar="NAME",
+                   help="tokenizer for --max-tokens: a Hugging Face model name or directory (default: the encoder's)")
+    p.add_argument("--demo-format", default=None, metavar="TEMPLATE",
+                   help=r"how a demo is formatted for --max-tokens, e.g. 'Q: {instruction}\nA: {output}' "
+                        "(default: instruction, input, output on separate lines)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the index files")
+    p.add_argument("--model", default=None,
+                   help="the model to load, if the index names one outside its directory that you trust "
+                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("add", help="embed and add demos to an existing index (atomic update)")
+    p.add_argument("index", help="index directory")
+    p.add_argument("pool", help="pool file with the demos to add")
+    p.add_argument("--upsert", action="store_true", help="replace demos whose id already exists")
+    p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
+    p.add_argument("--model", default=None,
+                   help="the model to load, if the index names one outside its directory that you trust "
+                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("remove", help="remove demos from an index by id (atomic update)")
+    p.add_argument("index", help="index directory")
+    p.add_argument("--ids", nargs="+", required=True, help="ids of the demos to remove")
+    p.add_argument("--model", default=None,
+                   help="the model to load, if the index names one outside its directory that you trust "
+                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("train", help="PIE contrastive fine-tuning on task-labelled instructions")
+    p.add_argument("train_files", type=Path, nargs="+", metavar="TRAIN_FILE",
+                   help="IEB-format JSON or JSONL with instruction + task (or, with --label-field, demo pools); "
+                        "several files are mixed in every batch")
+    _add_train_flags(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="ICT clustering, IIS similarity, cross-group and pool retrieval P@k of a model")
+    p.add_argument("--model", default=None, help="model directory, Hugging Face id, or the default")
+    p.add_argument("--ict", type=Path, default=None, help="IEB-format file (e.g. eft_test.json)")
+    p.add_argument("--iis", type=Path, default=None, help="pair file (e.g. intention_similarity_test.json)")
+    p.add_argument("--cross-group", type=Path, default=None, metavar="FILE",
+                   help="IEB-format file whose samples carry a 'dataset' (e.g. sni_dev.json): P@1 of the nearest "
+                        "neighbour from another dataset")
+    p.add_argument("--pool", type=Path, default=None, metavar="FILE",
+                   help="demo pool (e.g. examples/demos.jsonl): leave-one-out P@k by --label-field")
+    p.add_argument("--label-field", default="task", metavar="FIELD", help="metadata field holding a pool demo's task")
+    p.add_argument("--template", default=None, help="override the model's template")
+    p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_quantize(p)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="build the packaged demo pool (once, in a cache directory) and answer requests")
+    p.add_argument("queries", nargs="*", metavar="QUERY", help="requests to answer (default: four examples)")
+    p.add_argument("-k", type=int, default=3, help="demos per request (default 3)")
+    p.add_argument("--index", metavar="DIR",
+                   help="index directory to build or reuse (default: a cache directory, $ICL_RETRIEVER_CACHE or "
+                        "~/.cache/icl-retriever)")
+    p.add_argument("--rebuild", action="store_true", help="build the index again even if it exists")
+    _add_runtime(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="describe an index directory")
+    p.add_argument("index", help="index directory")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=cmd_info)
+    return parser
