@@ -1,2 +1,3 @@
-"""Adapters to other frameworks. Each imports its framework only when used; install the extra
-(``pip install "icl-retriever[dspy]"``). LangChain's lives in :mod:`icl_retriever.langchain`."""
+"""Adapters to other frameworks: LangChain (:mod:`.langchain`, also importable as ``icl_retriever.langchain``;
+langchain-core is a dependency) and DSPy (:mod:`.dspy`, ``pip install "icl-retriever[dspy]"``, imported only
+when used)."""
