@@ -28,7 +28,7 @@ from icl_retriever.query_vectors import QueryVectors
 from icl_retriever.records import Demo, check_text, load_pool
 from icl_retriever.search import DEFAULT_RERANK, SearchControls, SearchKwargs, Snapshot, find_candidates, select
 from icl_retriever.search.budget import resolve_tokenizer
-from icl_retriever.topic import shared_base_encoder, topic_text
+from icl_retriever.topic import load_topic_encoder, topic_text
 from icl_retriever.updates import with_added, without
 
 logger = logging.getLogger(__name__)
@@ -231,24 +231,10 @@ class Retriever:
             raise ValueError(self._no_topic_message())
         with self._topic_lock:
             current = self._topic_encoder
-            if current is not None and current.fingerprint == info.fingerprint:
-                return current
-            cfg = info.encoder
-            own = {self.encoder.config.model} | ({self.manifest.encoder.model} if self.manifest else set())
-            if info.source == "base_model" and cfg.model == "default-base":
-                enc = shared_base_encoder(str(self.encoder.device), self.encoder.runtime)
-            elif info.source == "same_model_plain" and cfg.model in own:
-                enc = self.encoder.with_template(cfg.template, add_period=cfg.add_period)
-            else:  # a model the manifest names: trusted only as the index's own would be
-                name = cfg.model if self.path is None else trusted_model(self.path, cfg.model)
-                enc = PIEEncoder.from_config(cfg.model_copy(update={"model": name}), runtime=self.encoder.runtime)
-            if enc.fingerprint != info.fingerprint:
-                raise EncoderMismatchError(
-                    f"{self.path or 'index'}: topic vectors were made by encoder {info.fingerprint} ({cfg.model!r}), "
-                    f"but the one that loads now is {enc.fingerprint}; rebuild the index"
-                )
-            self._topic_encoder = enc
-            return enc
+            if current is None or current.fingerprint != info.fingerprint:
+                own = {self.encoder.config.model} | ({self.manifest.encoder.model} if self.manifest else set())
+                current = self._topic_encoder = load_topic_encoder(info, self.encoder, own, self.path)
+            return current
 
     def _no_topic_message(self) -> str:
         where = f"{self.path}" if self.path else "this retriever"

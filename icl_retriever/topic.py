@@ -9,11 +9,13 @@ per process; for any other model it is the same model without its template.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Literal
 
 from icl_retriever.encoder import PIEEncoder, Runtime
 from icl_retriever.records import Demo
-from icl_retriever.store import TopicInfo
+from icl_retriever.errors import EncoderMismatchError
+from icl_retriever.store import TopicInfo, trusted_model
 
 TopicSource = Literal["base_model", "same_model_plain"]
 
@@ -29,6 +31,32 @@ def default_topic_encoder(encoder: PIEEncoder) -> tuple[PIEEncoder, TopicSource]
     if encoder.config.model == "default":
         return shared_base_encoder(str(encoder.device), encoder.runtime), "base_model"
     return encoder.with_template("plain"), "same_model_plain"
+
+
+def load_topic_encoder(info: TopicInfo, encoder: PIEEncoder, own_models: set[str], path: Path | None) -> PIEEncoder:
+    """The encoder that made an index's topic vectors (``info``), for queries by a retriever of ``encoder``.
+
+    The base model and the index's own model (``own_models``: the encoder's and the manifest's) load on
+    the manifest's word; any other model it names only as the index's own model would (inside ``path``).
+
+    Raises:
+        EncoderMismatchError: the encoder that loads is not the one that made the topic vectors.
+        ModelLoadError: the named model is not trusted or cannot be loaded.
+    """
+    cfg = info.encoder
+    if info.source == "base_model" and cfg.model == "default-base":
+        enc = shared_base_encoder(str(encoder.device), encoder.runtime)
+    elif info.source == "same_model_plain" and cfg.model in own_models:
+        enc = encoder.with_template(cfg.template, add_period=cfg.add_period)
+    else:  # a model the manifest names: trusted only as the index's own would be
+        name = cfg.model if path is None else trusted_model(path, cfg.model)
+        enc = PIEEncoder.from_config(cfg.model_copy(update={"model": name}), runtime=encoder.runtime)
+    if enc.fingerprint != info.fingerprint:
+        raise EncoderMismatchError(
+            f"{path or 'index'}: topic vectors were made by encoder {info.fingerprint} ({cfg.model!r}), "
+            f"but the one that loads now is {enc.fingerprint}; rebuild the index"
+        )
+    return enc
 
 
 def topic_info(topic_encoder: PIEEncoder, source: TopicSource) -> TopicInfo:
