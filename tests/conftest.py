@@ -44,3 +44,11 @@ def default_index(tmp_path_factory: pytest.TempPathFactory, encoder: PIEEncoder)
 def default_retriever(default_index: Path, encoder: PIEEncoder) -> Retriever:
     """A retriever over the default demo pool."""
     return Retriever.from_index(default_index, encoder=encoder)
+
+
+@pytest.fixture()
+def index_dir(pristine: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the module's ``pristine`` index, for a test that damages or changes it."""
+    copy = tmp_path / "idx"
+    shutil.copytree(pristine, copy)
+    return copy

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import faiss
@@ -34,13 +33,6 @@ def pristine(tmp_path_factory: pytest.TempPathFactory, encoder: PIEEncoder) -> P
     out = tmp_path_factory.mktemp("pristine") / "idx"
     build_index(POOL, out, encoder=encoder)
     return out
-
-
-@pytest.fixture()
-def index_dir(pristine: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "idx"
-    shutil.copytree(pristine, copy)
-    return copy
 
 
 def data_file(index_dir: Path, role: str) -> Path:

@@ -58,13 +58,6 @@ def pristine(tmp_path_factory: pytest.TempPathFactory, encoder: PIEEncoder) -> P
     return out
 
 
-@pytest.fixture()
-def index_dir(pristine: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "idx"
-    shutil.copytree(pristine, copy)
-    return copy
-
-
 @contextmanager
 def deadline(seconds: int = 20) -> Iterator[None]:
     """Fail instead of hanging forever (a FIFO opened for reading blocks until a writer comes)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +30,6 @@ def pristine(tmp_path_factory: pytest.TempPathFactory, encoder: PIEEncoder) -> P
     out = tmp_path_factory.mktemp("faults") / "idx"
     build_index(POOL, out, encoder=encoder)  # with topic vectors: four files per version
     return out
-
-
-@pytest.fixture()
-def index_dir(pristine: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "idx"
-    shutil.copytree(pristine, copy)
-    return copy
 
 
 def disk_full_at(monkeypatch: pytest.MonkeyPatch, write: str) -> list[Path]:

@@ -214,7 +214,10 @@ class FastTokenizer:
 
     def batch(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
         """Right-padded ``input_ids`` and ``attention_mask`` (int64) of a batch."""
-        rows = self.ids(texts, max_length=max_length)
+        return self.pad(self.ids(texts, max_length=max_length))
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Right-padded ``input_ids`` and ``attention_mask`` (int64) of token id rows."""
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)

@@ -207,8 +207,7 @@ class PIEEncoder:
         try:
             if not onnx_backend.available():
                 raise ValueError("onnxruntime or tokenizers is not installed")
-            found = onnx_backend.find(c.model, c.pooling, c.normalize, int8=c.quantize)
-            where, meta = found if found is not None else onnx_backend.export(self, int8=c.quantize)
+            where, meta = onnx_backend.export(self, int8=c.quantize)  # __init__ found no cached copy
             if meta.weights_sha256 != self._weights_sha:
                 raise ValueError(f"the cached ONNX copy at {where} holds other weights")
             self._start_onnx(where, meta)
@@ -423,7 +422,6 @@ class PIEEncoder:
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
         prompts = self.format(texts) if apply_template else self._fit(texts)
-        order = self._length_order(prompts, batch_size)
         out = np.empty((len(prompts), self.dim), dtype=np.float32)
         batches = tqdm(
             range(0, len(prompts), batch_size),
@@ -432,8 +430,11 @@ class PIEEncoder:
             disable=not show_progress_bar or len(prompts) <= batch_size,
         )
         if self._onnx is not None and self._fast is not None:
+            # one tokenizer pass serves both the length order and the batches
+            ids = self._fast.ids(prompts, max_length=self.config.max_length)
+            order = np.argsort([-len(r) for r in ids], kind="stable") if len(ids) > batch_size else np.arange(len(ids))
             rows = [order[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
-            tokens = [self._fast.batch([prompts[i] for i in idx], self.config.max_length) for idx in rows]
+            tokens = [self._fast.pad([ids[i] for i in idx]) for idx in rows]
             for idx, vectors in zip(rows, self._onnx.run_many(tokens), strict=True):
                 out[idx] = vectors
                 batches.update()
@@ -441,6 +442,7 @@ class PIEEncoder:
             return out[0] if single else out
         import torch
 
+        order = self._length_order(prompts, batch_size)
         with torch.inference_mode():
             for start in batches:
                 idx = order[start : start + batch_size]
