@@ -14,6 +14,7 @@ from icl_retriever.errors import (
 from icl_retriever.records import Demo, default_pool_path, load_pool
 from icl_retriever.build import build_index
 from icl_retriever.retriever import Retriever
+from icl_retriever.store import IndexParams
 
 __all__ = [
     "Demo",
@@ -22,6 +23,7 @@ __all__ = [
     "ICLRetrieverError",
     "IndexExistsError",
     "IndexFormatError",
+    "IndexParams",
     "IndexWriteError",
     "ModelLoadError",
     "PIEEncoder",

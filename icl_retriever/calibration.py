@@ -11,6 +11,7 @@ the query's task with the target precision (0.9).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from icl_retriever import default_model
 from icl_retriever.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -170,3 +172,34 @@ def load(model_dir: str | Path) -> FloorCalibration | None:
         return FloorCalibration.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: not a valid floor calibration ({str(exc).splitlines()[0]})") from None
+
+
+@functools.cache
+def _stored(path: Path, size: int, mtime_ns: int) -> FloorCalibration | None:
+    """A calibration file, read once per version of it (size and mtime)."""
+    return load(path.parent)
+
+
+def floor_for(model: str, fingerprint: str) -> float:
+    """The floor of ``min_score="auto"`` for encoder ``fingerprint`` of ``model``: the calibration stored
+    beside its weights (read once per process), if it was measured with these weights and settings.
+
+    Raises:
+        ValueError: the model carries no calibration, or one made for other weights or settings.
+    """
+    directory = default_model.HERE if model == "default" else Path(model) if Path(model).is_dir() else None
+    path = None if directory is None else (directory / CALIBRATION_FILE).resolve()
+    info = path.stat() if path is not None and path.is_file() else None
+    found = _stored(path, info.st_size, info.st_mtime_ns) if path is not None and info is not None else None
+    if found is None:
+        raise ValueError(
+            f"min_score='auto': model {model!r} carries no calibrated floor ({CALIBRATION_FILE}); "
+            "pass a cosine, or calibrate it (icl-retriever train writes one for the models it trains)"
+        )
+    if found.fingerprint != fingerprint:
+        raise ValueError(
+            f"min_score='auto': the floor of model {model!r} was measured with other weights or settings "
+            f"({found.fingerprint}, this encoder is {fingerprint}: template, pooling, max_length or "
+            "quantize differ); pass a cosine instead"
+        )
+    return found.min_score

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import resources
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +255,24 @@ def load_pool(source: str | Path | Iterable[Demo | Mapping[str, Any]]) -> list[D
             demo.id = f"{demo.id}-{n}"
         seen[demo.id] = i
     return demos
+
+
+def demo_fields(demo: Demo) -> dict[str, Any]:
+    """A demo as the fields a framework's example carries: ``instruction``, ``input``, ``output``, then its
+    metadata (a metadata key never hides a text field; the retrieval ``score`` is left out)."""
+    fields: dict[str, Any] = {"instruction": demo.instruction, "input": demo.input, "output": demo.output}
+    fields.update({key: value for key, value in demo.metadata.items() if key not in CORE_FIELDS and key != "score"})
+    return fields
+
+
+def join_fields(values: Mapping[str, Any], keys: Sequence[str], *, among: str) -> str:
+    """The ``keys`` fields of ``values``, stripped and joined by blank lines: the text PIE embeds for a
+    record or request spread over several fields (LangChain examples and prompt variables, DSPy inputs).
+
+    Raises:
+        KeyError: a key is missing (named, with the fields there are: ``among`` says what they are).
+    """
+    missing = [key for key in keys if key not in values]
+    if missing:
+        raise KeyError(f"input_keys {missing} not among the {among} {sorted(values)}")
+    return "\n\n".join(text for text in (str(values[key]).strip() for key in keys) if text)

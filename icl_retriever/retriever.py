@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -13,23 +12,13 @@ import numpy as np
 
 from icl_retriever.encoder import PIEEncoder, Runtime
 from icl_retriever.errors import EncoderMismatchError
-from icl_retriever.store import (
-    Manifest,
-    TopicInfo,
-    load_version,
-    new_flat_index,
-    save_index,
-    search,
-    trusted_model,
-    write_lock,
-    write_version,
-)
 from icl_retriever.query_vectors import QueryVectors
 from icl_retriever.records import Demo, check_text, load_pool
-from icl_retriever.search import DEFAULT_RERANK, SearchControls, SearchKwargs, Snapshot, find_candidates, select
+from icl_retriever.search import DEFAULT_RERANK, SearchControls, SearchKwargs, Snapshot, select_batch
 from icl_retriever.search.budget import resolve_tokenizer
-from icl_retriever.topic import load_topic_encoder, topic_text
-from icl_retriever.updates import with_added, without
+from icl_retriever.store import Manifest, TopicInfo, load_version, new_flat_index, trusted_model
+from icl_retriever.topic import TopicEncoderSlot, no_topic_message, topic_text
+from icl_retriever.updates import LiveIndex
 
 logger = logging.getLogger(__name__)
 
@@ -69,40 +58,49 @@ class Retriever:
             raise ValueError(f"index holds {index.ntotal} vectors but {len(demos)} demos were given")
         if index.d != encoder.dim:
             raise EncoderMismatchError(f"index vectors have dim {index.d}, the encoder gives {encoder.dim}")
-        if (topic_index is None) != (topic is None):
-            raise ValueError("topic_index and topic go together: give both or neither")
         if not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be an integer >= 0, got {cache_size!r}")
         self.encoder = encoder
-        self._state = Snapshot(index, list(demos), topic_index)
-        self._topic = topic
-        self._topic_encoder = topic_encoder
-        self.path = path
-        self.manifest = manifest
+        self._live = LiveIndex(Snapshot(index, list(demos), topic_index), encoder, path=path, manifest=manifest,
+                               topic=topic)
+        self._topic_encoder = TopicEncoderSlot(encoder, topic_encoder)
         self._queries = QueryVectors(cache_size)
-        self._write_lock = threading.Lock()
-        self._topic_lock = threading.Lock()
         self._said_task_order = False  # rerank="auto" on an index without topic vectors: said once
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The current data (index, demos, topic vectors), swapped whole by every change."""
+        return self._live.state
 
     @property
     def index(self) -> faiss.Index:
         """The FAISS index over the demos' instruction embeddings (row i is ``demos[i]``)."""
-        return self._state.index
+        return self._live.state.index
 
     @property
     def demos(self) -> list[Demo]:
         """The demos, in index order."""
-        return self._state.demos
+        return self._live.state.demos
 
     @property
     def topic_index(self) -> faiss.Index | None:
         """The flat index of topic vectors (plain embeddings of instruction + input), or None."""
-        return self._state.topic
+        return self._live.state.topic
 
     @property
     def topic(self) -> TopicInfo | None:
         """Which encoder made the topic vectors (None without topic vectors)."""
-        return self._topic
+        return self._live.topic
+
+    @property
+    def path(self) -> Path | None:
+        """The index directory this retriever was opened from or saved to, if any."""
+        return self._live.path
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The manifest of the version on disk this retriever holds, if any."""
+        return self._live.manifest
 
     # construction ---------------------------------------------------------------------------
 
@@ -180,17 +178,14 @@ class Retriever:
             topic: also embed each demo's instruction + input with the plain (topic) encoder, for
                 ``rerank="task_then_topic"`` and content-based ``dedup``; doubles the embedding work.
         """
-        from icl_retriever.build import embed_demos, embed_pool
+        from icl_retriever.embed import embed_in_memory
 
         pool = load_pool(demos)
         encoder = encoder or PIEEncoder(runtime="auto")
         progress = show_progress_bar if show_progress_bar is not None else logger.getEffectiveLevel() <= logging.INFO
-
-        def in_memory(texts: list[str], enc: PIEEncoder, desc: str = "Embedding") -> np.ndarray:
-            return embed_pool(texts, enc, batch_size=batch_size, chunk_size=max(1, len(texts)),
-                              show_progress_bar=progress, desc=desc)
-
-        vectors, topic_index, info, topic_encoder = embed_demos(pool, encoder, topic=topic, embed=in_memory)
+        vectors, topic_index, info, topic_encoder = embed_in_memory(
+            pool, encoder, topic=topic, batch_size=batch_size, show_progress_bar=progress
+        )
         return cls(
             encoder,
             new_flat_index(vectors, encoder.dim),
@@ -203,19 +198,7 @@ class Retriever:
 
     def save(self, path: str | Path, *, force: bool = False) -> Manifest:
         """Write this retriever's index to a directory (atomically; ``force`` to replace one)."""
-        state = self._state
-        self.manifest = save_index(
-            path,
-            state.index,
-            state.demos,
-            encoder_config=self.encoder.config,
-            fingerprint=self.encoder.fingerprint,
-            force=force,
-            topic_index=state.topic,
-            topic=self._topic if state.topic is not None else None,
-        )
-        self.path = Path(path)
-        return self.manifest
+        return self._live.save(path, force=force)
 
     # topic vectors ----------------------------------------------------------------------------
 
@@ -226,24 +209,8 @@ class Retriever:
             ValueError: the index has no topic vectors.
             EncoderMismatchError: the topic encoder that loads is not the one that made them.
         """
-        info = self._topic
-        if info is None:
-            raise ValueError(self._no_topic_message())
-        with self._topic_lock:
-            current = self._topic_encoder
-            if current is None or current.fingerprint != info.fingerprint:
-                own = {self.encoder.config.model} | ({self.manifest.encoder.model} if self.manifest else set())
-                current = self._topic_encoder = load_topic_encoder(info, self.encoder, own, self.path)
-            return current
-
-    def _no_topic_message(self) -> str:
-        where = f"{self.path}" if self.path else "this retriever"
-        return (
-            f"{where} has no topic vectors, which rerank='task_then_topic' needs (it was built with topic=False / "
-            f"--no-topic, or by an older version); rebuild it with topic vectors: "
-            f"icl-retriever build POOL --out {self.path or 'DIR'} --force (or build_index / Retriever.from_demos "
-            f"with topic=True)"
-        )
+        manifest = self.manifest
+        return self._topic_encoder.get(self.topic, manifest.encoder.model if manifest else None, self.path)
 
     # updates ------------------------------------------------------------------------------
 
@@ -270,23 +237,14 @@ class Retriever:
             PoolError: a record is malformed, or an id exists and ``upsert`` is not set.
         """
         new = load_pool(demos)
-        with self._queries.lock(self.encoder):
-            vectors = self.encoder.encode([d.instruction for d in new], batch_size=batch_size, show_progress_bar=False)
 
-        def topic_vectors() -> np.ndarray:
-            encoder = self.topic_encoder()
-            with self._queries.lock(encoder):
-                return encoder.encode([topic_text(d) for d in new], batch_size=batch_size, show_progress_bar=False)
+        def embed(encoder: PIEEncoder, texts: list[str]) -> np.ndarray:
+            with self._queries.lock(encoder):  # the query path may be using this encoder's session
+                return encoder.encode(texts, batch_size=batch_size, show_progress_bar=False)
 
-        new_topic = topic_vectors() if self._state.topic is not None else None
-
-        def change(state: Snapshot) -> Snapshot:
-            nonlocal new_topic
-            if state.topic is not None and new_topic is None:  # the version on disk gained topic vectors
-                new_topic = topic_vectors()
-            return with_added(state, new, vectors, new_topic, upsert=upsert)
-
-        self._apply(change, persist)
+        vectors = embed(self.encoder, [d.instruction for d in new])
+        self._live.add(new, vectors, lambda: embed(self.topic_encoder(), [topic_text(d) for d in new]),
+                       upsert=upsert, persist=persist)
         return [d.id for d in new]
 
     def remove(self, ids: Iterable[str], *, persist: bool | None = None) -> list[str]:
@@ -295,63 +253,11 @@ class Retriever:
         Args:
             persist: as for :meth:`add`.
         """
-        drop = set(ids)
-        removed: list[str] = []
-
-        def change(state: Snapshot) -> Snapshot:
-            removed[:] = [d.id for d in state.demos if d.id in drop]
-            return without(state, drop)
-
-        self._apply(change, persist)
-        return removed
+        return self._live.remove(set(ids), persist=persist)
 
     def reload(self) -> bool:
         """Pick up a newer version of the index directory; returns whether anything changed."""
-        if self.path is None:
-            raise ValueError("this retriever has no index directory to reload from")
-        with self._write_lock:
-            return self._reload()
-
-    def _reload(self) -> bool:
-        assert self.path is not None
-        version = load_version(self.path)
-        if version.manifest == self.manifest:
-            return False
-        if version.manifest.fingerprint != self.encoder.fingerprint:
-            raise EncoderMismatchError(f"{self.path}: now holds an index of another encoder ({version.manifest.fingerprint})")
-        self._state = Snapshot(version.index, version.demos, version.topic)
-        self._topic, self.manifest = version.manifest.topic, version.manifest
-        return True
-
-    def _apply(self, change: Callable[[Snapshot], Snapshot], persist: bool | None) -> None:
-        """Run ``change`` on the current state, in memory or as a new on-disk version.
-
-        On disk this is a read-modify-write under the directory's file lock: another process may have
-        written a newer version since we loaded ours, so we reload first and change that.
-        """
-        if persist is None:
-            persist = self.path is not None
-        if persist and self.path is None:
-            raise ValueError("this retriever has no index directory; save() it first or pass persist=False")
-        with self._write_lock:
-            if not persist:
-                self._state = change(self._state)
-                return
-            assert self.path is not None
-            with write_lock(self.path):
-                self._reload()
-                state = change(self._state)
-                self.manifest = write_version(
-                    self.path,
-                    state.index,
-                    state.demos,
-                    encoder_config=self.encoder.config,
-                    fingerprint=self.encoder.fingerprint,
-                    previous=self.manifest,
-                    topic_index=state.topic,
-                    topic=self._topic if state.topic is not None else None,
-                )
-                self._state = state
+        return self._live.reload()
 
     # look-up --------------------------------------------------------------------------------
 
@@ -383,8 +289,6 @@ class Retriever:
         """:meth:`get_demos` for many queries: all embedded in one batch (cached ones skipped), same controls."""
         if isinstance(queries, str):
             raise TypeError("get_demos_batch takes a sequence of queries; use get_demos for one")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
         queries = list(queries)
         for i, q in enumerate(queries):
             if not isinstance(q, str):
@@ -392,37 +296,30 @@ class Retriever:
             if not q.strip():
                 raise ValueError(f"query {i} is empty")
             check_text(q, f"query {i} ({q[:40]!r})")
-        ctl = SearchControls.parse(k=k, **controls)
-        state = self._state  # one version for the whole batch
-        if ctl.rerank == "auto" and state.topic is None and ctl.diversity == 0 and not self._said_task_order:
+        state = self.snapshot  # one version for the whole batch
+        ctl = self._controls(SearchControls.parse(k=k, **controls), has_topic=state.topic is not None)
+        counter = resolve_tokenizer(ctl.tokenizer, self.encoder.tokenizer) if ctl.max_tokens is not None else None
+        if not queries:
+            return []
+        topic_encoder = self.topic_encoder() if ctl.rerank is not None else None
+        vectors, topic_vectors = self._queries.embed_both(self.encoder, topic_encoder, queries)
+        return select_batch(state, queries, vectors, topic_vectors, ctl, counter)
+
+    def _controls(self, ctl: SearchControls, *, has_topic: bool) -> SearchControls:
+        """``ctl`` resolved for this index: ``rerank="auto"`` and ``min_score="auto"`` made concrete."""
+        if ctl.rerank == "auto" and not has_topic and ctl.diversity == 0 and not self._said_task_order:
             self._said_task_order = True
             logger.warning(
                 "%s has no topic vectors: demos are ranked by task similarity only, not by the default "
                 "rerank=%r (rebuild with topic vectors for it; pass rerank=None to ask for task order)",
                 self.path or "this index", DEFAULT_RERANK,
             )
-        ctl = ctl.resolve(has_topic=state.topic is not None)
+        ctl = ctl.resolve(has_topic=has_topic)
         if ctl.min_score == "auto":
             ctl = ctl.model_copy(update={"min_score": self.encoder.calibrated_floor()})
-        if ctl.rerank is not None and state.topic is None:
-            raise ValueError(self._no_topic_message())
-        counter = resolve_tokenizer(ctl.tokenizer, self.encoder.tokenizer) if ctl.max_tokens is not None else None
-        if not queries:
-            return []
-        topic_encoder = self.topic_encoder() if ctl.rerank is not None else None
-        vectors, topic_vectors = self._queries.embed_both(self.encoder, topic_encoder, queries)
-        need = min(ctl.n_candidates, len(state.demos))
-        if need == 0:
-            return [[] for _ in queries]
-        if ctl.filter is None and not ctl.exclude_query:
-            scores, ids = search(state.index, vectors, need)  # one search for the whole batch
-            found = [(row_i[row_i >= 0], row_s[row_i >= 0]) for row_s, row_i in zip(scores, ids, strict=True)]
-        else:
-            found = [find_candidates(state, q, v, need, ctl) for q, v in zip(queries, vectors, strict=True)]
-        return [
-            select(state, vectors[i], None if topic_vectors is None else topic_vectors[i], rows, scores, ctl, counter)
-            for i, (rows, scores) in enumerate(found)
-        ]
+        if ctl.rerank is not None and not has_topic:
+            raise ValueError(no_topic_message(self.path))
+        return ctl
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+import threading
 from typing import Any, Literal
 
 from icl_retriever.encoder import PIEEncoder, Runtime
@@ -62,6 +63,45 @@ def load_topic_encoder(info: TopicInfo, encoder: PIEEncoder, own_models: set[str
 def topic_info(topic_encoder: PIEEncoder, source: TopicSource) -> TopicInfo:
     """What the manifest records of a topic encoder."""
     return TopicInfo(encoder=topic_encoder.config, fingerprint=topic_encoder.fingerprint, source=source, dim=topic_encoder.dim)
+
+
 def topic_text(demo: Demo) -> str:
     """What a topic vector embeds: the instruction, then the input on the next line when there is one."""
     return f"{demo.instruction}\n{demo.input}" if demo.input else demo.instruction
+
+
+def no_topic_message(path: Path | None) -> str:
+    """Why ``rerank="task_then_topic"`` cannot run on an index without topic vectors, and the fix."""
+    where = f"{path}" if path else "this retriever"
+    return (
+        f"{where} has no topic vectors, which rerank='task_then_topic' needs (it was built with topic=False / "
+        f"--no-topic, or by an older version); rebuild it with topic vectors: "
+        f"icl-retriever build POOL --out {path or 'DIR'} --force (or build_index / Retriever.from_demos "
+        f"with topic=True)"
+    )
+
+
+class TopicEncoderSlot:
+    """The encoder of a retriever's topic vectors: loaded on first use, and again only when a newer
+    version of the index names another (its fingerprint changed)."""
+
+    def __init__(self, encoder: PIEEncoder, loaded: PIEEncoder | None = None) -> None:
+        self._encoder = encoder
+        self._loaded = loaded
+        self._lock = threading.Lock()
+
+    def get(self, info: TopicInfo | None, manifest_model: str | None, path: Path | None) -> PIEEncoder:
+        """The topic encoder for ``info`` (the index's topic record), checked against its fingerprint.
+
+        Raises:
+            ValueError: the index has no topic vectors.
+            EncoderMismatchError: the topic encoder that loads is not the one that made them.
+        """
+        if info is None:
+            raise ValueError(no_topic_message(path))
+        with self._lock:
+            current = self._loaded
+            if current is None or current.fingerprint != info.fingerprint:
+                own = {self._encoder.config.model} | ({manifest_model} if manifest_model else set())
+                current = self._loaded = load_topic_encoder(info, self._encoder, own, path)
+            return current

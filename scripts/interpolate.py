@@ -1,11 +1,12 @@
-"""WiSE-FT weight interpolation: base + alpha * (trained - base), for a model trained from the packaged base.
+"""Weight interpolation of models trained from the packaged base: base + sum of w_i * (trained_i - base).
 
-Fine-tuning on IEB's verb|noun labels sharpens task distinctions (IEB counts "summarize an article" and
-"summarize a story" as different tasks) at some cost to coarser task families; interpolating the weights
-(Wortsman et al., 2022) keeps part of both. Alpha is chosen on the training file's held-out tasks, never on
-the test files.
+One model with a weight below 1 is WiSE-FT (Wortsman et al., 2022): part of the fine-tuning, part of the
+base. Several models with weights summing to 1 are a model soup (Wortsman et al., 2022): the average of
+fine-tunings from the same start. Weights are chosen on the training files' held-out tasks and sni_dev
+(the validation that ``icl-retriever train`` reports), never on test files.
 
-    python scripts/interpolate.py runs/pie-default runs/pie-default-a055 --alpha 0.55
+    python scripts/interpolate.py runs/pie-a055 --delta runs/pie-default:0.55
+    python scripts/interpolate.py runs/soup --delta runs/A:0.8 --delta runs/S:0.2
 """
 
 from __future__ import annotations
@@ -15,36 +16,39 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-
 from icl_retriever import default_model
+
+
+def _weighted(value: str) -> tuple[Path, float]:
+    path, _, weight = value.rpartition(":")
+    if not path:
+        raise argparse.ArgumentTypeError(f"expected DIR:WEIGHT, got {value!r}")
+    return Path(path), float(weight)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("trained", type=Path, help="output directory of icl-retriever train (with delta.safetensors)")
     ap.add_argument("out", type=Path)
-    ap.add_argument("--alpha", type=float, required=True)
+    ap.add_argument("--delta", type=_weighted, action="append", required=True, metavar="DIR:WEIGHT",
+                    help="output directory of icl-retriever train (with delta.safetensors) and its weight")
     args = ap.parse_args()
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(default_model.base_model_dir())
-    params = model.state_dict()
-    with safe_open(str(args.trained / "delta.safetensors"), framework="pt") as fh, torch.no_grad():
-        for name in fh.keys():
-            params[name].add_(args.alpha * fh.get_tensor(name).float())
+    for trained, weight in args.delta:
+        default_model.apply_delta(model, trained / "delta.safetensors", scale=weight)
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
+    first = args.delta[0][0]
     for name in ("tokenizer.json", "tokenizer_config.json", "pie_config.json"):
-        shutil.copyfile(args.trained / name, args.out / name)
+        shutil.copyfile(first / name, args.out / name)
     base = AutoModel.from_pretrained(default_model.base_model_dir())
     delta = default_model.save_delta(model, base, args.out / "delta.safetensors")
-    card = json.loads((args.trained / "training_card.json").read_text())
-    card["interpolation"] = {"method": "WiSE-FT", "alpha": args.alpha, "trained": str(args.trained)}
+    card = json.loads((first / "training_card.json").read_text())
+    card["interpolation"] = {"deltas": [[str(p), w] for p, w in args.delta]}
     card["delta"] = delta
     (args.out / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
-    print(f"wrote {args.out} (alpha {args.alpha})")
+    print(f"wrote {args.out}: base + " + " + ".join(f"{w} x {p}" for p, w in args.delta))
 
 
 if __name__ == "__main__":

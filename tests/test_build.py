@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from icl_retriever import EncoderMismatchError, PIEEncoder, Retriever, build_index
-from icl_retriever.build import resolve_index_type, resume_dir
+from icl_retriever.build import resolve_index_type
+from icl_retriever.embed import resume_dir
 from icl_retriever.cli import main
-from icl_retriever.store import all_vectors, load_manifest
+from icl_retriever.store import IndexParams, all_vectors, load_manifest
 
 from helpers import POOL, QUERY, CountingEncode, ids
 
@@ -26,9 +27,11 @@ def test_auto_and_parameter_checks(tmp_path: Path, encoder: PIEEncoder) -> None:
     assert resolve_index_type("auto", 199_999) == "flat"
     assert resolve_index_type("auto", 200_000) == "hnsw"
     with pytest.raises(ValueError, match="ef_search apply to hnsw"):
-        build_index(POOL, tmp_path / "a", encoder=encoder, index_type="flat", ef_search=10)
+        build_index(POOL, tmp_path / "a", encoder=encoder, index_type="flat", index=IndexParams(ef_search=10))
     with pytest.raises(ValueError, match="nlist apply to ivf"):
-        build_index(POOL, tmp_path / "b", encoder=encoder, index_type="hnsw", nlist=10)
+        build_index(POOL, tmp_path / "b", encoder=encoder, index_type="hnsw", index=IndexParams(nlist=10))
+    with pytest.raises(TypeError, match="index must be an IndexParams"):
+        build_index(POOL, tmp_path / "b", encoder=encoder, index={"M": 8})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="index_type must be"):
         build_index(POOL, tmp_path / "c", encoder=encoder, index_type="annoy")  # type: ignore[arg-type]
     assert not (tmp_path / "a").exists()
@@ -158,12 +161,12 @@ def test_cli_build_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--hnsw-m", "0"], r"hnsw_m \(--hnsw-m\): Input should be greater than or equal to 2, got 0"),
-        (["--hnsw-m", "5000"], r"hnsw_m \(--hnsw-m\): Input should be less than or equal to 1024, got 5000"),
-        (["--ef-search", "0"], r"ef_search \(--ef-search\): Input should be greater than or equal to 1, got 0"),
-        (["--ef-construction", "-3"], r"ef_construction \(--ef-construction\): .* got -3"),
-        (["--nlist", "0", "--index-type", "ivf"], r"nlist \(--nlist\): Input should be greater than or equal to 1"),
-        (["--nprobe", "0", "--index-type", "ivf"], r"nprobe \(--nprobe\): .* got 0"),
+        (["--hnsw-m", "0"], r"--hnsw-m: Input should be greater than or equal to 2, got 0"),
+        (["--hnsw-m", "5000"], r"--hnsw-m: Input should be less than or equal to 1024, got 5000"),
+        (["--ef-search", "0"], r"--ef-search: Input should be greater than or equal to 1, got 0"),
+        (["--ef-construction", "-3"], r"--ef-construction: .* got -3"),
+        (["--nlist", "0", "--index-type", "ivf"], r"--nlist: Input should be greater than or equal to 1"),
+        (["--nprobe", "0", "--index-type", "ivf"], r"--nprobe: .* got 0"),
         (["--chunk-size", "0"], "chunk_size must be an integer >= 1, got 0"),
     ],
 )
@@ -178,11 +181,19 @@ def test_index_parameters_are_checked_before_any_work(
     assert main(["build", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x"), *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(message, err), err
-    with pytest.raises(ValueError, match=message):
+    detail = re.split(r",? got ", message.split(": ", 1)[-1])[0]  # IndexParams raises pydantic's ValidationError
+    with pytest.raises(ValueError, match=detail):
         build_index(POOL, tmp_path / "y", **_as_kwargs(flags))
 
 
 def _as_kwargs(flags: list[str]) -> dict[str, object]:
+    """build_index keywords for CLI flags (index parameters as an IndexParams)."""
     pairs = dict(zip(flags[::2], flags[1::2], strict=True))
-    names = {"--hnsw-m": "hnsw_m", "--index-type": "index_type"}
-    return {names.get(k, k[2:].replace("-", "_")): (v if k == "--index-type" else int(v)) for k, v in pairs.items()}
+    fields = {"--hnsw-m": "M", "--ef-search": "ef_search", "--ef-construction": "ef_construction", "--nlist": "nlist",
+              "--nprobe": "nprobe"}
+    kwargs: dict[str, object] = {
+        k[2:].replace("-", "_"): int(v) for k, v in pairs.items() if k not in fields and k != "--index-type"
+    }
+    kwargs.update({"index_type": pairs["--index-type"]} if "--index-type" in pairs else {})
+    params = {fields[k]: int(v) for k, v in pairs.items() if k in fields}
+    return kwargs | ({"index": IndexParams(**params)} if params else {})

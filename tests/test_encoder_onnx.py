@@ -14,6 +14,7 @@ import pytest
 
 from icl_retriever import PIEEncoder, Retriever
 from icl_retriever.encoder import onnx as onnx_backend
+from icl_retriever.encoder import onnx_export
 from icl_retriever.search.budget import token_counter
 from helpers import POOL, QUERY
 
@@ -53,7 +54,7 @@ def test_onnx_matches_torch_vectors_and_fingerprint(encoder: PIEEncoder, onnx_de
         got = onnx_default.encode(TEXTS, batch_size=2)
     with pytest.warns(UserWarning, match="truncated"):
         expected = encoder.encode(TEXTS, batch_size=2)
-    assert np.abs(got - expected).max() <= onnx_backend.TOLERANCE
+    assert np.abs(got - expected).max() <= onnx_export.TOLERANCE
     assert onnx_default.fingerprint == encoder.fingerprint
     with pytest.warns(UserWarning, match="truncated"):
         assert onnx_default.format(TEXTS) == encoder.format(TEXTS)  # same truncation of long instructions
@@ -90,7 +91,7 @@ def test_int8_onnx_is_its_own_numerics(encoder: PIEEncoder, tmp_path: Path) -> N
     assert (torch_int8.runtime, torch_int8.config.quantize_scheme) == ("torch", "torch")
     assert len({int8.fingerprint, torch_int8.fingerprint, encoder.fingerprint}) == 3
     cos = (int8.encode(TEXTS[:3]) * encoder.encode(TEXTS[:3])).sum(1)
-    assert cos.min() >= onnx_backend.INT8_MIN_COSINE
+    assert cos.min() >= onnx_export.INT8_MIN_COSINE
     out = tmp_path / "idx"
     from icl_retriever import build_index
 
@@ -112,11 +113,11 @@ def test_local_model_is_exported_once_and_again_when_its_files_change(tiny_model
     where = onnx_backend.entry_dir(str(tiny_model), "mean", True)
     assert where is not None and (where / onnx_backend.META_FILE).is_file()
     meta = json.loads((where / onnx_backend.META_FILE).read_text())
-    assert meta["max_abs_diff"] <= onnx_backend.TOLERANCE and meta["dim"] == 32
+    assert meta["max_abs_diff"] <= onnx_export.TOLERANCE and meta["dim"] == 32
     again = PIEEncoder(tiny_model, runtime="onnx")  # from the cache: no torch model loaded
     assert again.model is None and again.fingerprint == first.fingerprint
     torch_vectors = PIEEncoder(tiny_model).encode(TEXTS[:3])
-    assert np.abs(again.encode(TEXTS[:3]) - torch_vectors).max() <= onnx_backend.TOLERANCE
+    assert np.abs(again.encode(TEXTS[:3]) - torch_vectors).max() <= onnx_export.TOLERANCE
 
     # retrain in place: new weights, so a new export (the old entry no longer matches the files)
     from transformers import BertModel
@@ -128,7 +129,7 @@ def test_local_model_is_exported_once_and_again_when_its_files_change(tiny_model
     changed = PIEEncoder(tiny_model, runtime="onnx")
     assert changed.fingerprint != first.fingerprint
     assert onnx_backend.entry_dir(str(tiny_model), "mean", True) != where
-    assert np.abs(changed.encode(TEXTS[:3]) - PIEEncoder(tiny_model).encode(TEXTS[:3])).max() <= onnx_backend.TOLERANCE
+    assert np.abs(changed.encode(TEXTS[:3]) - PIEEncoder(tiny_model).encode(TEXTS[:3])).max() <= onnx_export.TOLERANCE
 
 
 def test_a_damaged_cache_entry_is_not_used(tiny_model: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -145,7 +146,7 @@ def test_a_damaged_cache_entry_is_not_used(tiny_model: Path, caplog: pytest.LogC
     assert onnx_backend.find(str(tiny_model), "mean", True) is None
     again = PIEEncoder(tiny_model, runtime="auto")  # exported again, over the damaged entry
     assert again.runtime == "onnx" and onnx_backend.find(str(tiny_model), "mean", True) is not None
-    assert np.abs(again.encode(TEXTS[:2]) - PIEEncoder(tiny_model).encode(TEXTS[:2])).max() <= onnx_backend.TOLERANCE
+    assert np.abs(again.encode(TEXTS[:2]) - PIEEncoder(tiny_model).encode(TEXTS[:2])).max() <= onnx_export.TOLERANCE
 
 
 def test_hub_ids_run_on_torch_under_auto_and_are_refused_under_onnx() -> None:

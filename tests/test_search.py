@@ -487,11 +487,11 @@ def test_filter_on_approximate_index_finds_rare_matches(encoder: PIEEncoder, ind
     rare = np.array([7, 1007, 2007])
     expected = rare[np.argsort(-(vectors[rare] @ query))].tolist()
     ctl = SearchControls.parse(k=3, filter=lambda d: d.metadata["rare"])
-    rows, scores = find_candidates(approx._state, "q", query, 3, ctl)
+    rows, scores = find_candidates(approx.snapshot, "q", query, 3, ctl)
     assert rows.tolist() == expected
     np.testing.assert_allclose(scores, vectors[expected] @ query, atol=1e-5)
     ctl = SearchControls.parse(k=3, filter={"rare": True})
-    assert find_candidates(approx._state, "q", query, 3, ctl)[0].tolist() == expected
+    assert find_candidates(approx.snapshot, "q", query, 3, ctl)[0].tolist() == expected
 
 
 def test_every_search_control_is_reachable_from_every_entry_point(r: Retriever) -> None:

@@ -64,7 +64,7 @@ def flat_ids(tmp_path_factory: pytest.TempPathFactory, encoder: PIEEncoder) -> l
 @pytest.fixture(scope="module")
 def hnsw_dir(tmp_path_factory: pytest.TempPathFactory, encoder: PIEEncoder) -> Path:
     out = tmp_path_factory.mktemp("hnsw") / "idx"
-    build_index(POOL, out, encoder=encoder, index_type="hnsw", hnsw_m=8, ef_construction=40, topic=False)
+    build_index(POOL, out, encoder=encoder, index_type="hnsw", index=IndexParams(M=8, ef_construction=40), topic=False)
     return out
 
 
@@ -85,7 +85,7 @@ def test_hnsw_round_trip(hnsw_dir: Path, encoder: PIEEncoder, flat_ids: list[str
 
 
 def test_ivf_round_trip(tmp_path: Path, encoder: PIEEncoder, flat_ids: list[str]) -> None:
-    r = build_index(POOL, tmp_path / "idx", encoder=encoder, index_type="ivf", nprobe=3, topic=False)
+    r = build_index(POOL, tmp_path / "idx", encoder=encoder, index_type="ivf", index=IndexParams(nprobe=3), topic=False)
     manifest = load_manifest(tmp_path / "idx")
     assert manifest.index_type == "ivf"
     assert manifest.index_params == IndexParams(nlist=1, nprobe=1)  # ten demos: one cluster; nprobe capped

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from icl_retriever import IndexWriteError, PIEEncoder, Retriever, build_index
-from icl_retriever.build import resume_dir
+from icl_retriever.embed import resume_dir
 from icl_retriever.cli import main
 from icl_retriever.store import MANIFEST_FILE, load_manifest, load_version, writer
 

@@ -12,24 +12,23 @@ from pathlib import Path
 from icl_retriever._version import __version__
 from icl_retriever.cli.output import print_demos, print_json, printable, shorten
 
+
 def cmd_build(args: argparse.Namespace) -> int:
     from icl_retriever.encoder import PIEEncoder
     from icl_retriever.store import check_target
     from icl_retriever.records import load_pool
-    from icl_retriever.build import build_index, check_build_params
+    from icl_retriever.build import build_index, check_build_params, index_params
 
-    check_build_params(  # before the pool is read or a model loaded
-        args.index_type, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
-        nlist=args.nlist, nprobe=args.nprobe, batch_size=args.batch_size, chunk_size=args.chunk_size,
-    )
+    params = index_params(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
+                          nlist=args.nlist, nprobe=args.nprobe)
+    check_build_params(args.index_type, params, batch_size=args.batch_size, chunk_size=args.chunk_size)
     check_target(Path(args.out), force=args.force)
     demos = load_pool(args.pool)  # validate everything before loading a model
     encoder = PIEEncoder(args.model, quantize=args.quantize, runtime=args.runtime)
     start = time.perf_counter()
     try:
         retriever = build_index(
-            demos, args.out, encoder=encoder, index_type=args.index_type, hnsw_m=args.hnsw_m,
-            ef_construction=args.ef_construction, ef_search=args.ef_search, nlist=args.nlist, nprobe=args.nprobe,
+            demos, args.out, encoder=encoder, index_type=args.index_type, index=params,
             batch_size=args.batch_size, chunk_size=args.chunk_size, force=args.force, resume=not args.no_resume,
             show_progress_bar=True, topic=not args.no_topic,
         )

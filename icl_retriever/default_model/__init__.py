@@ -82,8 +82,9 @@ def load(*, base: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     return tokenizer, model, saved_config()
 
 
-def apply_delta(model: Any, path: Path) -> None:
-    """Add a float16 weight difference, saved by :func:`save_delta`, to ``model`` in place."""
+def apply_delta(model: Any, path: Path, *, scale: float = 1.0) -> None:
+    """Add ``scale`` times a float16 weight difference, saved by :func:`save_delta`, to ``model`` in place
+    (``scale`` below 1 interpolates towards the base, as WiSE-FT does)."""
     import torch
     from safetensors import safe_open
 
@@ -99,7 +100,7 @@ def apply_delta(model: Any, path: Path) -> None:
             if delta.shape != params[name].shape:
                 raise ModelLoadError(f"{path}: delta for {name!r} has shape {tuple(delta.shape)}, expected {tuple(params[name].shape)}")
             with torch.no_grad():
-                params[name].add_(delta.to(params[name].dtype))
+                params[name].add_(delta.to(params[name].dtype), alpha=scale)
 
 
 def save_delta(trained: Any, base: Any, path: Path, *, min_change: float = 0.0) -> dict[str, int]:

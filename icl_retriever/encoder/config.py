@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,3 +64,22 @@ def apply_template(instruction: str, template: str, add_period: bool) -> str:
     if add_period and text and text[-1] not in ".?\"'":
         text += "."
     return template.replace("{instruction}", text)
+
+
+def cut_to_budget(
+    texts: Sequence[str], budget: int, offsets: Callable[[list[str]], list[list[tuple[int, int]]]]
+) -> tuple[list[str], int]:
+    """``texts`` with each cut after its first ``budget`` tokens (``offsets`` gives every token's character
+    span), and how many were cut. A template's ending must survive truncation: it asks for the task."""
+    out = list(texts)
+    # A token spans at least one character for the tokenizers we meet, but a character can be several
+    # tokens, so only strings longer than the budget in characters / 4 need checking.
+    long_ids = [i for i, t in enumerate(out) if len(t) > budget // 4]
+    if not long_ids:
+        return out, 0
+    cut = 0
+    for i, spans in zip(long_ids, offsets([out[i] for i in long_ids]), strict=True):
+        if len(spans) > budget:
+            out[i] = out[i][: spans[budget - 1][1]]
+            cut += 1
+    return out, cut

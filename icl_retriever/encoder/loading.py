@@ -86,9 +86,22 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def load_model(model: str) -> tuple[Any, Any, dict[str, Any]]:
-    """Load tokenizer, model and the saved PIE settings of ``model`` (no network for the default)."""
+    """Load tokenizer, model (an encoder-decoder's encoder) and the saved PIE settings of ``model`` (no
+    network for the default); the tokenizer pads on the right, with eos where it has no pad token."""
     with quiet_transformers():
-        return _load_model_unquiet(model)
+        tokenizer, hf_model, saved = _load_model_unquiet(model)
+    if getattr(hf_model.config, "is_encoder_decoder", False):
+        hf_model = hf_model.get_encoder()
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"model {model!r}: tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    # The encoder measures untruncated lengths on purpose and warns in its own words; transformers' notice
+    # ("Token indices sequence length is longer than ...") would only confuse, so mark it as given.
+    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer, hf_model, saved
 
 
 def _load_model_unquiet(model: str) -> tuple[Any, Any, dict[str, Any]]:

@@ -4,7 +4,7 @@ A query through MiniLM-L6 is a few milliseconds of arithmetic, but through PyTor
 per-operator overhead, and a fresh process pays about 3 s to import torch and transformers. So the
 first time a model is used with ``runtime="onnx"`` (or ``"auto"``), its transformer and pooling are
 exported once to ONNX with torch, checked against torch on probe prompts (largest difference
-:data:`TOLERANCE` or the export is refused), and cached under the user cache directory, keyed by the
+:data:`~icl_retriever.encoder.onnx_export.TOLERANCE` or the export is refused; :mod:`.onnx_export`), and cached under the user cache directory, keyed by the
 model files' identity (path, size, mtime) and the pooling. Later processes load the cached copy with
 ``onnxruntime`` and the model's ``tokenizer.json`` with ``tokenizers``: no torch, no transformers.
 
@@ -21,13 +21,10 @@ import importlib.resources
 import json
 import logging
 import os
-import shutil
-import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -35,27 +32,14 @@ from pydantic import BaseModel, ConfigDict
 from icl_retriever import default_model
 from icl_retriever.cache import cache_dir
 
-if TYPE_CHECKING:
-    from icl_retriever.encoder import PIEEncoder
-
 logger = logging.getLogger(__name__)
 
-#: Largest absolute difference, per vector component, allowed between the float ONNX copy and torch.
-TOLERANCE = 1e-4
-#: Smallest cosine allowed between an int8 ONNX copy's vectors and torch's float vectors on the probes.
-INT8_MIN_COSINE = 0.98
 #: Bump when the exported graph or the meta file changes shape, so old cache entries are not used.
 FORMAT = 1
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
 _CORES = os.cpu_count() or 1
-_PROBES = [
-    "Summarize the article below.",
-    "Write a SQL query that lists customers from Spain.",
-    "x",
-    "Translate this text into German, keeping the names as they are: " + "word " * 400,
-]
 
 
 class OnnxMeta(BaseModel):
@@ -229,136 +213,3 @@ class FastTokenizer:
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> Any:
         """``tokenizers.Tokenizer.encode_batch`` (token counting for ``max_tokens``)."""
         return self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-
-
-def export(encoder: PIEEncoder, *, int8: bool = False) -> tuple[Path, OnnxMeta]:
-    """Export a float torch encoder's model and pooling to the ONNX cache, checked against torch on probes;
-    with ``int8``, then quantised by ONNX Runtime (dynamic, per-channel int8 weights of every MatMul).
-
-    Raises:
-        ValueError: the model cannot be exported (no ``tokenizer.json``, a decoder, not cacheable) or its
-            ONNX copy differs from torch by more than :data:`TOLERANCE` (int8: a cosine below
-            :data:`INT8_MIN_COSINE`).
-    """
-    import torch
-
-    config = encoder.config
-    if encoder.is_decoder:
-        raise ValueError(f"{config.model!r}: decoder models run on torch only")
-    tok = getattr(encoder.tokenizer, "backend_tokenizer", None)
-    if tok is None:
-        raise ValueError(f"{config.model!r}: no fast tokenizer (tokenizer.json); it runs on torch only")
-    where = entry_dir(config.model, config.pooling, config.normalize, int8=int8)
-    if where is None:
-        raise ValueError(f"{config.model!r}: not a local model or the default; it runs on torch only")
-    files = source_files(config.model) or []
-    source = [_stat(p) for p in files]
-
-    class Pooled(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return encoder.pool(hidden, attention_mask)
-
-    where.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=where.parent))
-    try:
-        sample = encoder.tokenizer(["a b c", "a"], padding=True, return_tensors="pt")
-        args = (sample["input_ids"], sample["attention_mask"])
-        axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}, "embedding": {0: "batch"}}
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on Python control flow; _compare checks the result
-            torch.onnx.export(
-                Pooled(encoder.model).eval(), args, str(tmp / ONNX_FILE), input_names=["input_ids", "attention_mask"],
-                output_names=["embedding"], dynamic_axes=axes, opset_version=17, dynamo=False,
-            )
-        (tmp / TOKENIZER_FILE).write_text(tok.to_str(), encoding="utf-8")
-        pad_id = encoder.tokenizer.pad_token_id
-        meta = OnnxMeta(
-            format=FORMAT, model=config.model, source=source, pooling=config.pooling, normalize=config.normalize,
-            weights_sha256=encoder._weights_sha, dim=encoder.dim, model_max_length=encoder.model_max_length,
-            pad_id=int(pad_id), onnx_size=(tmp / ONNX_FILE).stat().st_size, max_abs_diff=0.0,
-        )
-        diff, cosine = _compare(encoder, tmp, meta)
-        if not diff <= TOLERANCE:
-            raise ValueError(f"{config.model!r}: the ONNX copy differs from torch by {diff:.2e} > {TOLERANCE}")
-        if int8:
-            _quantize(tmp / ONNX_FILE)
-            meta = meta.model_copy(update={"int8": True, "onnx_size": (tmp / ONNX_FILE).stat().st_size})
-            diff, cosine = _compare(encoder, tmp, meta)
-            if not cosine >= INT8_MIN_COSINE:
-                raise ValueError(f"{config.model!r}: int8 vectors reach only cosine {cosine:.4f} to float ones")
-        meta = meta.model_copy(update={"max_abs_diff": diff, "min_cosine": cosine})
-        (tmp / META_FILE).write_text(meta.model_dump_json(indent=2), encoding="utf-8")
-        if where.exists():
-            found = find(config.model, config.pooling, config.normalize, int8=int8)
-            if found is not None:  # a concurrent export of the same model won; theirs is as good
-                shutil.rmtree(tmp, ignore_errors=True)
-                return found
-            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=where.parent))
-            os.replace(where, stale / "entry")  # a damaged or outdated entry: moved aside, then deleted
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, where)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("exported %r to ONNX%s at %s (max difference to torch %.1e, min cosine %.4f)",
-                config.model, " int8" if int8 else "", where, diff, cosine)
-    return where, meta
-
-
-def _quantize(path: Path) -> None:
-    """Replace the float ONNX file by ONNX Runtime's dynamic int8 quantisation of it: weights per channel,
-    activations quantised per batch at run time, every MatMul but the feed-forward down-projections.
-
-    Measured on 300 eft_test queries with the default model (one thread): float 7.9 ms a query; all
-    MatMuls int8 3.7 ms, cosine to float min 0.983 / mean 0.993; down-projections kept float 4.9 ms,
-    min 0.994 / mean 0.997 (their inputs, after GELU, carry the outliers int8 handles worst); per-tensor
-    instead of per-channel scales: min 0.911.
-    """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    down = [n.name for n in graph.node if n.op_type == "MatMul" and "/output/dense/" in n.name
-            and "attention" not in n.name]
-    out = path.with_name("int8.onnx")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantiser logs advice about pre-processing to the root logger
-    try:
-        quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=down,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    finally:
-        root.setLevel(level)
-    os.replace(out, path)
-
-
-def _compare(encoder: PIEEncoder, directory: Path, meta: OnnxMeta) -> tuple[float, float]:
-    """Largest difference and smallest cosine between torch's and the ONNX copy's vectors of the probe
-    prompts, one by one and as one padded batch (the long probe also checks that both tokenizers
-    truncate alike).
-
-    Raises:
-        ValueError: the two tokenizers give different ids for a probe.
-    """
-    import torch
-
-    runtime = OnnxRuntime(directory, meta)
-    tokenizer = FastTokenizer(directory / TOKENIZER_FILE, meta.pad_id)
-    prompts = encoder.format(_PROBES[:-1]) + [_PROBES[-1]]
-    max_length = encoder.config.max_length
-    if tokenizer.ids(prompts, max_length=max_length) != [list(r) for r in encoder._token_ids(prompts)]:
-        raise ValueError("tokenizer.json and the model's tokenizer disagree on the probe prompts")
-    with torch.inference_mode():
-        expected = np.concatenate([encoder.embed([p]).cpu().numpy() for p in prompts])
-    worst, cosine = 0.0, 1.0
-    for rows in [[i] for i in range(len(prompts))] + [list(range(len(prompts)))]:
-        got = runtime.run(*tokenizer.batch([prompts[i] for i in rows], max_length))
-        worst = max(worst, float(np.abs(got - expected[rows]).max()))
-        norms = np.linalg.norm(got, axis=1) * np.linalg.norm(expected[rows], axis=1)
-        cosine = min(cosine, float(((got * expected[rows]).sum(1) / np.maximum(norms, 1e-12)).min()))
-    return worst, cosine

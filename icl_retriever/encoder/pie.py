@@ -8,7 +8,6 @@ autumn" rather than next to "Tell me facts about the sea".
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import logging
@@ -20,8 +19,15 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import numpy as np
 from tqdm.auto import tqdm
 
-from icl_retriever import default_model
-from icl_retriever.encoder.config import TEMPLATES, EncoderConfig, Pooling, Runtime, apply_template, resolve_template
+from icl_retriever.encoder.config import (
+    TEMPLATES,
+    EncoderConfig,
+    Pooling,
+    Runtime,
+    apply_template,
+    cut_to_budget,
+    resolve_template,
+)
 from icl_retriever.encoder.loading import (
     cuda_visible,
     hash_state_dict,
@@ -30,12 +36,11 @@ from icl_retriever.encoder.loading import (
     quantize_dynamic_int8,
     saved_settings,
 )
-from icl_retriever.errors import ModelLoadError
+from icl_retriever.encoder.pooling import pool
 
 if TYPE_CHECKING:
     import torch
 
-    from icl_retriever.calibration import FloorCalibration
     from icl_retriever.encoder.onnx import FastTokenizer, OnnxMeta, OnnxRuntime
 
 logger = logging.getLogger(__name__)
@@ -62,7 +67,7 @@ class PIEEncoder:
             fingerprint: an index built with it is queried with it). On torch: dynamic int8 Linear layers;
             on ONNX: ONNX Runtime's dynamic per-channel int8 (another scheme, another fingerprint).
         runtime: ``"torch"``; ``"onnx"``: ONNX Runtime on CPU, float32 (the same vectors within
-            :data:`~icl_retriever.encoder.onnx.TOLERANCE`; exported once with torch and cached, later
+            :data:`~icl_retriever.encoder.onnx_export.TOLERANCE`; exported once with torch and cached, later
             loads import neither torch nor transformers); ``"auto"``: ONNX when the model can run there
             (CPU: ``device="cpu"``, or no device given and no GPU visible; an encoder-only local or default
             model; ``onnxruntime`` installed), torch otherwise. Training needs ``"torch"``.
@@ -103,17 +108,6 @@ class PIEEncoder:
                 return
         self.tokenizer, self.model, saved = load_model(name)
         self.is_decoder = is_decoder_config(self.model.config)
-        if getattr(self.model.config, "is_encoder_decoder", False):
-            self.model = self.model.get_encoder()
-        if self.tokenizer.pad_token is None:
-            if self.tokenizer.eos_token is None:
-                raise ModelLoadError(f"model {name!r}: tokenizer has neither a pad nor an eos token")
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"
-        # _fit measures untruncated lengths on purpose and warns in our words; transformers' own notice
-        # ("Token indices sequence length is longer than ...") would only confuse, so mark it as given.
-        if isinstance(getattr(self.tokenizer, "deprecation_warnings", None), dict):
-            self.tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
         self.model_max_length = int(min(getattr(self.tokenizer, "model_max_length", 512) or 512, 1_000_000))
         self._dim = int(self.model.config.hidden_size)
         scheme: Literal["torch", "onnx"] = "onnx" if runtime != "torch" else "torch"
@@ -207,7 +201,9 @@ class PIEEncoder:
         try:
             if not onnx_backend.available():
                 raise ValueError("onnxruntime or tokenizers is not installed")
-            where, meta = onnx_backend.export(self, int8=c.quantize)  # __init__ found no cached copy
+            from icl_retriever.encoder.onnx_export import export
+
+            where, meta = export(self, int8=c.quantize)  # __init__ found no cached copy
             if meta.weights_sha256 != self._weights_sha:
                 raise ValueError(f"the cached ONNX copy at {where} holds other weights")
             self._start_onnx(where, meta)
@@ -268,37 +264,15 @@ class PIEEncoder:
         return {"quantize_scheme"} if self.config.quantize_scheme == "torch" else set()
 
     def calibrated_floor(self) -> float:
-        """The cosine floor of ``min_score="auto"``, measured for this model (``calibration.json`` beside
-        its weights; see :mod:`icl_retriever.calibration`).
+        """The cosine floor of ``min_score="auto"`` measured for this model (``calibration.json`` beside its
+        weights; :func:`icl_retriever.calibration.floor_for`).
 
         Raises:
             ValueError: the model carries no calibration, or one made for other weights or settings.
         """
         from icl_retriever import calibration
 
-        name = self.config.model
-        found = self._calibration
-        if found is None:
-            raise ValueError(
-                f"min_score='auto': model {name!r} carries no calibrated floor ({calibration.CALIBRATION_FILE}); "
-                "pass a cosine, or calibrate it (icl-retriever train writes one for the models it trains)"
-            )
-        if found.fingerprint != self.fingerprint:
-            raise ValueError(
-                f"min_score='auto': the floor of model {name!r} was measured with other weights or settings "
-                f"({found.fingerprint}, this encoder is {self.fingerprint}: template, pooling, max_length or "
-                "quantize differ); pass a cosine instead"
-            )
-        return found.min_score
-
-    @functools.cached_property
-    def _calibration(self) -> FloorCalibration | None:
-        """The ``calibration.json`` beside the weights, read once (None if there is none)."""
-        from icl_retriever import calibration
-
-        name = self.config.model
-        directory = default_model.HERE if name == "default" else Path(name) if Path(name).is_dir() else None
-        return calibration.load(directory) if directory is not None else None
+        return calibration.floor_for(self.config.model, self.fingerprint)
 
     @property
     def dim(self) -> int:
@@ -327,18 +301,7 @@ class PIEEncoder:
 
     def _fit(self, instructions: Sequence[str]) -> list[str]:
         """Cut instructions that would overflow ``max_length`` so the template's ending survives."""
-        budget = self._instruction_budget
-        out = list(instructions)
-        # A token spans at least one character for the tokenizers we meet, but a character can be
-        # several tokens, so only strings longer than the budget in characters / 4 need checking.
-        long_ids = [i for i, t in enumerate(out) if len(t) > budget // 4]
-        if not long_ids:
-            return out
-        cut = 0
-        for i, offsets in zip(long_ids, self._offsets([out[i] for i in long_ids]), strict=True):
-            if len(offsets) > budget:
-                out[i] = out[i][: offsets[budget - 1][1]]
-                cut += 1
+        out, cut = cut_to_budget(instructions, self._instruction_budget, self._offsets)
         if cut:
             warnings.warn(
                 f"{cut} instruction(s) longer than the encoder's {self.config.max_length}-token limit were truncated",
@@ -363,21 +326,8 @@ class PIEEncoder:
         return self.pool(hidden, batch["attention_mask"])
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Pool token states ``(batch, tokens, dim)`` into one (normalised) vector per prompt."""
-        import torch
-
-        if self.config.pooling == "mean":
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        elif self.config.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:  # last real token (right padding)
-            last = mask.sum(1) - 1
-            pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
-        pooled = pooled.float()
-        if self.config.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-        return pooled
+        """Pool token states ``(batch, tokens, dim)`` into one vector per prompt (:func:`.pooling.pool`)."""
+        return pool(hidden, mask, self.config.pooling, normalize=self.config.normalize)
 
     @overload
     def encode(

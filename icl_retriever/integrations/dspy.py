@@ -23,7 +23,7 @@ from dspy.teleprompt import Teleprompter
 
 from icl_retriever.search.controls import SearchControls
 from icl_retriever.encoder import PIEEncoder
-from icl_retriever.records import CORE_FIELDS, Demo
+from icl_retriever.records import Demo, demo_fields, join_fields
 from icl_retriever.retriever import Retriever
 
 __all__ = ["PIEFewShot", "demo_to_example", "pie_embedder"]
@@ -51,10 +51,8 @@ def demo_to_example(demo: Demo, fields: Mapping[str, str] | None = None) -> dspy
         KeyError: a field names something the demo does not have.
     """
     if fields is None:
-        values: dict[str, Any] = {"instruction": demo.instruction, "input": demo.input, "output": demo.output}
-        values.update({k: v for k, v in demo.metadata.items() if k not in CORE_FIELDS and k != "score"})
-        return dspy.Example(**values).with_inputs("instruction", "input")
-    values = {}
+        return dspy.Example(**demo_fields(demo)).with_inputs("instruction", "input")
+    values: dict[str, Any] = {}
     for name, source in fields.items():
         if source in ("instruction", "input", "output"):
             values[name] = getattr(demo, source)
@@ -111,10 +109,7 @@ class PIEFewShot(Teleprompter):
     def query(self, **inputs: Any) -> str:
         """The request text of a call's inputs (the chosen input fields, joined by blank lines)."""
         keys = self.input_keys if self.input_keys is not None else list(inputs)
-        missing = [key for key in keys if key not in inputs]
-        if missing:
-            raise KeyError(f"input_keys {missing} not among the program's inputs {sorted(inputs)}")
-        text = "\n\n".join(t for t in (str(inputs[key]).strip() for key in keys) if t)
+        text = join_fields(inputs, keys, among="program's inputs")
         if not text:
             raise ValueError(f"the inputs {sorted(inputs)} hold no request text to retrieve demos for")
         return text

@@ -50,38 +50,13 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from icl_retriever.encoder import PIEEncoder
-from icl_retriever.records import CORE_FIELDS, Demo
-from icl_retriever.search.controls import SearchControls
+from icl_retriever.records import Demo, demo_fields, join_fields
+from icl_retriever.search.controls import check_search_kwargs
 from icl_retriever.retriever import Retriever
 
 __all__ = ["PIEExampleSelector", "PIERetriever", "check_search_kwargs", "demo_to_document", "demo_to_example"]
 
 # helpers ------------------------------------------------------------------------------------
-
-
-def check_search_kwargs(controls: Mapping[str, Any]) -> dict[str, Any]:
-    """Return ``controls`` as a dict if each is a search control (a :class:`SearchControls` field).
-
-    ``k`` has its own field here. Checking names up front makes a typo fail at construction, not on the
-    first query; values are validated by ``get_demos`` with the query.
-
-    Raises:
-        ValueError: a control is ``k`` or ``query``, or no such control exists.
-    """
-    known = [name for name in SearchControls.model_fields if name != "k"]
-    for name in controls:
-        if name in ("k", "query", "self"):
-            raise ValueError(f"{name!r} is not a search control; pass it as its own argument")
-        if name not in known:
-            raise ValueError(f"unknown search control {name!r} (Retriever.get_demos accepts: {', '.join(map(repr, known))})")
-    return dict(controls)
-
-
-def _fields(demo: Demo) -> dict[str, Any]:
-    """The demo's text fields, then its metadata (a metadata key never hides a text field)."""
-    fields: dict[str, Any] = {"instruction": demo.instruction, "input": demo.input, "output": demo.output}
-    fields.update({key: value for key, value in demo.metadata.items() if key not in CORE_FIELDS and key != "score"})
-    return fields
 
 
 def demo_to_document(demo: Demo) -> Document:
@@ -92,16 +67,12 @@ def demo_to_document(demo: Demo) -> Document:
     field (``task``, ...) and the retrieval ``score``.
     """
     content = f"{demo.instruction}\n\n{demo.input}" if demo.input else demo.instruction
-    return Document(page_content=content, id=demo.id, metadata={**_fields(demo), "score": demo.score})
+    return Document(page_content=content, id=demo.id, metadata={**demo_fields(demo), "score": demo.score})
 
 
 def demo_to_example(demo: Demo) -> dict[str, Any]:
     """A demo as a few-shot example: ``id``, ``instruction``, ``input``, ``output`` and metadata fields."""
-    return {"id": demo.id, **_fields(demo)}
-
-
-def _join(values: Iterable[Any]) -> str:
-    return "\n\n".join(text for text in (str(v).strip() for v in values) if text)
+    return {"id": demo.id, **demo_fields(demo)}
 
 
 def _example_to_record(example: Mapping[str, Any], input_keys: Sequence[str] | None) -> dict[str, Any]:
@@ -114,10 +85,7 @@ def _example_to_record(example: Mapping[str, Any], input_keys: Sequence[str] | N
     if "instruction" in example:
         return dict(example)
     keys = list(input_keys) if input_keys else sorted(example)
-    missing = [key for key in keys if key not in example]
-    if missing:
-        raise KeyError(f"example has no field(s) {missing} named in input_keys; it has {sorted(example)}")
-    return {**example, "instruction": _join(example[key] for key in keys)}
+    return {**example, "instruction": join_fields(example, keys, among="example's fields")}
 
 
 # the retriever ------------------------------------------------------------------------------
@@ -390,10 +358,7 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
                     "PIEExampleSelector(input_keys=[...]) to the ones that state the request"
                 )
             keys = list(input_variables)
-        missing = [key for key in keys if key not in input_variables]
-        if missing:
-            raise KeyError(f"input_keys {missing} not among the prompt variables {sorted(input_variables)}")
-        return _join(input_variables[key] for key in keys)
+        return join_fields(input_variables, keys, among="prompt variables")
 
     def _to_examples(self, demos: list[Demo]) -> list[dict[str, Any]]:
         examples = [demo_to_example(d) for d in demos]

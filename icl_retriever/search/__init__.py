@@ -3,7 +3,7 @@ ordering, and the token budget; all over one snapshot of the data."""
 
 from icl_retriever.search.candidates import EXACT_FILTER_MAX, exact, find_candidates, overfetch
 from icl_retriever.search.controls import DEFAULT_FETCH_K, DEFAULT_RERANK, RerankSetting, SearchControls, SearchKwargs
-from icl_retriever.search.select import select
+from icl_retriever.search.select import select, select_batch
 from icl_retriever.search.snapshot import Snapshot
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "find_candidates",
     "overfetch",
     "select",
+    "select_batch",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import string
+from collections.abc import Mapping
 from typing import Any, Literal, TypedDict
 
 import numpy as np
@@ -257,3 +258,21 @@ class SearchControls(BaseModel):
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_search_kwargs(controls: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``controls`` as a dict if each is a search control (a :class:`SearchControls` field).
+
+    ``k`` has its own field here. Checking names up front makes a typo fail at construction, not on the
+    first query; values are validated by ``get_demos`` with the query.
+
+    Raises:
+        ValueError: a control is ``k`` or ``query``, or no such control exists.
+    """
+    known = [name for name in SearchControls.model_fields if name != "k"]
+    for name in controls:
+        if name in ("k", "query", "self"):
+            raise ValueError(f"{name!r} is not a search control; pass it as its own argument")
+        if name not in known:
+            raise ValueError(f"unknown search control {name!r} (Retriever.get_demos accepts: {', '.join(map(repr, known))})")
+    return dict(controls)

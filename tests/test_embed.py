@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from icl_retriever import PIEEncoder, Retriever, build_index
-from icl_retriever.build import STALE_CHECKPOINT_S, _chunk_name, _save_chunk, _source, resume_dir
+from icl_retriever.embed import STALE_CHECKPOINT_S, _chunk_name, _save_chunk, _source, resume_dir
 from icl_retriever.store import all_vectors
 
 from helpers import CountingEncode
