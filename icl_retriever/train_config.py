@@ -74,6 +74,10 @@ class TrainConfig(BaseModel):
     )
     device: str | None = None
     freeze_embeddings: bool = Field(True, description="freeze embedding matrices: smaller delta, less overfit")
+    freeze_layers: int = Field(
+        0, ge=0, description="also freeze the first N transformer layers: the lower layers keep the start's "
+        "general features, only the upper ones learn the task labels (0: train all)",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -58,6 +58,12 @@ def test_onnx_matches_torch_vectors_and_fingerprint(encoder: PIEEncoder, onnx_de
     assert onnx_default.fingerprint == encoder.fingerprint
     with pytest.warns(UserWarning, match="truncated"):
         assert onnx_default.format(TEXTS) == encoder.format(TEXTS)  # same truncation of long instructions
+    found = onnx_backend.find("default", "mean", True)
+    assert found is not None and found[1].fused  # attention fused by ONNX Runtime's optimizer, same vectors
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(found[0] / onnx_backend.ONNX_FILE)).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops
     plain = onnx_default.with_template("plain")
     assert np.abs(plain.encode(TEXTS[:3]) - encoder.with_template("plain").encode(TEXTS[:3])).max() <= 1e-4
 
@@ -113,7 +119,7 @@ def test_local_model_is_exported_once_and_again_when_its_files_change(tiny_model
     where = onnx_backend.entry_dir(str(tiny_model), "mean", True)
     assert where is not None and (where / onnx_backend.META_FILE).is_file()
     meta = json.loads((where / onnx_backend.META_FILE).read_text())
-    assert meta["max_abs_diff"] <= onnx_export.TOLERANCE and meta["dim"] == 32
+    assert meta["max_abs_diff"] <= onnx_export.TOLERANCE and meta["dim"] == 32 and meta["fused"]
     again = PIEEncoder(tiny_model, runtime="onnx")  # from the cache: no torch model loaded
     assert again.model is None and again.fingerprint == first.fingerprint
     torch_vectors = PIEEncoder(tiny_model).encode(TEXTS[:3])

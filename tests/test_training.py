@@ -382,6 +382,20 @@ def test_distillation_keeps_the_start(tmp_path: Path) -> None:
     assert moved(50.0) < moved(0.0)
 
 
+def test_frozen_layers_stay_as_they_started(tmp_path: Path) -> None:
+    """--freeze-layers N: the first N transformer layers are not trained, the others are; too many is an error."""
+    config = TrainConfig(
+        train_file=TINY_IEB, output_dir=tmp_path / "f", steps=2, batch_size=4, lr=3e-4, val_fraction=0,
+        base_model="default-base", freeze_layers=4,
+    )
+    delta = load_file(train(config, show_progress_bar=False) / "delta.safetensors")
+    changed = {int(name.split("layer.")[1].split(".")[0]) for name, d in delta.items()
+               if "layer." in name and d.abs().max() > 0}
+    assert changed and min(changed) == 4, sorted(changed)
+    with pytest.raises(ValueError, match="freeze_layers=7, but the model has 6 layers"):
+        train(config.model_copy(update={"freeze_layers": 7, "output_dir": tmp_path / "g"}), show_progress_bar=False)
+
+
 # ------------------------------------------------------------------------------------- shared data
 
 

@@ -244,6 +244,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from icl_retriever.encoder import PIEEncoder
+    from icl_retriever.selection import select_pool
+    from icl_retriever.store import replace_file
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory, not a file")
+    if out.exists() and not args.force:
+        raise ValueError(f"--out {out}: exists; pass --force to replace it")
+    encoder = None if Path(args.source).is_dir() and args.model is None else PIEEncoder(args.model, runtime=args.runtime)
+    result = select_pool(
+        args.source, args.n, method=args.method, label_field=args.label_field, per_task_cap=args.per_task_cap,
+        encoder=encoder, batch_size=args.batch_size, seed=args.seed, show_progress_bar=True,
+    )
+    lines = (json.dumps(d.record(), ensure_ascii=False) + "\n" for d in result.demos)
+    replace_file(out, [line.encode("utf-8") for line in lines])
+    if args.json:
+        print_json({**result.model_dump(exclude={"demos"}), "out": str(out)})
+        return 0
+    covered = (f"; {result.labels_covered} of {result.labels_in_pool} {args.label_field} labels covered"
+               if result.labels_in_pool is not None else "")
+    print(f"Selected {len(result.demos)} of {result.pool_size} instructions ({args.method}) into {out}"
+          f" in {result.seconds:.1f} s{covered}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from icl_retriever.train_config import TrainConfig
     from icl_retriever.training import train

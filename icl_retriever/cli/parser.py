@@ -17,6 +17,7 @@ from icl_retriever.cli.commands import (
     cmd_info,
     cmd_query,
     cmd_remove,
+    cmd_select,
     cmd_train,
 )
 
@@ -219,6 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("select", help="pick N instructions that cover the space of tasks (diverse data selection)")
+    p.add_argument("source", help="pool file (JSONL, JSON list, IEB) or index directory (its stored vectors are used)")
+    p.add_argument("--n", type=int, required=True, help="how many instructions to pick")
+    p.add_argument("--out", required=True, help="JSONL file for the picked records")
+    p.add_argument("--method", choices=["kmeans", "kcenter", "random"], default="kmeans",
+                   help="kmeans: one pick per k-means cluster, nearest its centroid (default); kcenter: greedy "
+                        "farthest-point; random: a uniform sample (the baseline)")
+    p.add_argument("--per-task-cap", type=int, default=None, metavar="C", help="at most C picks per label")
+    p.add_argument("--label-field", default="task", metavar="FIELD",
+                   help="metadata field holding a record's task, for --per-task-cap and the coverage report "
+                        "(default task; IEB files store their label there)")
+    p.add_argument("--model", default=None,
+                   help="model for a pool file (default: the embedded PIE model); for an index directory, a model "
+                        "outside it that you trust")
+    p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="k-means initialisation and the random sample (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    _add_runtime(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("info", help="describe an index directory")
     p.add_argument("index", help="index directory")

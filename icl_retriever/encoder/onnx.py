@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from icl_retriever import default_model
 from icl_retriever.cache import cache_dir
@@ -35,7 +35,7 @@ from icl_retriever.cache import cache_dir
 logger = logging.getLogger(__name__)
 
 #: Bump when the exported graph or the meta file changes shape, so old cache entries are not used.
-FORMAT = 1
+FORMAT = 2
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
@@ -60,6 +60,7 @@ class OnnxMeta(BaseModel):
     onnx_size: int
     max_abs_diff: float
     min_cosine: float = 1.0
+    fused: bool = Field(False, description="attention, layer norms and GELU fused by ONNX Runtime's optimizer")
 
 
 def available() -> bool:

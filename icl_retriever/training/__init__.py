@@ -140,6 +140,18 @@ def _freeze_embeddings(model: torch.nn.Module) -> None:
             module.weight.requires_grad_(False)
 
 
+def _freeze_layers(model: torch.nn.Module, n: int) -> None:
+    """Freeze the first ``n`` transformer layers (the model's stack of ``num_hidden_layers`` blocks)."""
+    total = getattr(model.config, "num_hidden_layers", None)
+    stack = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == total), None)
+    if stack is None:
+        raise ValueError(f"freeze_layers: cannot find the {total} transformer layers of {type(model).__name__}")
+    if n > len(stack):
+        raise ValueError(f"freeze_layers={n}, but the model has {len(stack)} layers")
+    for layer in stack[:n]:
+        layer.requires_grad_(False)
+
+
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and norms (vectors), the usual transformer recipe."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -191,6 +203,8 @@ def _load_encoder(config: TrainConfig) -> PIEEncoder:
     )
     if config.freeze_embeddings:
         _freeze_embeddings(encoder.model)
+    if config.freeze_layers:
+        _freeze_layers(encoder.model, config.freeze_layers)
     return encoder
 
 
