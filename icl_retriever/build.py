@@ -4,9 +4,10 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +17,8 @@ from pydantic import ValidationError
 from icl_retriever.embed import embed_demos, embed_pool, remove_abandoned_checkpoints, resume_dir
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.errors import first_validation_error
-from icl_retriever.records import Demo, load_pool
+from icl_retriever.ray_engine import RayOptions
+from icl_retriever.records import Demo, load_pool, load_pools
 from icl_retriever.retriever import Retriever
 from icl_retriever.store import (
     AUTO_HNSW_FROM,
@@ -25,6 +27,7 @@ from icl_retriever.store import (
     HNSW_M,
     PARAMS_OF,
     TARGET_RECALL,
+    TopicInfo,
     IndexParams,
     IndexType,
     check_target,
@@ -99,10 +102,12 @@ def _complete(kind: IndexType, given: IndexParams) -> tuple[IndexParams, bool]:
 
 
 def build_index(
-    pool: str | Path | Iterable[Demo | Mapping[str, Any]],
+    pool: str | Path | Sequence[str | Path] | Iterable[Demo | Mapping[str, Any]],
     out: str | Path,
     *,
     encoder: PIEEncoder | None = None,
+    engine: Literal["local", "ray"] = "local",
+    ray: RayOptions | None = None,
     index_type: IndexType | Literal["auto"] = "auto",
     index: IndexParams | None = None,
     batch_size: int = 32,
@@ -118,7 +123,12 @@ def build_index(
     is written atomically, so a failure leaves any existing index at ``out`` untouched.
 
     Args:
-        pool: a pool file (JSONL, JSON list, IEB) or an iterable of :class:`Demo` / dicts.
+        pool: a pool file (JSONL, JSON list, IEB), a list of them (or, with Ray, glob patterns), or an
+            iterable of :class:`Demo` / dicts.
+        engine: ``"local"`` embeds in this process, in resumable chunks; ``"ray"`` reads and embeds on a
+            Ray cluster (:mod:`icl_retriever.ray_engine`, ``pip install "icl-retriever[ray]"``), then
+            indexes and writes here; pool files only.
+        ray: where and how wide the Ray build runs (default: a local cluster, two actors).
         out: the index directory to create.
         encoder: defaults to the embedded PIE default.
         index_type: ``"flat"`` (exact), ``"hnsw"``, ``"ivf"``, or ``"auto"``: flat below 200,000 demos,
@@ -147,11 +157,30 @@ def build_index(
     out = Path(out)
     check_build_params(index_type, index, batch_size=batch_size, chunk_size=chunk_size)
     check_target(out, force=force)
-    demos = load_pool(pool)
-    encoder = encoder or PIEEncoder(runtime="auto")
-    kind = resolve_index_type(index_type, len(demos))
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if show_progress_bar is None:
         show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
+    if engine == "ray":
+        from icl_retriever import ray_engine
+
+        if not isinstance(pool, (str, Path)) and not (
+            isinstance(pool, Sequence) and all(isinstance(p, (str, Path)) for p in pool)
+        ):
+            raise ValueError('engine="ray" reads pool files: give a path, glob pattern or list of them')
+        encoder = encoder or PIEEncoder(runtime="auto")
+        demos, vectors, topic_index, info, topic_encoder = ray_engine.read_and_embed(
+            [pool] if isinstance(pool, (str, Path)) else pool, encoder, topic=topic, options=ray or RayOptions()
+        )
+        return _index_and_write(demos, vectors, topic_index, info, topic_encoder, encoder, out, index_type, index,
+                                force=force, checkpoints=[], progress=show_progress_bar)
+    if isinstance(pool, (str, Path)):
+        demos = load_pools([pool]) if glob.has_magic(str(pool)) else load_pool(pool)
+    elif isinstance(pool, Sequence) and pool and all(isinstance(p, (str, Path)) for p in pool):
+        demos = load_pools(pool)  # type: ignore[arg-type]
+    else:
+        demos = load_pool(pool)  # type: ignore[arg-type]
+    encoder = encoder or PIEEncoder(runtime="auto")
 
     checkpoints: list[Path] = []  # deleted once the index is written
 
@@ -171,8 +200,29 @@ def build_index(
 
     # topic vectors next, so that an interruption never costs a finished (HNSW) indexing step
     vectors, topic_index, info, topic_encoder = embed_demos(demos, encoder, topic=topic, embed=checkpointed)
+    return _index_and_write(demos, vectors, topic_index, info, topic_encoder, encoder, out, index_type, index,
+                            force=force, checkpoints=checkpoints, progress=show_progress_bar)
+
+
+def _index_and_write(
+    demos: list[Demo],
+    vectors: np.ndarray,
+    topic_index: Any,
+    info: TopicInfo | None,
+    topic_encoder: PIEEncoder | None,
+    encoder: PIEEncoder,
+    out: Path,
+    index_type: IndexType | Literal["auto"],
+    index: IndexParams | None,
+    *,
+    force: bool,
+    checkpoints: list[Path],
+    progress: bool,
+) -> Retriever:
+    """Index embedded demos, tune recall, write the directory atomically, then drop the checkpoints."""
+    kind = resolve_index_type(index_type, len(demos))
     params, tune = _complete(kind, index or IndexParams())
-    vector_index = new_index(vectors, kind, params, dim=encoder.dim, progress=show_progress_bar)
+    vector_index = new_index(vectors, kind, params, dim=encoder.dim, progress=progress)
     recall = measure_recall(vector_index, vectors, tune_to=TARGET_RECALL if tune else None)
     if recall is not None:
         logger.info("%s index: recall@10 %.4f against exact search on a sample", kind, recall)

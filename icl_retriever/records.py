@@ -7,6 +7,7 @@ file fails in seconds, and every error names the file and the line (or record) a
 from __future__ import annotations
 
 import hashlib
+import glob
 import json
 from importlib import resources
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -158,12 +159,7 @@ def read_text(path: Path) -> str:
         raise PoolError("no such file", path=str(path))
     if path.is_dir():
         raise PoolError("is a directory, expected a JSON or JSONL file", path=str(path))
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise PoolError(f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})", path=str(path), line=line) from exc
+    return decode_pool_bytes(path.read_bytes(), str(path))
 
 
 def _is_ieb(data: Any) -> bool:
@@ -172,8 +168,20 @@ def _is_ieb(data: Any) -> bool:
 
 def _iter_file(path: Path) -> Iterator[tuple[str, Demo]]:
     """Yield (where, demo) pairs; ``where`` locates the record for error messages."""
-    text = read_text(path)
-    name = str(path)
+    return iter_pool_text(read_text(path), str(path))
+
+
+def decode_pool_bytes(data: bytes, name: str) -> str:
+    """A pool file's bytes as text (what :func:`read_text` does for bytes read elsewhere, e.g. by Ray)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PoolError(f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})", path=name, line=line) from exc
+
+
+def iter_pool_text(text: str, name: str) -> Iterator[tuple[str, Demo]]:
+    """(where, demo) pairs of a pool file's text (JSONL, JSON list or IEB), ``name`` the file in messages."""
     stripped = text.lstrip()
     whole: Any = None
     if stripped[:1] in ("[", "{"):
@@ -234,11 +242,43 @@ def load_pool(source: str | Path | Iterable[Demo | Mapping[str, Any]]) -> list[D
         PoolError: the pool is empty, a record is malformed, or two records share an id.
     """
     if isinstance(source, (str, Path)):
-        name: str | None = str(source)
-        located = list(_iter_file(Path(source)))
-    else:
-        name = None
-        located = [(f"record {i}", demo_from_record(r, line=i)) for i, r in enumerate(source, start=1)]
+        return unique_ids(list(_iter_file(Path(source))), str(source))
+    located = [(f"record {i}", demo_from_record(r, line=i)) for i, r in enumerate(source, start=1)]
+    return unique_ids(located, None)
+
+
+def pool_files(patterns: Sequence[str | Path]) -> list[Path]:
+    """Files named by paths or glob patterns, in order (each pattern's matches sorted).
+
+    Raises:
+        PoolError: a pattern matches nothing.
+    """
+    files: list[Path] = []
+    for pattern in patterns:
+        text = str(pattern)
+        matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        if not matches:
+            raise PoolError("no file matches this pattern", path=text)
+        files += [Path(m) for m in matches]
+    return files
+
+
+def load_pools(paths: Sequence[str | Path]) -> list[Demo]:
+    """:func:`load_pool` over several files or glob patterns, read in order into one pool (ids unique
+    across them)."""
+    if not paths:
+        raise PoolError("no pool files given")
+    located = [pair for path in pool_files(paths) for pair in _iter_file(path)]
+    return unique_ids(located, str(paths[0]) if len(paths) == 1 else f"{len(paths)} pool files")
+
+
+def unique_ids(located: list[tuple[str, Demo]], name: str | None) -> list[Demo]:
+    """The demos of (where, demo) pairs, checked for ids used twice; a record without an id whose
+    content repeats another's gets a suffixed id (``-2``, ...), so both are kept and stay addressable.
+
+    Raises:
+        PoolError: no records, or an explicit id used twice (both places named).
+    """
     if not located:
         raise PoolError("pool has no records", path=name)
     demos = [demo for _, demo in located]

@@ -16,28 +16,34 @@ from icl_retriever.cli.output import print_demos, print_json, printable, shorten
 def cmd_build(args: argparse.Namespace) -> int:
     from icl_retriever.encoder import PIEEncoder
     from icl_retriever.store import check_target
-    from icl_retriever.records import load_pool
+    from icl_retriever.records import load_pools
     from icl_retriever.build import build_index, check_build_params, index_params
+    from icl_retriever.ray_engine import RayOptions
 
     params = index_params(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
                           nlist=args.nlist, nprobe=args.nprobe)
     check_build_params(args.index_type, params, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    ray_flags = {"address": args.address, "actors": args.actors, "gpus_per_actor": args.gpus_per_actor}
+    if args.engine != "ray" and any(v is not None for v in ray_flags.values()):
+        raise ValueError("--address, --actors and --gpus-per-actor apply to --engine ray")
+    ray = RayOptions(**{k: v for k, v in ray_flags.items() if v is not None}) if args.engine == "ray" else None
     check_target(Path(args.out), force=args.force)
-    demos = load_pool(args.pool)  # validate everything before loading a model
+    # a local build validates everything before loading a model; Ray validates in its read tasks
+    demos = load_pools(args.pool) if args.engine == "local" else None
     encoder = PIEEncoder(args.model, quantize=args.quantize, runtime=args.runtime)
     start = time.perf_counter()
     try:
         retriever = build_index(
-            demos, args.out, encoder=encoder, index_type=args.index_type, index=params,
-            batch_size=args.batch_size, chunk_size=args.chunk_size, force=args.force, resume=not args.no_resume,
-            show_progress_bar=True, topic=not args.no_topic,
+            demos if demos is not None else args.pool, args.out, encoder=encoder, engine=args.engine, ray=ray,
+            index_type=args.index_type, index=params, batch_size=args.batch_size, chunk_size=args.chunk_size,
+            force=args.force, resume=not args.no_resume, show_progress_bar=True, topic=not args.no_topic,
         )
     except KeyboardInterrupt:
         print("icl-retriever: interrupted; finished chunks are kept: run the same command again to resume",
               file=sys.stderr)
         return 130
     seconds = time.perf_counter() - start
-    tasks = {d.metadata.get("task") for d in demos} - {None}
+    tasks = {d.metadata.get("task") for d in retriever.demos} - {None}
     manifest = retriever.manifest
     assert manifest is not None
     if args.json:

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("build", help="embed a pool of demos into an index directory")
-    p.add_argument("pool", help="pool file: JSONL, JSON list of records, or IEB format")
+    p.add_argument("pool", nargs="+", metavar="POOL",
+                   help="pool file(s) or glob pattern(s): JSONL, JSON list of records, or IEB format")
     p.add_argument("--out", required=True, help="index directory to create")
     p.add_argument("--model", default=None, help="model directory or Hugging Face id (default: the embedded PIE model)")
     p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
@@ -118,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instructions embedded and checkpointed at a time; an interrupted build resumes from the "
                         "last finished chunk (default 10000)")
     p.add_argument("--no-resume", action="store_true", help="embed everything again, ignoring finished chunks")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help='local: embed here, in resumable chunks (default); ray: read and embed on a Ray cluster '
+                        '(pip install "icl-retriever[ray]"), index and write here')
+    p.add_argument("--address", default=None, help='Ray cluster to join ("auto", "ray://host:10001"); default: '
+                                                   "start a local one")
+    p.add_argument("--actors", type=int, default=None, metavar="N", help="Ray embedding actors (default 2)")
+    p.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
+                   help="GPUs per Ray actor (default 0: CPU with ONNX Runtime)")
     _add_quantize(p)
     _add_runtime(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -1,0 +1,161 @@
+"""The Ray engine of :func:`~icl_retriever.build.build_index` (``engine="ray"``, ``--engine ray``).
+
+Ray Data reads the pool files (one read task per file, any filesystem Ray reads), each file is parsed and
+validated in its task with the same rules and messages as a local build (a bad record stops the build
+with its file and line), and an actor pool embeds the instructions: one :class:`PIEEncoder` per actor,
+on CPU (ONNX Runtime, the cached export) or on ``gpus_per_actor`` GPUs (torch). The driver gathers the
+vectors in pool order, checks ids across files, and indexes and writes the directory exactly as a local
+build does (manifest, sha256 of every file, atomic switch): nothing is written until every record is
+read and embedded.
+
+What it does not do (yet): the vectors and records are gathered in the driver's memory, so the driver
+must hold the pool (about 1.6 KiB a demo for 384-dim vectors and topic vectors, plus the records), and
+there are no checkpoints to resume from.
+
+``pip install "icl-retriever[ray]"``; ``ray`` is imported only here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from icl_retriever.encoder import EncoderConfig, PIEEncoder, Runtime
+from icl_retriever.errors import PoolError
+from icl_retriever.records import Demo, decode_pool_bytes, iter_pool_text, pool_files, unique_ids
+from icl_retriever.store import new_flat_index
+from icl_retriever.topic import default_topic_encoder, topic_info, topic_text
+
+#: Instructions per ``map_batches`` batch handed to an actor (it batches them again by ``batch_size``).
+ACTOR_BATCH = 512
+
+
+class RayOptions(BaseModel):
+    """Where and how wide a Ray build runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = Field(None, description='a running cluster ("auto", "ray://host:10001"); None starts a local one')
+    actors: int = Field(2, ge=1, description="embedding actors, one encoder each")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per actor; 0 embeds on CPU with ONNX Runtime")
+    cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved per actor")
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError('engine="ray" needs Ray: pip install "icl-retriever[ray]"') from None
+    return ray
+
+
+def _parse(row: dict[str, Any], order: dict[str, int]) -> list[dict[str, Any]]:
+    """One pool file's bytes -> its records (validated), each with the file's place and its own."""
+    path = str(row["path"])
+    name = next((given for given in order if Path(given).resolve() == Path(path).resolve()), path)
+    text = decode_pool_bytes(bytes(row["bytes"]), name)
+    return [
+        {"file": order[name], "pos": pos, "where": where, "demo": demo.model_dump_json()}
+        for pos, (where, demo) in enumerate(iter_pool_text(text, name))
+    ]
+
+
+class _Embedder:
+    """A Ray actor's encoders; called on batches of records, it adds their vectors."""
+
+    def __init__(self, config: str, topic_config: str | None, runtime: Runtime, device: str | None) -> None:
+        self.encoder = PIEEncoder.from_config(EncoderConfig.model_validate_json(config), device=device, runtime=runtime)
+        self.topic = None if topic_config is None else PIEEncoder.from_config(
+            EncoderConfig.model_validate_json(topic_config), device=device, runtime=runtime
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        demos = [Demo.model_validate_json(d) for d in batch["demo"]]
+        batch["vector"] = list(self.encoder.encode([d.instruction for d in demos], show_progress_bar=False))
+        if self.topic is not None:
+            batch["topic"] = list(self.topic.encode([topic_text(d) for d in demos], show_progress_bar=False))
+        return batch
+
+
+def read_and_embed(
+    patterns: Sequence[str | Path],
+    encoder: PIEEncoder,
+    *,
+    topic: bool,
+    options: RayOptions,
+) -> tuple[list[Demo], np.ndarray, Any, Any, PIEEncoder | None]:
+    """Read, validate and embed pool files on Ray: ``(demos, vectors, topic index, topic info, topic
+    encoder)`` in pool order, as :func:`~icl_retriever.embed.embed_demos` gives for a local build.
+
+    Raises:
+        PoolError: a file is missing, unreadable or holds a bad record (file and line named), or an
+            id is used twice across files.
+        ValueError: Ray is not installed.
+    """
+    ray = _ray()
+    files = pool_files(patterns)
+    for path in files:  # the local checks first: a missing file is named without starting anything
+        if not path.is_file():
+            raise PoolError("no such file" if not path.exists() else "is not a file", path=str(path))
+    topic_encoder, source = default_topic_encoder(encoder) if topic else (None, None)
+    device = "cuda" if options.gpus_per_actor > 0 else "cpu"
+    runtime: Runtime = "torch" if options.gpus_per_actor > 0 else encoder.runtime
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=options.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 configure_logging=False)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        order = {str(path): i for i, path in enumerate(files)}
+        # reading and parsing reserve no CPU: they share the actors' cores (the embedding is the heavy part),
+        # and actors holding every CPU of the cluster cannot then starve the tasks that feed them
+        ds = ray.data.read_binary_files([str(p) for p in files], include_paths=True, override_num_blocks=len(files),
+                                        num_cpus=0)
+        ds = ds.flat_map(_parse, fn_kwargs={"order": order}, num_cpus=0)
+        ds = ds.map_batches(
+            _Embedder,
+            fn_constructor_args=(
+                encoder.config.model_dump_json(),
+                None if topic_encoder is None else topic_encoder.config.model_dump_json(),
+                runtime,
+                device,
+            ),
+            batch_size=ACTOR_BATCH,
+            batch_format="numpy",
+            concurrency=options.actors,
+            num_cpus=options.cpus_per_actor,
+            num_gpus=options.gpus_per_actor or None,
+        )
+        rows = _collect(ray, ds)
+    finally:
+        if started:
+            ray.shutdown()
+    rows.sort(key=lambda r: (int(r["file"]), int(r["pos"])))
+    demos = unique_ids([(str(r["where"]), Demo.model_validate_json(r["demo"])) for r in rows],
+                       str(files[0]) if len(files) == 1 else f"{len(files)} pool files")
+    vectors = np.stack([np.asarray(r["vector"], dtype=np.float32) for r in rows])
+    if topic_encoder is None or source is None:
+        return demos, vectors, None, None, None
+    topic_vectors = np.stack([np.asarray(r["topic"], dtype=np.float32) for r in rows])
+    return (demos, vectors, new_flat_index(topic_vectors, topic_encoder.dim), topic_info(topic_encoder, source),
+            topic_encoder)
+
+
+def _collect(ray: Any, ds: Any) -> list[dict[str, Any]]:
+    """Every row of ``ds`` on the driver; a record's error surfaces as its own PoolError."""
+    try:
+        return [row for batch in ds.iter_batches(batch_size=4096, batch_format="pandas")
+                for row in batch.to_dict("records")]
+    except Exception as exc:  # Ray wraps a task's exception (RayTaskError(UserCodeException)) and keeps
+        # only the text of what it wrapped, with the original type's qualified name before the message
+        found = re.search(rf"{re.escape(PoolError.__module__)}\.PoolError: ([^\n]+)", str(exc))
+        if found:
+            raise PoolError(found.group(1)) from None
+        raise
+

@@ -1,0 +1,71 @@
+"""The Ray engine of build_index: same index as a local build, errors with file and line, nothing written on failure.
+
+Runs on a local Ray cluster (``ray.init(num_cpus=2)``); skipped only when ray is not installed (CI installs it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from icl_retriever import PIEEncoder, PoolError, Retriever, build_index
+from icl_retriever.cli import main
+from icl_retriever.ray_engine import RayOptions
+from icl_retriever.store import all_vectors
+
+from helpers import POOL, QUERY
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_cluster() -> object:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def pool_files(tmp_path: Path) -> list[Path]:
+    """POOL split over two JSONL files."""
+    files = [tmp_path / "part-0.jsonl", tmp_path / "part-1.jsonl"]
+    for path, part in zip(files, (POOL[:6], POOL[6:]), strict=True):
+        path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+    return files
+
+
+def test_ray_build_equals_the_local_build(tmp_path: Path, pool_files: list[Path], encoder: PIEEncoder) -> None:
+    onnx = PIEEncoder(runtime="onnx")
+    local = build_index(pool_files, tmp_path / "local", encoder=onnx)
+    remote = build_index(str(tmp_path / "part-*.jsonl"), tmp_path / "ray", encoder=onnx, engine="ray",
+                         ray=RayOptions(actors=2))
+    assert [d.id for d in remote.demos] == [d.id for d in local.demos] == [r["id"] for r in POOL]
+    assert np.abs(all_vectors(remote.index) - all_vectors(local.index)).max() < 1e-6
+    assert np.abs(all_vectors(remote.topic_index) - all_vectors(local.topic_index)).max() < 1e-6
+    assert remote.manifest is not None and local.manifest is not None
+    assert remote.manifest.fingerprint == local.manifest.fingerprint and remote.manifest.topic == local.manifest.topic
+    reopened = Retriever.from_index(tmp_path / "ray", encoder=encoder)  # an ordinary, verified index directory
+    assert reopened.get_demos(QUERY, k=1)[0].metadata["task"] == "translate"
+
+
+def test_a_bad_record_stops_the_ray_build_with_file_and_line(tmp_path: Path, pool_files: list[Path]) -> None:
+    with pool_files[1].open("a", encoding="utf-8") as fh:
+        fh.write('{"instruction": ""}\n')
+    out = tmp_path / "idx"
+    with pytest.raises(PoolError, match=r"part-1\.jsonl:5: .*instruction"):
+        build_index(pool_files, out, engine="ray", ray=RayOptions(actors=1), topic=False)
+    assert not out.exists() and not list(tmp_path.glob(".idx*"))  # nothing written
+    with pytest.raises(PoolError, match="no file matches"):
+        build_index([str(tmp_path / "missing-*.jsonl")], out, engine="ray")
+
+
+def test_ray_build_from_the_command_line(tmp_path: Path, pool_files: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "idx"
+    args = ["build", *map(str, pool_files), "--out", str(out), "--engine", "ray", "--actors", "1", "--no-topic"]
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["demos"] == len(POOL)
+    assert main(["build", str(pool_files[0]), "--out", str(tmp_path / "x"), "--actors", "2"]) == 2
+    assert "apply to --engine ray" in capsys.readouterr().err
