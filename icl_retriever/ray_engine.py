@@ -9,7 +9,7 @@ build does (manifest, sha256 of every file, atomic switch): nothing is written u
 read and embedded.
 
 What it does not do (yet): the vectors and records are gathered in the driver's memory, so the driver
-must hold the pool (about 1.6 KiB a demo for 384-dim vectors and topic vectors, plus the records), and
+must hold the pool (1.5 KiB of 384-dim vectors a demo, 3 KiB with topic vectors, plus the records), and
 there are no checkpoints to resume from.
 
 ``pip install "icl-retriever[ray]"``; ``ray`` is imported only here.
@@ -17,6 +17,7 @@ there are no checkpoints to resume from.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,6 +107,8 @@ def read_and_embed(
     device = "cuda" if options.gpus_per_actor > 0 else "cpu"
     runtime: Runtime = "torch" if options.gpus_per_actor > 0 else encoder.runtime
     started = not ray.is_initialized()
+    for name in ("ray", "ray.data"):  # Ray Data logs every execution plan at INFO on stderr
+        logging.getLogger(name).setLevel(logging.WARNING)
     if started:
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  configure_logging=False)
