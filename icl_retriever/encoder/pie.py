@@ -14,7 +14,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -328,20 +328,6 @@ class PIEEncoder:
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Pool token states ``(batch, tokens, dim)`` into one vector per prompt (:func:`.pooling.pool`)."""
         return pool(hidden, mask, self.config.pooling, normalize=self.config.normalize)
-
-    @overload
-    def encode(
-        self, instructions: str, *, batch_size: int = ..., show_progress_bar: bool | None = ..., apply_template: bool = ...
-    ) -> np.ndarray: ...
-    @overload
-    def encode(
-        self,
-        instructions: Sequence[str],
-        *,
-        batch_size: int = ...,
-        show_progress_bar: bool | None = ...,
-        apply_template: bool = ...,
-    ) -> np.ndarray: ...
 
     def encode(
         self,
