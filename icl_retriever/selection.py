@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from icl_retriever.encoder import PIEEncoder
+from icl_retriever.ray_engine import RayOptions
 from icl_retriever.records import Demo, load_pool
 
 Method = Literal["kmeans", "kcenter", "random"]
@@ -179,17 +180,23 @@ def select_pool(
     batch_size: int = 32,
     seed: int = 0,
     show_progress_bar: bool = False,
+    engine: Literal["local", "ray"] = "local",
+    ray: RayOptions | None = None,
 ) -> Selection:
     """Pick ``n`` demos of a pool file or an index directory that cover the space of tasks.
 
     An index directory's stored vectors are used as they are (no embedding); a pool file is embedded
-    with ``encoder`` (default: the embedded PIE default). Labels come from each demo's ``label_field``
-    metadata (IEB files store their label as ``task``); they are only needed by ``per_task_cap``.
+    with ``encoder`` (default: the embedded PIE default), here or, with ``engine="ray"``, on a Ray cluster
+    (:mod:`icl_retriever.ray_engine`; ``source`` may then be a glob pattern). Labels come from each demo's
+    ``label_field`` metadata (IEB files store their label as ``task``); they are only needed by
+    ``per_task_cap``.
 
     Raises:
         PoolError / IndexFormatError: the source cannot be read.
         ValueError: see :func:`select_diverse`.
     """
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     started = time.perf_counter()
     path = Path(source)
     if path.is_dir():
@@ -198,6 +205,11 @@ def select_pool(
 
         retriever = Retriever.from_index(path, encoder=encoder)
         demos, vectors = retriever.demos, all_vectors(retriever.index)
+    elif engine == "ray":
+        from icl_retriever import ray_engine
+
+        encoder = encoder or PIEEncoder(runtime="auto")
+        demos, vectors, *_ = ray_engine.read_and_embed([source], encoder, topic=False, options=ray or RayOptions())
     else:
         demos = load_pool(path)
         encoder = encoder or PIEEncoder(runtime="auto")

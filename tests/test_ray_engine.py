@@ -69,3 +69,16 @@ def test_ray_build_from_the_command_line(tmp_path: Path, pool_files: list[Path],
     assert json.loads(capsys.readouterr().out)["demos"] == len(POOL)
     assert main(["build", str(pool_files[0]), "--out", str(tmp_path / "x"), "--actors", "2"]) == 2
     assert "apply to --engine ray" in capsys.readouterr().err
+
+
+def test_select_embeds_on_ray_with_the_same_picks(tmp_path: Path, pool_files: list[Path],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from icl_retriever.selection import select_pool
+
+    onnx = PIEEncoder(runtime="onnx")
+    local = select_pool(pool_files[0], 3, encoder=onnx, method="kcenter")
+    remote = select_pool(str(pool_files[0]), 3, encoder=onnx, method="kcenter", engine="ray", ray=RayOptions(actors=1))
+    assert [d.id for d in remote.demos] == [d.id for d in local.demos]
+    out = tmp_path / "picked.jsonl"
+    assert main(["select", str(pool_files[1]), "--n", "2", "--out", str(out), "--engine", "ray", "--actors", "1"]) == 0
+    assert "Selected 2 of 4 instructions (kmeans)" in capsys.readouterr().out

@@ -8,9 +8,22 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from icl_retriever._version import __version__
 from icl_retriever.cli.output import print_demos, print_json, printable, shorten
+
+
+def _ray_options(args: argparse.Namespace) -> Any:
+    """The RayOptions of ``--engine ray`` and its flags (None for a local run, whose Ray flags are an error)."""
+    from icl_retriever.ray_engine import RayOptions
+
+    flags = {"address": args.address, "actors": args.actors, "gpus_per_actor": args.gpus_per_actor}
+    if args.engine != "ray":
+        if any(v is not None for v in flags.values()):
+            raise ValueError("--address, --actors and --gpus-per-actor apply to --engine ray")
+        return None
+    return RayOptions(**{k: v for k, v in flags.items() if v is not None})
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -18,15 +31,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     from icl_retriever.store import check_target
     from icl_retriever.records import load_pools
     from icl_retriever.build import build_index, check_build_params, index_params
-    from icl_retriever.ray_engine import RayOptions
 
     params = index_params(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
                           nlist=args.nlist, nprobe=args.nprobe)
     check_build_params(args.index_type, params, batch_size=args.batch_size, chunk_size=args.chunk_size)
-    ray_flags = {"address": args.address, "actors": args.actors, "gpus_per_actor": args.gpus_per_actor}
-    if args.engine != "ray" and any(v is not None for v in ray_flags.values()):
-        raise ValueError("--address, --actors and --gpus-per-actor apply to --engine ray")
-    ray = RayOptions(**{k: v for k, v in ray_flags.items() if v is not None}) if args.engine == "ray" else None
+    ray = _ray_options(args)
     check_target(Path(args.out), force=args.force)
     # a local build validates everything before loading a model; Ray validates in its read tasks
     demos = load_pools(args.pool) if args.engine == "local" else None
@@ -260,10 +269,12 @@ def cmd_select(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: is a directory, not a file")
     if out.exists() and not args.force:
         raise ValueError(f"--out {out}: exists; pass --force to replace it")
+    ray = _ray_options(args)
     encoder = None if Path(args.source).is_dir() and args.model is None else PIEEncoder(args.model, runtime=args.runtime)
     result = select_pool(
         args.source, args.n, method=args.method, label_field=args.label_field, per_task_cap=args.per_task_cap,
-        encoder=encoder, batch_size=args.batch_size, seed=args.seed, show_progress_bar=True,
+        encoder=encoder, batch_size=args.batch_size, seed=args.seed, show_progress_bar=True, engine=args.engine,
+        ray=ray,
     )
     lines = (json.dumps(d.record(), ensure_ascii=False) + "\n" for d in result.demos)
     replace_file(out, [line.encode("utf-8") for line in lines])

@@ -77,6 +77,17 @@ _RUNTIME_HELP = (
 )
 
 
+def _add_ray(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help='local: embed here (default); ray: read and embed on a Ray cluster '
+                        '(pip install "icl-retriever[ray]")')
+    p.add_argument("--address", default=None, help='Ray cluster to join ("auto", "ray://host:10001"); default: '
+                                                   "start a local one")
+    p.add_argument("--actors", type=int, default=None, metavar="N", help="Ray embedding actors (default 2)")
+    p.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
+                   help="GPUs per Ray actor (default 0: CPU with ONNX Runtime)")
+
+
 def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", action="store_true",
                    help="CPU only: dynamic int8 encoder (faster, slightly different vectors: an index built with it "
@@ -119,14 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instructions embedded and checkpointed at a time; an interrupted build resumes from the "
                         "last finished chunk (default 10000)")
     p.add_argument("--no-resume", action="store_true", help="embed everything again, ignoring finished chunks")
-    p.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help='local: embed here, in resumable chunks (default); ray: read and embed on a Ray cluster '
-                        '(pip install "icl-retriever[ray]"), index and write here')
-    p.add_argument("--address", default=None, help='Ray cluster to join ("auto", "ray://host:10001"); default: '
-                                                   "start a local one")
-    p.add_argument("--actors", type=int, default=None, metavar="N", help="Ray embedding actors (default 2)")
-    p.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
-                   help="GPUs per Ray actor (default 0: CPU with ONNX Runtime)")
+    _add_ray(p)
     _add_quantize(p)
     _add_runtime(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -247,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
     p.add_argument("--seed", type=int, default=0, help="k-means initialisation and the random sample (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    _add_ray(p)
     _add_runtime(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_select)
