@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -161,25 +160,19 @@ def build_index(
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if show_progress_bar is None:
         show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
+    files = _as_files(pool)
     if engine == "ray":
         from icl_retriever import ray_engine
 
-        if not isinstance(pool, (str, Path)) and not (
-            isinstance(pool, Sequence) and all(isinstance(p, (str, Path)) for p in pool)
-        ):
+        if files is None:
             raise ValueError('engine="ray" reads pool files: give a path, glob pattern or list of them')
         encoder = encoder or PIEEncoder(runtime="auto")
         demos, vectors, topic_index, info, topic_encoder = ray_engine.read_and_embed(
-            [pool] if isinstance(pool, (str, Path)) else pool, encoder, topic=topic, options=ray or RayOptions()
+            files, encoder, topic=topic, options=ray or RayOptions()
         )
         return _index_and_write(demos, vectors, topic_index, info, topic_encoder, encoder, out, index_type, index,
                                 force=force, checkpoints=[], progress=show_progress_bar)
-    if isinstance(pool, (str, Path)):
-        demos = load_pools([pool]) if glob.has_magic(str(pool)) else load_pool(pool)
-    elif isinstance(pool, Sequence) and pool and all(isinstance(p, (str, Path)) for p in pool):
-        demos = load_pools(pool)  # type: ignore[arg-type]
-    else:
-        demos = load_pool(pool)  # type: ignore[arg-type]
+    demos = load_pools(files) if files is not None else load_pool(pool)  # type: ignore[arg-type]
     encoder = encoder or PIEEncoder(runtime="auto")
 
     checkpoints: list[Path] = []  # deleted once the index is written
@@ -202,6 +195,15 @@ def build_index(
     vectors, topic_index, info, topic_encoder = embed_demos(demos, encoder, topic=topic, embed=checkpointed)
     return _index_and_write(demos, vectors, topic_index, info, topic_encoder, encoder, out, index_type, index,
                             force=force, checkpoints=checkpoints, progress=show_progress_bar)
+
+
+def _as_files(pool: object) -> list[str | Path] | None:
+    """``pool`` as a list of pool files or glob patterns, or None when it is records."""
+    if isinstance(pool, (str, Path)):
+        return [pool]
+    if isinstance(pool, Sequence) and pool and all(isinstance(p, (str, Path)) for p in pool):
+        return list(pool)
+    return None
 
 
 def _index_and_write(

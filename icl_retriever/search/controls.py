@@ -56,6 +56,14 @@ class SearchKwargs(TypedDict, total=False):
     demo_format: DemoFormat | None
 
 
+#: Number controls with a closed range: (lowest, highest, what the value means, for the error message).
+_RANGES = {
+    "diversity": (0.0, 1.0, "a number from 0 (plain ranking) to 1 (most diverse)"),
+    "rerank_margin": (0.0, 2.0, "a cosine difference from 0 to 2"),
+    "rerank_weight": (0.0, 1.0, "the PIE weight from 0 (content only) to 1 (task only)"),
+}
+
+
 class SearchControls(BaseModel):
     """The keyword controls of ``get_demos`` / ``get_demos_batch``, each defined and documented here once
     and validated together. Build with :meth:`parse`, which raises a plain ``ValueError`` naming the control
@@ -145,25 +153,12 @@ class SearchControls(BaseModel):
             raise ValueError(f"{info.field_name} must be a positive integer, got {value!r}")
         return int(value)
 
-    @field_validator("diversity", mode="before")
+    @field_validator("diversity", "rerank_margin", "rerank_weight", mode="before")
     @classmethod
-    def _diversity(cls, value: Any) -> float:
-        if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"diversity must be a number from 0 (plain ranking) to 1 (most diverse), got {value!r}")
-        return float(value)
-
-    @field_validator("rerank_margin", mode="before")
-    @classmethod
-    def _margin(cls, value: Any) -> float:
-        if not _is_number(value) or not 0.0 <= float(value) <= 2.0:
-            raise ValueError(f"rerank_margin must be a cosine difference from 0 to 2, got {value!r}")
-        return float(value)
-
-    @field_validator("rerank_weight", mode="before")
-    @classmethod
-    def _weight(cls, value: Any) -> float:
-        if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"rerank_weight must be the PIE weight from 0 (content only) to 1 (task only), got {value!r}")
+    def _in_range(cls, value: Any, info: Any) -> float:
+        low, high, meaning = _RANGES[info.field_name]
+        if not _is_number(value) or not low <= float(value) <= high:
+            raise ValueError(f"{info.field_name} must be {meaning}, got {value!r}")
         return float(value)
 
     @field_validator("min_score", mode="before")
