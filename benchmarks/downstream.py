@@ -22,6 +22,7 @@ import torch
 from icl_retriever import PIEEncoder
 from icl_retriever.downstream import DEFAULT_METHODS, DownstreamConfig, load_causal_lm, run_downstream
 from icl_retriever.errors import ICLRetrieverError
+from icl_retriever.topic import TopicEncoder, default_topic_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POOL = ROOT / "examples" / "demos.jsonl"
@@ -47,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--option-score", choices=("total", "mean"), default="total", help="option log-likelihood for accuracy"
     )
     p.add_argument("--encoder", help="PIE encoder directory (default: the packaged default)")
+    p.add_argument("--topic-vectors", choices=("contextual", "static"), default=None,
+                   help="topic vectors of the rerankers (pie_then_topic, hybrid, default) as an index built with "
+                        "--topic KIND would hold (default: what build_index gives the encoder)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", type=Path, help="write the full report here")
@@ -55,9 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(
-    argv: list[str] | None = None, *, encoder: PIEEncoder | None = None, topic_encoder: PIEEncoder | None = None
+    argv: list[str] | None = None,
+    *,
+    encoder: PIEEncoder | None = None,
+    topic_encoder: PIEEncoder | None = None,
+    content_encoder: TopicEncoder | None = None,
 ) -> int:
-    """Run the benchmark; ``encoder`` / ``topic_encoder`` replace the ones it would load (for tests)."""
+    """Run the benchmark; ``encoder`` / ``topic_encoder`` (the ``topic`` baseline's) / ``content_encoder``
+    (the rerankers' topic vectors) replace the ones it would load (for tests and experiments)."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,9 +81,12 @@ def main(
         )
         if encoder is None and args.encoder:
             encoder = PIEEncoder(args.encoder, device=args.device)
+        if content_encoder is None and args.topic_vectors:
+            content_encoder, _ = default_topic_encoder(encoder or PIEEncoder(device=args.device), args.topic_vectors)
         lm = load_causal_lm(args.model, gguf_file=args.gguf_file, device=args.device)
         report = run_downstream(
             lm, args.pool, queries=args.queries, config=config, encoder=encoder, topic_encoder=topic_encoder,
+            content_encoder=content_encoder,
             show_progress_bar=not args.no_progress,
         )
     except (ICLRetrieverError, ValueError) as exc:

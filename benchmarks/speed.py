@@ -11,7 +11,9 @@
 2. **Cold start.** Wall time of ``icl-retriever query DIR "..." -k 3`` in a fresh process, per runtime
    (median of ``--cold-runs``), over an index of the default pool; the ONNX export is already cached.
 3. **Build.** Wall time (start-up included) of ``icl-retriever build`` per runtime, on the default pool
-   and on ``--build-n`` real instructions from ``eft_train_unsup.json``, in demos/s.
+   and on ``--build-n`` instructions from ``eft_train_unsup.json`` (beyond its 20,814, repeated with a
+   marker; such a pool runs the reference, the default and ``--topic static`` only), in demos/s, against
+   the reference: the build before the ONNX runtime (``--runtime torch``).
 
     python -m benchmarks.speed                      # everything (about 15 minutes on 2 cores)
     python -m benchmarks.speed --quick              # 1k only, 50 queries, small build
@@ -23,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,47 +72,45 @@ def query_latency(sizes: list[int], n_queries: int, warmup: int, k: int) -> list
     import faiss
 
     from icl_retriever import Demo, PIEEncoder, Retriever
-    from icl_retriever.store import TopicInfo
+    from icl_retriever.topic import TopicKind, default_topic_encoder, topic_info
 
     texts = query_texts(n_queries + warmup)
     warm, queries = texts[:warmup], texts[warmup:]
     onnx = PIEEncoder(runtime="onnx")
-    topic = PIEEncoder("default-base", runtime="onnx")
     pool = default_pool()
     base = onnx.encode([d["instruction"] for d in pool], show_progress_bar=False)
-    base_topic = topic.encode([f"{d['instruction']}\n{d['input']}" if d.get("input") else d["instruction"] for d in pool])
-    runtimes = {
-        "icl-retriever, ONNX fp32 (default)": (onnx, topic),
-        "icl-retriever, torch fp32": (PIEEncoder(device="cpu"), PIEEncoder("default-base", device="cpu")),
-        "icl-retriever, ONNX int8 (--quantize)": (
-            PIEEncoder(quantize=True, runtime="onnx"), PIEEncoder("default-base", quantize=True, runtime="onnx")
-        ),
-        "icl-retriever, torch int8 (--quantize --runtime torch)": (
-            PIEEncoder(quantize=True), PIEEncoder("default-base", quantize=True)
-        ),
+    # each retriever gets the topic encoder an index built with its encoder (and --topic KIND) holds
+    runtimes: dict[str, tuple[PIEEncoder, TopicKind]] = {
+        "icl-retriever, ONNX fp32 (default)": (onnx, True),
+        "icl-retriever, ONNX fp32, --topic static": (onnx, "static"),
+        "icl-retriever, torch fp32": (PIEEncoder(device="cpu"), True),
+        "icl-retriever, ONNX int8 (--quantize)": (PIEEncoder(quantize=True, runtime="onnx"), True),
+        "icl-retriever, torch int8 (--quantize --runtime torch)": (PIEEncoder(quantize=True), True),
     }
+    topics = {name: default_topic_encoder(enc, kind) for name, (enc, kind) in runtimes.items()}
+    topic_texts = [f"{d['instruction']}\n{d['input']}" if d.get("input") else d["instruction"] for d in pool]
+    base_topic = {t.fingerprint: t.encode(topic_texts, show_progress_bar=False) for t, _ in topics.values()}
     rows: list[list[object]] = []
     for n in sizes:
         records = synthetic_records(n)
         demos = [Demo.model_construct(score=None, **r) for r in records]
         vectors = synthetic_vectors(base, n, sigma=SIGMA)
-        topic_vectors = synthetic_vectors(base_topic, n, sigma=SIGMA, seed=1)
+        topic_vectors = {fp: synthetic_vectors(v, n, sigma=SIGMA, seed=1) for fp, v in base_topic.items()}
         selector = langchain_selector(hf_embeddings(), vectors, records, k)
         for q in warm:
             selector.select_examples({"instruction": q})
         lc50, lc95 = percentiles(time_each(lambda q: selector.select_examples({"instruction": q}), queries))  # noqa: B023
         rows.append([human(n), "LangChain SemanticSimilarityExampleSelector (FAISS + HuggingFaceEmbeddings)", "-",
                      lc50, lc95, 1.0])
-        for name, (enc, topic_enc) in runtimes.items():
-            for ranking in ("default", "none"):
+        for name, (enc, kind) in runtimes.items():
+            topic, source = topics[name]
+            for ranking in ("default", "none") if kind is True else ("default",):
                 index = faiss.IndexFlatIP(enc.dim)
                 index.add(vectors)
-                topic_index = faiss.IndexFlatIP(topic_enc.dim)
-                topic_index.add(topic_vectors)
-                info = TopicInfo(encoder=topic_enc.config, fingerprint=topic_enc.fingerprint, source="base_model",
-                                 dim=topic_enc.dim)
-                r = Retriever(enc, index, demos, topic_index=topic_index, topic=info, topic_encoder=topic_enc,
-                              cache_size=0)
+                topic_index = faiss.IndexFlatIP(topic.dim)
+                topic_index.add(topic_vectors[topic.fingerprint])
+                r = Retriever(enc, index, demos, topic_index=topic_index, topic=topic_info(topic, source),
+                              topic_encoder=topic, cache_size=0)
                 kw = {} if ranking == "default" else {"rerank": None}
                 for q in warm:
                     r.get_demos(q, k=k, **kw)
@@ -145,21 +146,35 @@ def cold_start(work: Path, env: dict[str, str], runs: int) -> list[list[object]]
     return rows
 
 
-def build_throughput(work: Path, env: dict[str, str], build_n: int) -> list[list[object]]:
+#: The build before the ONNX runtime (torch; PIE and contextual topic vectors): the reference of the ratios.
+REFERENCE_BUILD = ["--runtime", "torch"]
+DEFAULT_BUILD = ["--runtime", "auto"]
+STATIC_BUILD = ["--runtime", "auto", "--topic", "static"]
+BUILD_FLAGS = [REFERENCE_BUILD, DEFAULT_BUILD, STATIC_BUILD, ["--runtime", "auto", "--quantize"]]
+
+
+def build_throughput(work: Path, env: dict[str, str], build_ns: list[int]) -> list[list[object]]:
     pools = [("default pool", DEFAULT_POOL, sum(1 for line in DEFAULT_POOL.open() if line.strip()))]
-    if build_n and UNSUP.is_file():
-        texts = json.loads(UNSUP.read_text(encoding="utf-8"))[:build_n]
-        path = work / "unsup.jsonl"
+    unsup = json.loads(UNSUP.read_text(encoding="utf-8")) if UNSUP.is_file() else []
+    for build_n in (n for n in build_ns if n and unsup):
+        # beyond its 20,814 instructions, repeats carry a marker (" (2)", ...) so each demo stays distinct
+        texts = [t if i < len(unsup) else f"{t} ({i // len(unsup) + 1})" for i, t in
+                 ((i, unsup[i % len(unsup)]) for i in range(build_n))]
+        path = work / f"unsup-{build_n}.jsonl"
         path.write_text("".join(json.dumps({"instruction": t, "output": ""}) + "\n" for t in texts), encoding="utf-8")
-        pools.append((f"eft_train_unsup, first {len(texts)}", path, len(texts)))
+        name = f"eft_train_unsup, first {build_n}" if build_n <= len(unsup) else f"eft_train_unsup x{build_n / len(unsup):.1f}"
+        pools.append((name, path, build_n))
     rows: list[list[object]] = []
     for name, path, n in pools:
         walls = {}
-        for flags in (["--runtime", "torch"], ["--runtime", "auto"], ["--runtime", "auto", "--quantize"]):
+        # a pool beyond the real instructions takes minutes a row: the reference, the default and static only
+        for flags in BUILD_FLAGS if n <= len(unsup) or not unsup else [REFERENCE_BUILD, DEFAULT_BUILD, STATIC_BUILD]:
             label = " ".join(flags)
             out = work / f"build-{len(walls)}-{n}"
             walls[label] = _wall([*CLI, "build", str(path), "--out", str(out), *flags], env)
-            rows.append([name, n, label, walls[label], n / walls[label], walls["--runtime torch"] / walls[label]])
+            shutil.rmtree(out)
+            reference = walls[" ".join(REFERENCE_BUILD)]
+            rows.append([name, n, label, walls[label], n / walls[label], reference / walls[label]])
     return rows
 
 
@@ -170,12 +185,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("-k", type=int, default=4)
     ap.add_argument("--cold-runs", type=int, default=5, help="fresh processes per cold-start row (default 5)")
-    ap.add_argument("--build-n", type=int, default=5000, help="instructions of the larger build (default 5000; 0: skip)")
+    ap.add_argument("--build-n", type=int, nargs="+", default=[5000],
+                    help="sizes of the larger builds (default 5000; beyond 20,814 the instructions repeat, marked)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["query", "cold", "build"])
     ap.add_argument("--quick", action="store_true", help="smoke run: 1k demos, 50 queries, 2 cold runs, 1000-demo build")
     args = ap.parse_args()
     if args.quick:
-        args.sizes, args.queries, args.warmup, args.cold_runs, args.build_n = ["1e3"], 50, 10, 2, 1000
+        args.sizes, args.queries, args.warmup, args.cold_runs, args.build_n = ["1e3"], 50, 10, 2, [1000]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
     print(f"Speed on {machine()}")
@@ -194,9 +210,9 @@ def main() -> None:
             print(table(["--runtime", "--rerank", "median s", "min s", "max s"], rows))
         if "build" not in args.skip:
             rows = build_throughput(work, env, args.build_n)
-            print("\nBuild: `icl-retriever build POOL --out DIR --runtime R` wall time, start-up included (PIE and "
-                  "topic vectors)")
-            print(table(["pool", "demos", "flags", "wall s", "demos/s", "speed-up vs torch"], rows))
+            print("\nBuild: `icl-retriever build POOL --out DIR FLAGS` wall time, start-up included (PIE and topic "
+                  f"vectors); reference: {' '.join(REFERENCE_BUILD)} (the build before the ONNX runtime)")
+            print(table(["pool", "demos", "flags", "wall s", "demos/s", "speed-up vs reference"], rows))
 
 
 if __name__ == "__main__":

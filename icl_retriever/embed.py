@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.records import Demo
 from icl_retriever.store import TopicInfo, new_flat_index, non_unit_row, replace_file
-from icl_retriever.topic import default_topic_encoder, topic_info, topic_text
+from icl_retriever.topic import TopicEncoder, TopicKind, check_topic_kind, default_topic_encoder, topic_info, topic_text
 
 logger = logging.getLogger(__name__)
 
@@ -50,26 +50,27 @@ STALE_CHECKPOINT_S = 3600
 Embed = Callable[..., np.ndarray]
 #: What a pool's embedding gives: its PIE vectors, the flat index of its topic vectors, what the manifest
 #: records of them, and their encoder (the last three None without topic vectors).
-Embedded = tuple[np.ndarray, faiss.Index | None, TopicInfo | None, PIEEncoder | None]
+Embedded = tuple[np.ndarray, faiss.Index | None, TopicInfo | None, TopicEncoder | None]
 
 
 def embed_demos(
-    demos: Sequence[Demo], encoder: PIEEncoder, *, topic: bool, embed: Embed
+    demos: Sequence[Demo], encoder: PIEEncoder, *, topic: TopicKind, embed: Embed
 ) -> Embedded:
     """The one embedding path of a pool, for :func:`build_index` and ``Retriever.from_demos``: PIE vectors
     of the instructions, then (``topic``) the flat index of topic vectors, what the manifest records of
     them, and their encoder. ``embed(texts, encoder, desc=...)`` embeds a text list (checkpointed in
     chunks for a build, at once in memory)."""
+    # the topic encoder first: a kind that cannot be made fails before any embedding work
+    topic_encoder, source = default_topic_encoder(encoder, topic) if check_topic_kind(topic) else (None, None)
     vectors = embed([d.instruction for d in demos], encoder)
-    if not topic:
+    if topic_encoder is None or source is None:
         return vectors, None, None, None
-    topic_encoder, source = default_topic_encoder(encoder)
     topic_vectors = embed([topic_text(d) for d in demos], topic_encoder, desc="Embedding topics")
     return vectors, new_flat_index(topic_vectors, topic_encoder.dim), topic_info(topic_encoder, source), topic_encoder
 
 
 def embed_in_memory(
-    demos: Sequence[Demo], encoder: PIEEncoder, *, topic: bool, batch_size: int, show_progress_bar: bool
+    demos: Sequence[Demo], encoder: PIEEncoder, *, topic: TopicKind, batch_size: int, show_progress_bar: bool
 ) -> Embedded:
     """:func:`embed_demos` without checkpoints (nothing is written), for an in-memory retriever."""
 
@@ -83,7 +84,7 @@ def embed_in_memory(
 # resumable embedding -------------------------------------------------------------------------
 
 
-def resume_dir(out: str | Path, instructions: Sequence[str], encoder: PIEEncoder, chunk_size: int) -> Path:
+def resume_dir(out: str | Path, instructions: Sequence[str], encoder: PIEEncoder | TopicEncoder, chunk_size: int) -> Path:
     """Where a build of ``instructions`` into ``out`` keeps its finished chunks.
 
     The key hashes JSON (unambiguous: no two lists of texts serialise alike, whatever they contain).
@@ -119,7 +120,7 @@ def _is_private(directory: Path) -> bool:
 
 def embed_pool(
     instructions: Sequence[str],
-    encoder: PIEEncoder,
+    encoder: PIEEncoder | TopicEncoder,
     *,
     resume_dir: Path | None = None,
     batch_size: int = 32,
@@ -175,7 +176,7 @@ def embed_pool(
     return vectors
 
 
-def _encode_chunk(encoder: PIEEncoder, texts: Sequence[str], batch_size: int, bar: tqdm) -> np.ndarray:
+def _encode_chunk(encoder: PIEEncoder | TopicEncoder, texts: Sequence[str], batch_size: int, bar: tqdm) -> np.ndarray:
     """One chunk, longest first in slices of a few batches so the progress bar moves steadily."""
     out = np.empty((len(texts), encoder.dim), dtype=np.float32)
     order = np.argsort([-len(t) for t in texts], kind="stable")
@@ -191,7 +192,7 @@ def _chunk_name(number: int) -> str:
     return f"chunk-{number:06d}.npz"
 
 
-def _source(encoder: PIEEncoder, texts: Sequence[str]) -> bytes:
+def _source(encoder: PIEEncoder | TopicEncoder, texts: Sequence[str]) -> bytes:
     """What produces a chunk: the encoder (its fingerprint) and the chunk's texts, as JSON."""
     return json.dumps([encoder.fingerprint, list(texts)]).encode()
 

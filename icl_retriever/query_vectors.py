@@ -7,11 +7,15 @@ import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icl_retriever.encoder import PIEEncoder
+from icl_retriever.encoder.onnx import one_thread
+
+if TYPE_CHECKING:
+    from icl_retriever.topic import TopicEncoder
 
 _CORES = os.cpu_count() or 1
 
@@ -55,13 +59,13 @@ class QueryVectors:
         self._locks_lock = threading.Lock()
         self.side: ThreadPoolExecutor | None = None
 
-    def lock(self, encoder: PIEEncoder) -> threading.Lock:
+    def lock(self, encoder: PIEEncoder | TopicEncoder) -> threading.Lock:
         """The lock of the model behind ``encoder`` (a plain-template copy shares its model's lock)."""
         key = id(encoder.runtime_model)
         with self._locks_lock:
             return self._locks.setdefault(key, threading.Lock())
 
-    def embed(self, encoder: PIEEncoder, queries: list[str], kind: Any) -> np.ndarray:
+    def embed(self, encoder: PIEEncoder | TopicEncoder, queries: list[str], kind: Any) -> np.ndarray:
         """Embeddings of ``queries`` by ``encoder``, from the cache where possible, the rest in one batch."""
         out = np.empty((len(queries), encoder.dim), dtype=np.float32)
         missing: dict[str, list[int]] = {}
@@ -83,10 +87,11 @@ class QueryVectors:
         return out
 
     def embed_both(
-        self, encoder: PIEEncoder, topic_encoder: PIEEncoder | None, queries: list[str]
+        self, encoder: PIEEncoder, topic_encoder: TopicEncoder | None, queries: list[str]
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Task vectors, and topic vectors when ``topic_encoder`` is given: side by side when they are two
-        different ONNX models (they release the GIL) on more than one core. Measured in
+        """Task vectors, and topic vectors when ``topic_encoder`` is given: side by side, one intra-op thread
+        each, when they are two different ONNX models (they release the GIL) on more than one core; else
+        one after the other (a single ONNX model then splits its run over the cores). Measured in
         ``benchmarks/speed.py``: the default ranking then costs about one query embedding, not two."""
         if topic_encoder is None:
             return self.embed(encoder, queries, "pie"), None
@@ -101,5 +106,10 @@ class QueryVectors:
         with self._locks_lock:
             if self.side is None:
                 self.side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icl-topic")
-        topic = self.side.submit(self.embed, topic_encoder, queries, topic_kind)
-        return self.embed(encoder, queries, "pie"), topic.result()
+
+        def on_one_thread(enc: PIEEncoder | TopicEncoder, kind: Any) -> np.ndarray:
+            with one_thread():  # each model on its own core
+                return self.embed(enc, queries, kind)
+
+        topic = self.side.submit(on_one_thread, topic_encoder, topic_kind)
+        return on_one_thread(encoder, "pie"), topic.result()

@@ -30,7 +30,16 @@ from icl_retriever.encoder import EncoderConfig, PIEEncoder, Runtime
 from icl_retriever.errors import PoolError
 from icl_retriever.records import Demo, decode_pool_bytes, iter_pool_text, pool_files, unique_ids
 from icl_retriever.store import new_flat_index
-from icl_retriever.topic import default_topic_encoder, topic_info, topic_text
+from icl_retriever.topic import (
+    TopicEncoder,
+    TopicKind,
+    TopicSource,
+    check_topic_kind,
+    default_topic_encoder,
+    topic_encoder_for,
+    topic_info,
+    topic_text,
+)
 
 #: Instructions per ``map_batches`` batch handed to an actor (it batches them again by ``batch_size``).
 ACTOR_BATCH = 512
@@ -69,10 +78,12 @@ def _parse(row: dict[str, Any], order: dict[str, int]) -> list[dict[str, Any]]:
 class _Embedder:
     """A Ray actor's encoders; called on batches of records, it adds their vectors."""
 
-    def __init__(self, config: str, topic_config: str | None, runtime: Runtime, device: str | None) -> None:
+    def __init__(
+        self, config: str, topic: tuple[str, TopicSource] | None, runtime: Runtime, device: str | None
+    ) -> None:
         self.encoder = PIEEncoder.from_config(EncoderConfig.model_validate_json(config), device=device, runtime=runtime)
-        self.topic = None if topic_config is None else PIEEncoder.from_config(
-            EncoderConfig.model_validate_json(topic_config), device=device, runtime=runtime
+        self.topic = None if topic is None else topic_encoder_for(
+            EncoderConfig.model_validate_json(topic[0]), topic[1], device=device, runtime=runtime
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -87,9 +98,9 @@ def read_and_embed(
     patterns: Sequence[str | Path],
     encoder: PIEEncoder,
     *,
-    topic: bool,
+    topic: TopicKind,
     options: RayOptions,
-) -> tuple[list[Demo], np.ndarray, Any, Any, PIEEncoder | None]:
+) -> tuple[list[Demo], np.ndarray, Any, Any, TopicEncoder | None]:
     """Read, validate and embed pool files on Ray: ``(demos, vectors, topic index, topic info, topic
     encoder)`` in pool order, as :func:`~icl_retriever.embed.embed_demos` gives for a local build.
 
@@ -103,7 +114,7 @@ def read_and_embed(
     for path in files:  # the local checks first: a missing file is named without starting anything
         if not path.is_file():
             raise PoolError("no such file" if not path.exists() else "is not a file", path=str(path))
-    topic_encoder, source = default_topic_encoder(encoder) if topic else (None, None)
+    topic_encoder, source = default_topic_encoder(encoder, topic) if check_topic_kind(topic) else (None, None)
     device = "cuda" if options.gpus_per_actor > 0 else "cpu"
     runtime: Runtime = "torch" if options.gpus_per_actor > 0 else encoder.runtime
     started = not ray.is_initialized()
@@ -125,7 +136,7 @@ def read_and_embed(
             _Embedder,
             fn_constructor_args=(
                 encoder.config.model_dump_json(),
-                None if topic_encoder is None else topic_encoder.config.model_dump_json(),
+                None if topic_encoder is None or source is None else (topic_encoder.config.model_dump_json(), source),
                 runtime,
                 device,
             ),

@@ -17,7 +17,7 @@ from icl_retriever.records import Demo, check_text, load_pool
 from icl_retriever.search import DEFAULT_RERANK, SearchControls, SearchKwargs, Snapshot, select_batch
 from icl_retriever.search.budget import resolve_tokenizer
 from icl_retriever.store import Manifest, TopicInfo, load_version, new_flat_index, trusted_model
-from icl_retriever.topic import TopicEncoderSlot, no_topic_message, topic_text
+from icl_retriever.topic import TopicEncoder, TopicEncoderSlot, TopicKind, no_topic_message, topic_text
 from icl_retriever.updates import LiveIndex
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Retriever:
         manifest: Manifest | None = None,
         topic_index: faiss.Index | None = None,
         topic: TopicInfo | None = None,
-        topic_encoder: PIEEncoder | None = None,
+        topic_encoder: TopicEncoder | None = None,
         cache_size: int = 1024,
     ) -> None:
         if index.ntotal != len(demos):
@@ -84,7 +84,7 @@ class Retriever:
 
     @property
     def topic_index(self) -> faiss.Index | None:
-        """The flat index of topic vectors (plain embeddings of instruction + input), or None."""
+        """The flat index of topic vectors (content vectors of instruction + input), or None."""
         return self._live.state.topic
 
     @property
@@ -169,14 +169,16 @@ class Retriever:
         encoder: PIEEncoder | None = None,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
-        topic: bool = True,
+        topic: TopicKind = True,
         cache_size: int = 1024,
     ) -> Retriever:
         """Embed a pool (file or records) into an in-memory retriever; nothing is written.
 
         Args:
-            topic: also embed each demo's instruction + input with the plain (topic) encoder, for
-                ``rerank="task_then_topic"`` and content-based ``dedup``; doubles the embedding work.
+            topic: also compute each demo's topic vector (instruction + input) for
+                ``rerank="task_then_topic"`` and content-based ``dedup``; the kinds are those of
+                :func:`~icl_retriever.build.build_index` (default: the plain embedding of the default's
+                base or of another model, a second forward pass; ``"static"``: nearly free).
         """
         from icl_retriever.embed import embed_in_memory
 
@@ -202,7 +204,7 @@ class Retriever:
 
     # topic vectors ----------------------------------------------------------------------------
 
-    def topic_encoder(self) -> PIEEncoder:
+    def topic_encoder(self) -> TopicEncoder:
         """The encoder of the topic vectors (loaded on first use and checked against the manifest).
 
         Raises:

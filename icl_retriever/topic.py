@@ -1,9 +1,12 @@
 """Topic vectors: which encoder makes them for an index, and how the manifest records it.
 
-A topic vector is a plain sentence embedding of a demo's instruction and input, kept beside the PIE
-vectors so that ``rerank="task_then_topic"`` can order demos of the query's task by topic. For the
-embedded default the topic encoder is its untrained base (``"default-base"``, no template), loaded once
-per process; for any other model it is the same model without its template.
+A topic vector says what a demo's instruction and input are about; it is kept beside the PIE vectors so
+that ``rerank="task_then_topic"`` can order demos of the query's task by content. For the embedded
+default it is the untrained base model's plain embedding (``"default-base"``, no template, loaded once
+per process); for any other model it is the same model without its template. ``topic="static"`` asks
+for :class:`~icl_retriever.encoder.static.StaticEmbedder` vectors instead (no forward pass: builds about
+twice as fast, a slightly worse LLM downstream; README, "Choosing the default ranking"). An index is
+always queried with the kind it was built with.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ from pathlib import Path
 import threading
 from typing import Any, Literal
 
-from icl_retriever.encoder import PIEEncoder, Runtime
+from icl_retriever.encoder import EncoderConfig, PIEEncoder, Runtime
+from icl_retriever.encoder.static import StaticEmbedder
 from icl_retriever.records import Demo
 from icl_retriever.errors import EncoderMismatchError
 from icl_retriever.store import TopicInfo, trusted_model
 
-TopicSource = Literal["base_model", "same_model_plain"]
+TopicSource = Literal["base_static", "base_model", "same_model_plain"]
+#: What makes topic vectors: a PIE encoder without template, or the static embedder.
+TopicEncoder = PIEEncoder | StaticEmbedder
 
 
 @functools.cache
@@ -27,14 +33,60 @@ def shared_base_encoder(device: Any, runtime: Runtime = "torch") -> PIEEncoder:
     return PIEEncoder("default-base", device=device, runtime=runtime)
 
 
-def default_topic_encoder(encoder: PIEEncoder) -> tuple[PIEEncoder, TopicSource]:
-    """The encoder of topic vectors for an index of ``encoder``, and which kind it is."""
-    if encoder.config.model == "default":
+@functools.cache
+def shared_static_embedder() -> StaticEmbedder:
+    """The static embedder of the packaged base model, loaded once per process (a 45 MiB table)."""
+    return StaticEmbedder("default-base")
+
+
+#: Which topic vectors an index gets: ``True`` or ``"contextual"`` (a forward pass: the base model's plain
+#: embedding for the default, the model's own without template for any other), ``"static"`` (IDF-weighted
+#: word-piece vectors of the packaged base, no forward pass; the default model only), ``False`` (none).
+TopicKind = bool | Literal["static", "contextual"]
+
+
+def check_topic_kind(topic: Any) -> TopicKind:
+    """``topic`` if it is a :data:`TopicKind`.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(topic, bool) or (isinstance(topic, str) and topic in ("static", "contextual")):
+        return topic  # type: ignore[return-value]
+    raise ValueError(f"topic must be True, False, 'static' or 'contextual', got {topic!r}")
+
+
+def default_topic_encoder(encoder: PIEEncoder, kind: TopicKind = True) -> tuple[TopicEncoder, TopicSource]:
+    """The encoder of topic vectors for an index of ``encoder``, and which kind it is.
+
+    Raises:
+        ValueError: ``kind`` is ``"static"`` for a model other than the embedded default, or not a kind.
+    """
+    kind = check_topic_kind(kind)
+    if kind is False:
+        raise ValueError("no topic encoder for topic=False")
+    default = encoder.config.model == "default"
+    if kind == "static" and not default:
+        raise ValueError(
+            f"static topic vectors are made for the embedded default model only, not {encoder.config.model!r}; "
+            "use topic='contextual' (or True)"
+        )
+    if default and kind == "static":
+        return shared_static_embedder(), "base_static"
+    if default:
         return shared_base_encoder(str(encoder.device), encoder.runtime), "base_model"
     return encoder.with_template("plain"), "same_model_plain"
 
 
-def load_topic_encoder(info: TopicInfo, encoder: PIEEncoder, own_models: set[str], path: Path | None) -> PIEEncoder:
+def topic_encoder_for(config: EncoderConfig, source: TopicSource, *, device: Any = None,
+                      runtime: Runtime = "torch") -> TopicEncoder:
+    """The topic encoder a manifest's config and source describe (for a process that has none yet)."""
+    if source == "base_static":
+        return shared_static_embedder() if config.model == "default-base" else StaticEmbedder(config.model)
+    return PIEEncoder.from_config(config, device=device, runtime=runtime)
+
+
+def load_topic_encoder(info: TopicInfo, encoder: PIEEncoder, own_models: set[str], path: Path | None) -> TopicEncoder:
     """The encoder that made an index's topic vectors (``info``), for queries by a retriever of ``encoder``.
 
     The base model and the index's own model (``own_models``: the encoder's and the manifest's) load on
@@ -45,13 +97,16 @@ def load_topic_encoder(info: TopicInfo, encoder: PIEEncoder, own_models: set[str
         ModelLoadError: the named model is not trusted or cannot be loaded.
     """
     cfg = info.encoder
-    if info.source == "base_model" and cfg.model == "default-base":
+    enc: TopicEncoder
+    if info.source == "base_static" and cfg.model == "default-base":
+        enc = shared_static_embedder()
+    elif info.source == "base_model" and cfg.model == "default-base":
         enc = shared_base_encoder(str(encoder.device), encoder.runtime)
     elif info.source == "same_model_plain" and cfg.model in own_models:
         enc = encoder.with_template(cfg.template, add_period=cfg.add_period)
     else:  # a model the manifest names: trusted only as the index's own would be
         name = cfg.model if path is None else trusted_model(path, cfg.model)
-        enc = PIEEncoder.from_config(cfg.model_copy(update={"model": name}), runtime=encoder.runtime)
+        enc = topic_encoder_for(cfg.model_copy(update={"model": name}), info.source, runtime=encoder.runtime)
     if enc.fingerprint != info.fingerprint:
         raise EncoderMismatchError(
             f"{path or 'index'}: topic vectors were made by encoder {info.fingerprint} ({cfg.model!r}), "
@@ -60,7 +115,7 @@ def load_topic_encoder(info: TopicInfo, encoder: PIEEncoder, own_models: set[str
     return enc
 
 
-def topic_info(topic_encoder: PIEEncoder, source: TopicSource) -> TopicInfo:
+def topic_info(topic_encoder: TopicEncoder, source: TopicSource) -> TopicInfo:
     """What the manifest records of a topic encoder."""
     return TopicInfo(encoder=topic_encoder.config, fingerprint=topic_encoder.fingerprint, source=source, dim=topic_encoder.dim)
 
@@ -85,12 +140,12 @@ class TopicEncoderSlot:
     """The encoder of a retriever's topic vectors: loaded on first use, and again only when a newer
     version of the index names another (its fingerprint changed)."""
 
-    def __init__(self, encoder: PIEEncoder, loaded: PIEEncoder | None = None) -> None:
+    def __init__(self, encoder: PIEEncoder, loaded: TopicEncoder | None = None) -> None:
         self._encoder = encoder
         self._loaded = loaded
         self._lock = threading.Lock()
 
-    def get(self, info: TopicInfo | None, manifest_model: str | None, path: Path | None) -> PIEEncoder:
+    def get(self, info: TopicInfo | None, manifest_model: str | None, path: Path | None) -> TopicEncoder:
         """The topic encoder for ``info`` (the index's topic record), checked against its fingerprint.
 
         Raises:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from icl_retriever import Demo, PIEEncoder
 
 #: Ten demos of five tasks, two per task.
@@ -32,8 +34,8 @@ def ids(demos: list[Demo]) -> list[str]:
 class CountingEncode:
     """Wraps ``encoder.encode``: counts the texts it embeds and can fail on the n-th call."""
 
-    def __init__(self, encoder: PIEEncoder, fail_on_call: int | None = None) -> None:
-        self.original = PIEEncoder.encode.__get__(encoder)  # the real method, even when already patched
+    def __init__(self, encoder: Any, fail_on_call: int | None = None) -> None:
+        self.original = type(encoder).encode.__get__(encoder)  # the real method, even when already patched
         self.fail_on_call = fail_on_call
         self.calls: list[list[str]] = []
 

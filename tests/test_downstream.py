@@ -29,6 +29,7 @@ from icl_retriever.downstream import (
 )
 from icl_retriever.errors import ModelLoadError, PoolError
 from icl_retriever.records import load_pool
+from icl_retriever.topic import default_topic_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["zero-shot", "random", "topic", "pie", "pie_then_topic", "hybrid:0.5", "mmr:0.3", "default"]
@@ -317,8 +318,12 @@ def test_default_method_is_what_get_demos_returns(
     texts = ["Capital of Peru?", "Is this review positive or negative?", "Say it in German."]
     queries.write_text(json.dumps([_demo(f"q{i}", "x", t, "y") for i, t in enumerate(texts)]), encoding="utf-8")
     config = DownstreamConfig(methods=["default"], ks=[2], max_queries=None)
-    report = run_downstream(tiny_lm, pool_file, queries=queries, config=config, encoder=encoder, topic_encoder=topic_encoder)
-    picked = {o.query_id: o.demo_ids for o in report.outcomes}
-    retriever = Retriever.from_demos(load_pool(pool_file), encoder=encoder)
-    for i, text in enumerate(texts):  # the benchmark never offers a query's twin: exclude_query does the same
-        assert picked[f"q{i}"] == [d.id for d in retriever.get_demos(text, k=2, exclude_query=True)]
+    for kind in (True, "static"):  # the default's topic vectors, and the ones --topic static builds
+        content, _ = default_topic_encoder(encoder, kind)
+        report = run_downstream(tiny_lm, pool_file, queries=queries, config=config, encoder=encoder,
+                                topic_encoder=topic_encoder, content_encoder=None if kind is True else content)
+        picked = {o.query_id: o.demo_ids for o in report.outcomes}
+        retriever = Retriever.from_demos(load_pool(pool_file), encoder=encoder, topic=kind)
+        assert retriever.topic is not None and retriever.topic.fingerprint == content.fingerprint
+        for i, text in enumerate(texts):  # the benchmark never offers a query's twin: exclude_query does the same
+            assert picked[f"q{i}"] == [d.id for d in retriever.get_demos(text, k=2, exclude_query=True)]

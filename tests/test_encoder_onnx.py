@@ -170,7 +170,6 @@ def test_retriever_from_index_uses_onnx_and_returns_the_same_demos(default_index
         assert [d.id for d in got] == [d.id for d in expected]
         assert np.allclose([d.score for d in got], [d.score for d in expected], atol=1e-4)
     assert fast.topic_encoder().runtime == "onnx"
-    assert len(POOL) > 0
 
 
 def test_threads_share_an_onnx_retriever(default_index: Path) -> None:
@@ -181,6 +180,16 @@ def test_threads_share_an_onnx_retriever(default_index: Path) -> None:
     queries = [d["instruction"] + " Please." for d in POOL] * 3
     expected = [[d.id for d in fast.get_demos(q, k=3)] for q in queries]
     assert fast._queries.side is not None  # the topic model ran on the side worker
+    assert list(fast.encoder._onnx._sessions) == [1]  # side by side: one thread each
     with ThreadPoolExecutor(max_workers=4) as pool:
         got = list(pool.map(lambda q: [d.id for d in fast.get_demos(q, k=3)], queries))
     assert got == expected
+    # one model (task order): a query's batch runs on the session of several threads, with the same vectors
+    task_order = [[d.id for d in fast.get_demos(q, k=3, rerank=None)] for q in queries]
+    if onnx_backend.QUERY_THREADS > 1:
+        assert onnx_backend.QUERY_THREADS in fast.encoder._onnx._sessions
+    with onnx_backend.one_thread():
+        one = fast.encoder.encode(queries[0])
+    assert np.abs(one - fast.encoder.encode(queries[0])).max() <= 1e-6
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(lambda q: [d.id for d in fast.get_demos(q, k=3, rerank=None)], queries)) == task_order

@@ -45,7 +45,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         retriever = build_index(
             demos if demos is not None else args.pool, args.out, encoder=encoder, engine=args.engine, ray=ray,
             index_type=args.index_type, index=params, batch_size=args.batch_size, chunk_size=args.chunk_size,
-            force=args.force, resume=not args.no_resume, show_progress_bar=True, topic=not args.no_topic,
+            force=args.force, resume=not args.no_resume, show_progress_bar=True,
+            topic={"auto": True, "none": False}.get(args.topic, args.topic),
         )
     except KeyboardInterrupt:
         print("icl-retriever: interrupted; finished chunks are kept: run the same command again to resume",

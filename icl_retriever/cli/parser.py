@@ -113,9 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory or Hugging Face id (default: the embedded PIE model)")
     p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
     p.add_argument("--force", action="store_true", help="replace an existing index at --out")
-    p.add_argument("--no-topic", action="store_true",
-                   help="skip the topic vectors (plain embeddings of instruction + input) that --rerank "
-                        "task_then_topic needs; halves the embedding work")
+    p.add_argument("--topic", choices=["auto", "static", "contextual", "none"], default="auto",
+                   help="topic vectors (content of instruction + input) for the default ranking: auto / "
+                        "contextual (default): the plain embedding of the base model (of another model: itself "
+                        "without template), a second forward pass; static: IDF-weighted word-piece vectors, "
+                        "nearly free (default model only; builds ~2x faster, LLM slightly worse downstream); "
+                        "none: no topic vectors (task order)")
+    p.add_argument("--no-topic", dest="topic", action="store_const", const="none", help="the same as --topic none")
     p.add_argument("--index-type", choices=["auto", "flat", "hnsw", "ivf"], default="auto",
                    help="flat: exact; hnsw / ivf: approximate, for large pools (default auto: flat below 200,000 "
                         "demos, hnsw above)")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_retriever.topic import topic_text
+from icl_retriever.topic import TopicEncoder, default_topic_encoder, topic_text
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.errors import PoolError
 from icl_retriever.records import Demo, load_pool
@@ -109,6 +109,7 @@ def _embed_space(
     methods: Sequence[Method],
     encoder: PIEEncoder | None,
     topic_encoder: PIEEncoder | None,
+    content_encoder: TopicEncoder | None,
     show_progress_bar: bool,
 ) -> _Space:
     """Vectors the methods need, once each; queries drawn from the pool reuse the pool's rows."""
@@ -119,10 +120,18 @@ def _embed_space(
         pool_pie = encoder.encode([d.instruction for d in pool], **kw)
         query_pie = pool_pie if queries is None else encoder.encode([d.instruction for d in queries], **kw)
     if any(m.needs_topic for m in methods):
-        topic_encoder = topic_encoder or PIEEncoder("default-base")  # template "plain", as index topic vectors
+        topic_encoder = topic_encoder or PIEEncoder("default-base")  # template "plain": the contextual baseline
         pool_topic = topic_encoder.encode([topic_text(d) for d in pool], **kw)
         query_topic = pool_topic if queries is None else topic_encoder.encode([topic_text(d) for d in queries], **kw)
-    return _Space(pool_pie, pool_topic, query_pie, query_topic)
+    pool_content = query_content = None
+    if any(m.needs_content for m in methods):
+        if content_encoder is None:
+            content_encoder, _ = default_topic_encoder(encoder or PIEEncoder())
+        pool_content = content_encoder.encode([topic_text(d) for d in pool], **kw)
+        query_content = (
+            pool_content if queries is None else content_encoder.encode([topic_text(d) for d in queries], **kw)
+        )
+    return _Space(pool_pie, pool_topic, query_pie, query_topic, pool_content, query_content)
 
 
 @dataclass
@@ -145,6 +154,7 @@ def run_downstream(
     config: DownstreamConfig | None = None,
     encoder: PIEEncoder | None = None,
     topic_encoder: PIEEncoder | None = None,
+    content_encoder: TopicEncoder | None = None,
     show_progress_bar: bool = False,
 ) -> DownstreamReport:
     """Score every configured method's demos for sampled queries with a causal LM.
@@ -155,7 +165,10 @@ def run_downstream(
         queries: a separate query set; ``None`` draws queries from the pool, leave-one-out.
         config: methods, ks, sampling and scoring settings.
         encoder: PIE encoder (default: the packaged default).
-        topic_encoder: topic encoder (default: ``"default-base"``, the base model's plain embedding).
+        topic_encoder: encoder of the ``topic`` baseline (default: ``"default-base"``, the base model's plain
+            contextual embedding, what a LangChain user's selector does).
+        content_encoder: encoder of the topic vectors the rerankers (``pie_then_topic``, ``hybrid``,
+            ``default``) use (default: the one an index of ``encoder`` gets, as ``get_demos`` uses).
         show_progress_bar: a tqdm bar over the LM forward passes (and the encoders').
 
     Raises:
@@ -168,7 +181,8 @@ def run_downstream(
     methods = [parse_method(m) for m in config.methods]
     picked = sample_queries(query_demos, config.max_queries, config.seed)
     space = _embed_space(
-        pool_demos, None if queries is None else query_demos, methods, encoder, topic_encoder, show_progress_bar
+        pool_demos, None if queries is None else query_demos, methods, encoder, topic_encoder, content_encoder,
+        show_progress_bar,
     )
     scorer = LMScorer(lm, max_prompt_tokens=config.max_prompt_tokens, batch_size=config.batch_size)
     closed = closed_label_options(
@@ -213,18 +227,21 @@ def _plan(
     for q in picked:
         query = queries[q]
         candidates = np.flatnonzero(keys != twin_key(query.instruction))
-        pie_scores = topic_scores = cand_pie = q_pie = None
+        pie_scores = topic_scores = content_scores = cand_pie = q_pie = None
         if space.pool_pie is not None and space.query_pie is not None:
             q_pie = space.query_pie[q]
             pie_scores = (space.pool_pie @ q_pie)[candidates]
             cand_pie = space.pool_pie[candidates] if any(m.kind == "mmr" for m in methods) else None
         if space.pool_topic is not None and space.query_topic is not None:
             topic_scores = (space.pool_topic @ space.query_topic[q])[candidates]
+        if space.pool_content is not None and space.query_content is not None:
+            content_scores = (space.pool_content @ space.query_content[q])[candidates]
         label = _label(query, config.label_field)
         options = closed.get(label, []) if label is not None else []
         for method in methods:
             ranked = rank_demos(
                 method, candidates, limit, pie_scores=pie_scores, topic_scores=topic_scores,
+                content_scores=content_scores,
                 pie_vectors=cand_pie, query_pie=q_pie,
                 rng=np.random.default_rng([config.seed, q]),
             )

@@ -40,7 +40,13 @@ class Method(BaseModel):
 
     @property
     def needs_topic(self) -> bool:
-        return self.kind in ("topic", "pie_then_topic", "hybrid", "default")
+        """The ``topic`` baseline: the base model's contextual embedding of instruction + input."""
+        return self.kind == "topic"
+
+    @property
+    def needs_content(self) -> bool:
+        """The rerankers: the retriever's own topic vectors (what ``get_demos`` reranks with)."""
+        return self.kind in ("pie_then_topic", "hybrid", "default")
 
 
 def parse_method(text: str) -> Method:
@@ -73,12 +79,15 @@ def parse_method(text: str) -> Method:
 
 @dataclass
 class _Space:
-    """PIE and topic vectors of the pool and of the queries, each computed once (``None`` if unused)."""
+    """PIE, topic-baseline and reranking (content) vectors of the pool and of the queries, each computed
+    once (``None`` if unused)."""
 
     pool_pie: np.ndarray | None
     pool_topic: np.ndarray | None
     query_pie: np.ndarray | None
     query_topic: np.ndarray | None
+    pool_content: np.ndarray | None = None
+    query_content: np.ndarray | None = None
 
 
 def rank_demos(
@@ -88,6 +97,7 @@ def rank_demos(
     *,
     pie_scores: np.ndarray | None = None,
     topic_scores: np.ndarray | None = None,
+    content_scores: np.ndarray | None = None,
     pie_vectors: np.ndarray | None = None,
     query_pie: np.ndarray | None = None,
     rng: np.random.Generator | None = None,
@@ -98,7 +108,8 @@ def rank_demos(
         method: the method.
         candidates: pool rows the query may use (itself and its twins already removed).
         limit: how many to return (fewer if there are fewer candidates).
-        pie_scores / topic_scores: cosine of each candidate to the query, aligned with ``candidates``.
+        pie_scores / topic_scores / content_scores: cosine of each candidate to the query, aligned with
+            ``candidates`` (PIE; the ``topic`` baseline's contextual embedding; the rerankers' topic vectors).
         pie_vectors / query_pie: PIE vectors of the candidates and the query (for MMR).
         rng: source of the ``random`` order.
     """
@@ -116,11 +127,11 @@ def rank_demos(
         param = float(method.param or 0.0)
         rerank = "hybrid" if method.kind == "hybrid" else "task_then_topic"
         order = np.asarray(
-            rerank_order(rerank, _need(pie_scores, "pie"), _need(topic_scores, "topic"), weight=param, margin=param)
+            rerank_order(rerank, _need(pie_scores, "pie"), _need(content_scores, "content"), weight=param, margin=param)
         )
     elif method.kind == "default":  # as Retriever.get_demos: rerank="auto" over the fetch_k best PIE candidates
         top = np.argsort(-_need(pie_scores, "pie"), kind="stable")[: max(DEFAULT_FETCH_K, 4 * limit)]
-        order = top[rerank_order(DEFAULT_RERANK, _need(pie_scores, "pie")[top], _need(topic_scores, "topic")[top])]
+        order = top[rerank_order(DEFAULT_RERANK, _need(pie_scores, "pie")[top], _need(content_scores, "content")[top])]
     else:  # mmr over the fetch_k best PIE candidates, as Retriever.get_demos(diversity=D) does
         top = np.argsort(-_need(pie_scores, "pie"), kind="stable")[: max(DEFAULT_FETCH_K, limit)]
         picked = mmr_order(_need(query_pie, "pie"), _need(pie_vectors, "pie")[top], float(method.param or 0.0), limit)

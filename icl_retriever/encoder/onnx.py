@@ -16,11 +16,13 @@ of tensors, not code; nothing here unpickles.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +42,21 @@ ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
 _CORES = os.cpu_count() or 1
+#: Intra-op threads of a single batch (a query): a 30-token query splits well over a few cores only.
+QUERY_THREADS = min(_CORES, 4)
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """On this thread, run even a single batch on one intra-op thread: for two models embedding a query
+    side by side, each on its own core (several threads each would fight over the same cores)."""
+    before = getattr(_local, "one_thread", False)
+    _local.one_thread = True
+    try:
+        yield
+    finally:
+        _local.one_thread = before
 
 
 class OnnxMeta(BaseModel):
@@ -129,33 +146,55 @@ def find(model: str, pooling: str, normalize: bool, *, int8: bool = False) -> tu
 
 
 class OnnxRuntime:
-    """An ONNX Runtime session computing pooled, normalised embeddings from token ids.
+    """ONNX Runtime sessions computing pooled, normalised embeddings from token ids.
 
-    The session computes on the calling thread only (one intra-op thread): a single query gains little
-    from splitting its small matrices across cores, and idle pool threads spinning after each run slow
-    whatever the process does next. Cores are used by running batches side by side instead
-    (:meth:`run_many`), and a retriever runs its task and topic models side by side.
+    Two sessions of the same graph, each made on first use. Several batches (a build) run side by side
+    on sessions computing on the calling thread only (one intra-op thread each: no splitting overhead,
+    no idle pool threads). A single batch (a query) runs on a session that splits its matrices over up
+    to :data:`QUERY_THREADS` cores, with pool threads that sleep rather than spin once the run is over,
+    so the search that follows has the cores: measured in ``benchmarks/speed.py``.
     """
 
     def __init__(self, directory: Path, meta: OnnxMeta) -> None:
+        self.meta = meta
+        self._path = directory / ONNX_FILE
+        self._sessions: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._session(1)  # the graph is checked on load; a broken file fails here, not at the first query
+
+    def _session(self, threads: int) -> Any:
+        """The session computing on ``threads`` intra-op threads (made once)."""
+        session = self._sessions.get(threads)
+        if session is not None:
+            return session
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self.meta = meta
-        self.session = ort.InferenceSession(str(directory / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        with self._lock:
+            if threads not in self._sessions:
+                options = ort.SessionOptions()
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+                options.log_severity_level = 3
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                self._sessions[threads] = ort.InferenceSession(
+                    str(self._path), options, providers=["CPUExecutionProvider"]
+                )
+            return self._sessions[threads]
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Embeddings ``(n, dim)`` float32 of one padded batch."""
-        out = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, threads: int = 1) -> np.ndarray:
+        """Embeddings ``(n, dim)`` float32 of one padded batch, on ``threads`` intra-op threads."""
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        out = self._session(threads).run(None, feed)[0]
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def run_many(self, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> Iterator[np.ndarray]:
-        """Embeddings of several batches, in order, computed on up to one thread per core (ONNX Runtime
-        releases the GIL and a session may run concurrently)."""
+        """Embeddings of several batches, in order: one batch on up to :data:`QUERY_THREADS` cores, more
+        batches side by side, one thread per core (ONNX Runtime releases the GIL; a session may run
+        concurrently)."""
+        if len(batches) == 1:
+            yield self.run(*batches[0], threads=1 if getattr(_local, "one_thread", False) else QUERY_THREADS)
+            return
         workers = min(len(batches), _CORES)
         if workers <= 1:
             yield from (self.run(*b) for b in batches)

@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 VECTORS = "vectors"
 DEMOS = "demos"
-#: Optional role: plain (topic) embeddings of instruction + input, row i for demo i, as a flat index.
+#: Optional role: topic (content) vectors of instruction + input, row i for demo i, as a flat index.
 TOPIC = "topic"
 FILE_SUFFIX = {VECTORS: ".faiss", DEMOS: ".jsonl", TOPIC: ".faiss"}
 FILE_PREFIX = {VECTORS: "index.", DEMOS: "demos.", TOPIC: "topic."}
@@ -64,16 +64,17 @@ PARAMS_OF: dict[str, tuple[str, ...]] = {
 class TopicInfo(BaseModel):
     """The topic vectors beside the PIE ones: which encoder made them (``rerank="task_then_topic"``).
 
-    ``source`` is ``"base_model"`` when they come from the PIE model's base weights without PIE
-    training (the default encoder: ``"default-base"``), ``"same_model_plain"`` when they come from the
-    index's own model without its template (the fallback for any other model).
+    ``source`` is ``"base_static"`` for the mean of the base model's word-piece embeddings (the default
+    encoder's, ``"default-base"``: no forward pass), ``"base_model"`` for the base model's contextual
+    embedding (what indexes of the default held before 0.x), ``"same_model_plain"`` for the index's own
+    model without its template (any other model).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     encoder: EncoderConfig
     fingerprint: str
-    source: Literal["base_model", "same_model_plain"]
+    source: Literal["base_static", "base_model", "same_model_plain"]
     dim: int = Field(ge=1)
 
 
