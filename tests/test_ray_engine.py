@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from icl_retriever import PIEEncoder, PoolError, Retriever, build_index
+from icl_retriever.topic import topic_text
 from icl_retriever.cli import main
 from icl_retriever.ray_engine import RayOptions
 from icl_retriever.store import all_vectors
@@ -49,6 +50,12 @@ def test_ray_build_equals_the_local_build(tmp_path: Path, pool_files: list[Path]
     assert remote.manifest.fingerprint == local.manifest.fingerprint and remote.manifest.topic == local.manifest.topic
     reopened = Retriever.from_index(tmp_path / "ray", encoder=encoder)  # an ordinary, verified index directory
     assert reopened.get_demos(QUERY, k=1)[0].metadata["task"] == "translate"
+    # static topic vectors are made by the actors too, the same as locally
+    static = build_index(pool_files, tmp_path / "ray-static", encoder=onnx, engine="ray", ray=RayOptions(actors=1),
+                         topic="static")
+    assert static.topic is not None and static.topic.source == "base_static"
+    expected = static.topic_encoder().encode([topic_text(d) for d in static.demos])
+    assert np.abs(all_vectors(static.topic_index) - expected).max() < 1e-6
 
 
 def test_a_bad_record_stops_the_ray_build_with_file_and_line(tmp_path: Path, pool_files: list[Path]) -> None:
