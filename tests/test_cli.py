@@ -50,6 +50,7 @@ def test_build_query_info(tmp_path: Path, pool: Path) -> None:
     info = cli("info", out, "--json")
     assert info.returncode == 0
     assert json.loads(info.stdout)["count"] == 4
+    assert "topic vectors  contextual (plain embedding of default-base)" in cli("info", out).stdout
 
 
 def test_errors_are_one_line_with_nonzero_exit(tmp_path: Path, pool: Path) -> None:
@@ -128,7 +129,8 @@ def test_train_on_a_labelled_pool_then_build_with_it(tmp_path: Path) -> None:
     assert not (tmp_path / "idx").exists()
     built = cli("build", small, "--out", tmp_path / "idx", "--model", model, "--no-topic")
     assert built.returncode == 0, built.stderr
-    assert str(model) in cli("info", tmp_path / "idx").stdout
+    info = cli("info", tmp_path / "idx").stdout
+    assert str(model) in info and "topic vectors  none (task order only)" in info
 
 
 def test_demo_builds_the_packaged_pool_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -249,6 +249,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("max length", str(enc.max_length)),
         ("template", json.dumps(enc.template)),
         ("fingerprint", manifest.fingerprint),
+        ("topic vectors", "none (task order only)" if manifest.topic is None else
+         {"base_static": "static (IDF-weighted word pieces of", "base_model": "contextual (plain embedding of",
+          "same_model_plain": "contextual (plain embedding of"}[manifest.topic.source] + f" {manifest.topic.encoder.model})"),
         ("created", manifest.created.isoformat(timespec="seconds")),
         ("updated", f"{manifest.updated.isoformat(timespec='seconds')} (generation {manifest.generation})"),
         ("format", f"{manifest.format_version} (library {manifest.library_version})"),
