@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.records import Demo
 from icl_retriever.store import TopicInfo, new_flat_index, non_unit_row, replace_file
-from icl_retriever.topic import TopicEncoder, TopicKind, check_topic_kind, default_topic_encoder, topic_info, topic_text
+from icl_retriever.topic import TopicEncoder, TopicKind, topic_encoder_or_none, topic_info, topic_text
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def embed_demos(
     them, and their encoder. ``embed(texts, encoder, desc=...)`` embeds a text list (checkpointed in
     chunks for a build, at once in memory)."""
     # the topic encoder first: a kind that cannot be made fails before any embedding work
-    topic_encoder, source = default_topic_encoder(encoder, topic) if check_topic_kind(topic) else (None, None)
+    topic_encoder, source = topic_encoder_or_none(encoder, topic)
     vectors = embed([d.instruction for d in demos], encoder)
     if topic_encoder is None or source is None:
         return vectors, None, None, None

@@ -34,9 +34,8 @@ from icl_retriever.topic import (
     TopicEncoder,
     TopicKind,
     TopicSource,
-    check_topic_kind,
-    default_topic_encoder,
     topic_encoder_for,
+    topic_encoder_or_none,
     topic_info,
     topic_text,
 )
@@ -114,7 +113,7 @@ def read_and_embed(
     for path in files:  # the local checks first: a missing file is named without starting anything
         if not path.is_file():
             raise PoolError("no such file" if not path.exists() else "is not a file", path=str(path))
-    topic_encoder, source = default_topic_encoder(encoder, topic) if check_topic_kind(topic) else (None, None)
+    topic_encoder, source = topic_encoder_or_none(encoder, topic)
     device = "cuda" if options.gpus_per_actor > 0 else "cpu"
     runtime: Runtime = "torch" if options.gpus_per_actor > 0 else encoder.runtime
     started = not ray.is_initialized()

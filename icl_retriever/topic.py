@@ -78,6 +78,17 @@ def default_topic_encoder(encoder: PIEEncoder, kind: TopicKind = True) -> tuple[
     return encoder.with_template("plain"), "same_model_plain"
 
 
+def topic_encoder_or_none(
+    encoder: PIEEncoder, topic: TopicKind
+) -> tuple[TopicEncoder, TopicSource] | tuple[None, None]:
+    """:func:`default_topic_encoder` for a build's ``topic`` setting: ``(None, None)`` for ``False``.
+
+    Raises:
+        ValueError: not a topic kind, or one the model has not.
+    """
+    return default_topic_encoder(encoder, topic) if check_topic_kind(topic) else (None, None)
+
+
 def topic_encoder_for(config: EncoderConfig, source: TopicSource, *, device: Any = None,
                       runtime: Runtime = "torch") -> TopicEncoder:
     """The topic encoder a manifest's config and source describe (for a process that has none yet)."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from icl_retriever.default_model import BASE_SHA256
 from icl_retriever.encoder.config import EncoderConfig
 from icl_retriever.errors import ModelLoadError
 
@@ -63,7 +64,7 @@ class StaticEmbedder:
         self.config = EncoderConfig(model=model, template="{instruction}", pooling="mean", max_length=MAX_TOKENS)
         payload = json.dumps({
             "kind": KIND,
-            "weights_sha256": _weights_sha256(model),
+            "weights_sha256": BASE_SHA256,  # load_table reads the packaged base only, verified against it
             "tokenizer_sha256": hashlib.sha256(self._tokenizer.to_str().encode()).hexdigest(),
             "idf_sha256": hashlib.sha256(idf.tobytes()).hexdigest(),
             "max_tokens": MAX_TOKENS,
@@ -135,10 +136,3 @@ def _model_dir(model: str) -> Path:
     from icl_retriever.default_model import base_model_dir
 
     return base_model_dir()  # its weights verified against the pinned sha256
-
-
-def _weights_sha256(model: str) -> str:
-    from icl_retriever.default_model import BASE_SHA256
-
-    _model_dir(model)
-    return BASE_SHA256
