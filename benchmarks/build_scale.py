@@ -9,9 +9,14 @@ Two kinds of row, each measured in a fresh child process (peak RSS is a per-proc
   default-pool instructions plus Gaussian noise (norm 0.3, renormalised), as in ``latency.py``;
   timed are indexing (+ ef_search / nprobe tuning and recall), writing the index directory, loading
   it back (sha256 verified) and 100 ``get_demos`` queries. Peak RSS covers all of it.
+* ``serving``: each indexing-only directory opened again in a fresh process, read into memory and
+  memory-mapped (``mmap=True``), sha256 verified, then 100 ``get_demos``: load time, query p50 / p95,
+  peak RSS (which counts mapped file pages the process touched) and anonymous RSS after the queries (the
+  memory the process itself holds; mapped pages are the OS's cache and can be dropped).
 
     python -m benchmarks.build_scale                      # full build at 1e5; indexing only at 1e5, 1e6
     python -m benchmarks.build_scale --full-sizes 1e5 --full-types flat hnsw --index-sizes 1e6 --types hnsw
+    python -m benchmarks.build_scale --full-sizes --index-sizes 1e6 --types ivfpq --no-topic   # 1e6 IVF-PQ, mapped
     python -m benchmarks.build_scale --quick              # 1e3 everywhere
 """
 
@@ -127,6 +132,31 @@ def child_index(n: int, kind: str, workdir: Path, topic: bool) -> dict:
     }
 
 
+def _anon_rss_gib() -> float:
+    """Anonymous resident memory of this process now (Linux ``RssAnon``): what it holds besides mapped files."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def child_serve(n: int, kind: str, workdir: Path, mmap: bool) -> dict:
+    """Open an indexing-only directory in this fresh process and query it."""
+    from icl_retriever import PIEEncoder, Retriever
+
+    encoder = PIEEncoder(device="cpu")
+    queries = query_texts(120)
+    before = _anon_rss_gib()
+    start = time.perf_counter()
+    r = Retriever.from_index(workdir / f"index-{n}-{kind}", encoder=encoder, mmap=mmap)
+    load_s = time.perf_counter() - start
+    for q in queries[:20]:
+        r.get_demos(q)
+    p50, p95 = percentiles(time_each(lambda q: r.get_demos(q), queries[20:]))
+    return {"load_s": load_s, "p50": p50, "p95": p95, "peak_gib": peak_rss_gib(),
+            "anon_gib": _anon_rss_gib() - before}
+
+
 def run_child(mode: str, n: int, kind: str, workdir: Path, topic: bool) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.build_scale", "--child", mode, str(n), kind, str(workdir)]
     if not topic:
@@ -140,9 +170,9 @@ def run_child(mode: str, n: int, kind: str, workdir: Path, topic: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full-sizes", nargs="*", default=["1e5"], help="sizes for full builds (default 1e5)")
-    ap.add_argument("--full-types", nargs="+", default=["auto"], choices=["auto", "flat", "hnsw", "ivf"])
+    ap.add_argument("--full-types", nargs="+", default=["auto"], choices=["auto", "flat", "hnsw", "ivf", "ivfpq"])
     ap.add_argument("--index-sizes", nargs="*", default=["1e5", "1e6"], help="sizes for indexing only (default 1e5 1e6)")
-    ap.add_argument("--types", nargs="+", default=["flat", "hnsw"], choices=["flat", "hnsw", "ivf"])
+    ap.add_argument("--types", nargs="+", default=["flat", "hnsw"], choices=["flat", "hnsw", "ivf", "ivfpq"])
     ap.add_argument("--no-topic", action="store_true", help="no topic vectors (the default build stores them)")
     ap.add_argument("--workdir", type=Path, default=None, help="where pools and indexes go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -154,6 +184,9 @@ def main() -> None:
     topic = not args.no_topic
     if args.child:
         mode, n, kind, workdir = args.child
+        if mode.startswith("serve"):
+            print(json.dumps(child_serve(int(n), kind, Path(workdir), mmap=mode == "serve-mmap")))
+            return
         fn = child_full if mode == "full" else child_index
         print(json.dumps(fn(int(n), kind, Path(workdir), topic)))
         return
@@ -161,7 +194,7 @@ def main() -> None:
         args.full_sizes, args.index_sizes = ["1e3"], ["1e3"]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="icl-build-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, serving = [], []
     try:
         for n in map(parse_size, args.full_sizes):
             for kind in args.full_types:
@@ -183,6 +216,11 @@ def main() -> None:
                 rows.append([human(n), "indexing only (synthetic vectors)", f"{kind} ({params})", res["index_s"],
                              None, res["write_s"], res["load_s"], res["recall"], res["peak_gib"], res["disk_gib"],
                              res["p50"]])
+                for mode in ("serve", "serve-mmap"):
+                    got = run_child(mode, n, kind, workdir, topic)
+                    serving.append([human(n), kind, "mapped" if mode == "serve-mmap" else "in memory"] + (
+                        [got["error"]] + [None] * 4 if "error" in got else
+                        [got["load_s"], got["p50"], got["p95"], got["peak_gib"], got["anon_gib"]]))
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -200,6 +238,10 @@ def main() -> None:
          "on disk GiB", "get_demos p50 ms"],
         rows,
     ))
+    if serving:
+        print("serving: a fresh process opens the index (sha256 verified) and runs 100 get_demos")
+        print(table(["demos", "index", "vectors and records", "load s", "p50 ms", "p95 ms", "peak RSS GiB",
+                     "anonymous RSS GiB"], serving))
 
 
 if __name__ == "__main__":

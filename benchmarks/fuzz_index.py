@@ -1,10 +1,11 @@
 """Fuzz the index loader with mutated index files, each case under a timeout in a child process.
 
-Small real indexes (flat, HNSW and IVF vectors, topic vectors, demos) are written with the library's own
-writer; each case mutates one data file (bit flips, overwritten words, extreme values, cuts, insertions,
-hostile JSON lines), usually makes the manifest vouch for the result as a forger would (size and sha256),
-and loads the index. When it loads, a search and a read-back of the vectors must work and return valid
-rows. Every outcome must be a clean load or an ``IndexFormatError``: another exception, a crash of the
+Small real indexes (flat, HNSW, IVF and IVF-PQ vectors, topic vectors, demos and their offset table) are
+written with the library's own writer; each case mutates one data file (bit flips, overwritten words, extreme
+values, cuts, insertions, hostile JSON lines), usually makes the manifest vouch for the result as a forger
+would (size and sha256), and loads the index, into memory or memory-mapped (half the cases each). When it
+loads, every demo record must parse, and a search and a read-back of the vectors must work and return valid
+rows with bounded scores. Every outcome must be a clean load or an ``IndexFormatError``: another exception, a crash of the
 process or a case that outlives its timeout is a failure.
 
 The cases run in one child process that reports each case as it starts and ends; the parent kills it
@@ -31,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROLES = ("vectors", "demos", "topic")
-KINDS = ("flat", "hnsw", "ivf")
+ROLES = ("vectors", "demos", "topic", "offsets")
+KINDS = ("flat", "hnsw", "ivf", "ivfpq")
 _WORDS = [0, 1, 2**31 - 1, -1, 2**32, 2**40, 2**62, -(2**31)]
 _FLOATS = [np.nan, np.inf, -np.inf, 1e30, 50.0, 0.0, -1.0]
 
@@ -47,14 +48,15 @@ def _templates(root: Path) -> dict[str, Path]:
     from icl_retriever.records import Demo
 
     rng = np.random.default_rng(0)
-    n, dim = 100, 8
+    n, dim = 300, 8  # IVF-PQ trains its 256-code quantisers on at least 256 vectors
     x = rng.standard_normal((n, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     cfg = EncoderConfig(model="default", template="{instruction}")
     demos = [Demo(id=f"d{i}", instruction=f"Task {i % 7}: do thing {i}.", output="ok ✓", metadata={"task": f"t{i % 7}"})
              for i in range(n)]
     topic = TopicInfo(encoder=cfg, fingerprint="sha256:t", source="same_model_plain", dim=dim)
-    params = {"flat": None, "hnsw": IndexParams(M=4, ef_construction=16, ef_search=8), "ivf": IndexParams(nlist=2, nprobe=1)}
+    params = {"flat": None, "hnsw": IndexParams(M=4, ef_construction=16, ef_search=8), "ivf": IndexParams(nlist=2, nprobe=1),
+              "ivfpq": IndexParams(nlist=2, nprobe=1, pq_m=4)}
     out = {}
     for kind in KINDS:
         out[kind] = root / kind
@@ -135,18 +137,22 @@ def _run_case(templates: dict[str, dict[str, bytes]], scratch: Path, seed: int, 
     for file, data in files.items():
         (scratch / file).write_bytes(mutated if file == name else data)
     (scratch / MANIFEST_FILE).write_text(json.dumps(manifest))
+    mmap = bool(rng.random() < 0.5)
     try:
-        version = load_version(scratch)
+        version = load_version(scratch, mmap=mmap)
+        demos = list(version.demos)  # mapped records are parsed (and checked) as they are read
     except IndexFormatError:
         return f"refused {kind} {role}"
     n = version.manifest.count
     query = rng.standard_normal((1, version.index.d)).astype(np.float32)
     faiss.normalize_L2(query)
     for index in (version.index, version.topic):
-        assert index is not None and index.ntotal == n == len(version.demos)
+        assert index is not None and index.ntotal == n == len(demos)
+        # scores of unit vectors are cosines; IVF-PQ's reconstructions are bounded by 1 + 2 sqrt(pq_m)
+        bound = 1.001 if not isinstance(index, faiss.IndexIVFPQ) else 1.001 + 2 * np.sqrt(index.pq.M)
         scores, ids = index.search(query, min(n, 10))
         assert ((ids >= -1) & (ids < n)).all(), f"search returned rows outside [0, {n}): {ids}"
-        assert np.isfinite(scores[ids >= 0]).all() and (np.abs(scores[ids >= 0]) <= 1.001).all(), scores
+        assert np.isfinite(scores[ids >= 0]).all() and (np.abs(scores[ids >= 0]) <= bound).all(), scores
         assert np.isfinite(all_vectors(index)).all()
     return f"loaded {kind} {role}"
 

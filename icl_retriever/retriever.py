@@ -16,7 +16,7 @@ from icl_retriever.query_vectors import QueryVectors
 from icl_retriever.records import Demo, check_text, load_pool
 from icl_retriever.search import DEFAULT_RERANK, SearchControls, SearchKwargs, Snapshot, select_batch
 from icl_retriever.search.budget import resolve_tokenizer
-from icl_retriever.store import Manifest, TopicInfo, load_version, new_flat_index, trusted_model
+from icl_retriever.store import Manifest, MappedDemos, TopicInfo, load_version, new_flat_index, trusted_model
 from icl_retriever.topic import TopicEncoder, TopicEncoderSlot, TopicKind, no_topic_message, topic_text
 from icl_retriever.updates import LiveIndex
 
@@ -39,6 +39,7 @@ class Retriever:
             ``rerank="task_then_topic"`` and ``dedup``; ``topic`` says which encoder made them.
         topic_encoder: that encoder, if already loaded (else loaded on first use).
         cache_size: query embeddings kept in an LRU cache (per embedding kind); 0 disables it.
+        mmap: ``index`` was loaded memory-mapped from ``path``; :meth:`reload` maps newer versions too.
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class Retriever:
         topic: TopicInfo | None = None,
         topic_encoder: TopicEncoder | None = None,
         cache_size: int = 1024,
+        mmap: bool = False,
     ) -> None:
         if index.ntotal != len(demos):
             raise ValueError(f"index holds {index.ntotal} vectors but {len(demos)} demos were given")
@@ -61,8 +63,9 @@ class Retriever:
         if not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be an integer >= 0, got {cache_size!r}")
         self.encoder = encoder
-        self._live = LiveIndex(Snapshot(index, list(demos), topic_index), encoder, path=path, manifest=manifest,
-                               topic=topic)
+        records = demos if isinstance(demos, MappedDemos) else list(demos)  # mapped records stay on disk
+        self._live = LiveIndex(Snapshot(index, records, topic_index), encoder, path=path, manifest=manifest,
+                               topic=topic, mmap=mmap)
         self._topic_encoder = TopicEncoderSlot(encoder, topic_encoder)
         self._queries = QueryVectors(cache_size)
         self._said_task_order = False  # rerank="auto" on an index without topic vectors: said once
@@ -78,8 +81,9 @@ class Retriever:
         return self._live.state.index
 
     @property
-    def demos(self) -> list[Demo]:
-        """The demos, in index order."""
+    def demos(self) -> Sequence[Demo]:
+        """The demos, in index order (a list; for an index opened with ``mmap``, a sequence that reads
+        each record from disk when asked)."""
         return self._live.state.demos
 
     @property
@@ -114,6 +118,7 @@ class Retriever:
         verify: bool = True,
         cache_size: int = 1024,
         runtime: Runtime = "auto",
+        mmap: bool = False,
     ) -> Retriever:
         """Open an index directory with the encoder it was built with.
 
@@ -131,6 +136,10 @@ class Retriever:
             runtime: where query vectors are computed (:class:`PIEEncoder`): ``"auto"`` uses the ONNX copy
                 of the model on CPU (exported and cached on first use; a later process loads it without
                 torch), ``"torch"`` PyTorch. Both give the index's fingerprint.
+            mmap: search the vector files memory-mapped where they lie instead of reading them into
+                memory, for indexes larger than RAM (an ``ivfpq`` index keeps ``pq_m`` bytes a demo), and
+                read each demo record from disk when it is returned. The same checks run over the mapped
+                files; records are checked as they are read.
 
         Raises:
             IndexFormatError: the directory is missing, incomplete, corrupted or hostile.
@@ -140,7 +149,7 @@ class Retriever:
         if encoder is not None and model is not None:
             raise ValueError("give encoder or model, not both")
         path = Path(path)
-        version = load_version(path, verify=verify)
+        version = load_version(path, verify=verify, mmap=mmap)
         manifest = version.manifest
         if encoder is None:
             name = str(model) if model is not None else trusted_model(path, manifest.encoder.model)
@@ -159,6 +168,7 @@ class Retriever:
             topic_index=version.topic,
             topic=manifest.topic,
             cache_size=cache_size,
+            mmap=mmap,
         )
 
     @classmethod

@@ -69,6 +69,7 @@ class LiveIndex:
         path: Path | None = None,
         manifest: Manifest | None = None,
         topic: TopicInfo | None = None,
+        mmap: bool = False,
     ) -> None:
         if (state.topic is None) != (topic is None):
             raise ValueError("topic_index and topic go together: give both or neither")
@@ -77,6 +78,7 @@ class LiveIndex:
         self.path = path
         self.manifest = manifest
         self._encoder = encoder
+        self._mmap = mmap  # newer versions are loaded memory-mapped too
         self._lock = threading.Lock()
 
     def save(self, path: str | Path, *, force: bool = False) -> Manifest:
@@ -98,7 +100,7 @@ class LiveIndex:
             return self._reload(self.path)
 
     def _reload(self, path: Path) -> bool:
-        version = load_version(path)
+        version = load_version(path, mmap=self._mmap)
         if version.manifest == self.manifest:
             return False
         if version.manifest.fingerprint != self._encoder.fingerprint:

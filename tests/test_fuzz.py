@@ -110,9 +110,10 @@ def test_manifest_loader_on_arbitrary_bytes(index_template: Path, data: bytes) -
 
 
 def test_mutated_index_files_load_cleanly_or_are_refused() -> None:
-    """300 mutated FAISS / demos files (flat, HNSW, IVF, topic), the manifest forged to vouch for most of them,
-    each loaded in a child process under a timeout: a clean load or an IndexFormatError, never another
-    exception, a crash or a hang (``python -m benchmarks.fuzz_index --cases N`` runs more)."""
+    """300 mutated FAISS / demos / offset files (flat, HNSW, IVF, IVF-PQ, topic), the manifest forged to vouch for
+    most of them, each loaded into memory or memory-mapped in a child process under a timeout: a clean load or an
+    IndexFormatError, never another exception, a crash or a hang (``python -m benchmarks.fuzz_index --cases N``
+    runs more)."""
     from benchmarks.fuzz_index import run
 
     report = run(300, seed=0, timeout=60)

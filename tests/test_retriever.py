@@ -17,7 +17,7 @@ from icl_retriever import (
     Retriever,
     build_index,
 )
-from icl_retriever.store import DEMOS, MANIFEST_FILE, TOPIC, VECTORS, load_manifest
+from icl_retriever.store import DEMOS, MANIFEST_FILE, OFFSETS, TOPIC, VECTORS, load_manifest
 
 
 def data_file(index_dir: Path, role: str) -> Path:
@@ -44,7 +44,7 @@ def small_index(tmp_path: Path, encoder: PIEEncoder) -> Path:
 def test_round_trip(small_index: Path, encoder: PIEEncoder) -> None:
     names = sorted(p.name for p in small_index.iterdir())
     assert names == sorted(
-        [MANIFEST_FILE, *(data_file(small_index, role).name for role in (VECTORS, DEMOS, TOPIC))]
+        [MANIFEST_FILE, *(data_file(small_index, role).name for role in (VECTORS, DEMOS, TOPIC, OFFSETS))]
     )
     assert data_file(small_index, VECTORS).suffix == ".faiss" and data_file(small_index, DEMOS).suffix == ".jsonl"
     r = Retriever.from_index(small_index)  # loads its own encoder from the manifest

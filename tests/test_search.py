@@ -415,7 +415,7 @@ def test_topic_vectors_persist_and_follow_updates(tmp_path: Path, encoder: PIEEn
 def test_rerank_needs_topic_vectors(tmp_path: Path, encoder: PIEEncoder, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "idx"
     build_index(POOL[:6], out, encoder=encoder, topic=False)
-    assert load_manifest(out).topic is None and sorted(load_manifest(out).files) == ["demos", "vectors"]
+    assert load_manifest(out).topic is None and sorted(load_manifest(out).files) == ["demos", "offsets", "vectors"]
     r = Retriever.from_index(out, encoder=encoder)
     with pytest.raises(ValueError, match="has no topic vectors.*rebuild it with topic vectors"):
         r.get_demos("Write a poem.", rerank="task_then_topic")

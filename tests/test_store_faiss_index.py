@@ -143,7 +143,8 @@ def test_header_checks_accept_new_types_and_refuse_garbage(hnsw_dir: Path, tmp_p
 
     rng = np.random.default_rng(1)
     refused(b"IHNf" + rng.bytes(len(pristine) - 4), "holds .* vectors of dim .* manifest says 10 of dim 384")
-    refused(b"IwPQ" + pristine[4:], "not a FAISS index of a supported type")
+    refused(b"IvQR" + pristine[4:], "not a FAISS index of a supported type")
+    refused(b"IwPQ" + pristine[4:], "holds a ivfpq index, manifest says hnsw")
     x = np.asarray(Retriever.from_index(hnsw_dir, encoder=encoder).index.reconstruct_n(0, len(POOL)))
     l2 = faiss.IndexHNSWFlat(encoder.dim, 8)  # right shape, wrong metric
     l2.add(x)

@@ -33,7 +33,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from icl_retriever.build import build_index, check_build_params, index_params
 
     params = index_params(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
-                          nlist=args.nlist, nprobe=args.nprobe)
+                          nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m)
     check_build_params(args.index_type, params, batch_size=args.batch_size, chunk_size=args.chunk_size)
     ray = _ray_options(args)
     check_target(Path(args.out), force=args.force)
@@ -127,7 +127,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         min_score=_min_score(args.min_score),
     )
     SearchControls.parse(k=args.k, **controls)  # a bad flag fails before the model loads
-    retriever = Retriever.from_index(args.index, model=args.model, verify=not args.no_verify, runtime=args.runtime)
+    retriever = Retriever.from_index(args.index, model=args.model, verify=not args.no_verify, runtime=args.runtime,
+                                     mmap=args.mmap)
     demos = retriever.get_demos(args.text, k=args.k, **controls)
     if args.json:
         print_json([d.model_dump() for d in demos])

@@ -120,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "nearly free (default model only; builds ~2x faster, LLM slightly worse downstream); "
                         "none: no topic vectors (task order)")
     p.add_argument("--no-topic", dest="topic", action="store_const", const="none", help="the same as --topic none")
-    p.add_argument("--index-type", choices=["auto", "flat", "hnsw", "ivf"], default="auto",
-                   help="flat: exact; hnsw / ivf: approximate, for large pools (default auto: flat below 200,000 "
-                        "demos, hnsw above)")
+    p.add_argument("--index-type", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"], default="auto",
+                   help="flat: exact; hnsw / ivf: approximate, for large pools; ivfpq: IVF over product-quantised "
+                        "codes, --pq-m bytes a demo instead of 1.5 KiB, for pools that do not fit in memory "
+                        "(approximate scores; at least 256 demos) (default auto: flat below 200,000 demos, hnsw above)")
     p.add_argument("--hnsw-m", type=int, default=None, metavar="M", help="HNSW links per node (default 32)")
     p.add_argument("--ef-construction", type=int, default=None, metavar="N", help="HNSW build breadth (default 128)")
     p.add_argument("--ef-search", type=int, default=None, metavar="N",
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nlist", type=int, default=None, metavar="N", help="IVF clusters (default about sqrt(demos))")
     p.add_argument("--nprobe", type=int, default=None, metavar="N",
                    help="IVF clusters searched (default: tuned from 32 until recall@10 >= 0.95)")
+    p.add_argument("--pq-m", type=int, default=None, metavar="M",
+                   help="IVF-PQ sub-quantisers = bytes per demo; must divide the dimension (default 96 for 384: one byte per 4 dimensions)")
     p.add_argument("--chunk-size", type=int, default=10_000, metavar="N",
                    help="instructions embedded and checkpointed at a time; an interrupted build resumes from the "
                         "last finished chunk (default 10000)")
@@ -174,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: instruction, input, output on separate lines)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the index files")
+    p.add_argument("--mmap", action="store_true",
+                   help="search the vector files memory-mapped instead of reading them into memory (an index "
+                        "larger than RAM; pages are read on demand)")
     p.add_argument("--model", default=None,
                    help="the model to load, if the index names one outside its directory that you trust "
                         "(default: the one the manifest names, if it is the embedded default or inside the index)")

@@ -19,7 +19,7 @@ class Snapshot:
 
     __slots__ = ("demos", "index", "meta", "topic")
 
-    def __init__(self, index: faiss.Index, demos: list[Demo], topic: faiss.Index | None) -> None:
+    def __init__(self, index: faiss.Index, demos: Sequence[Demo], topic: faiss.Index | None) -> None:
         if topic is not None and topic.ntotal != len(demos):
             raise ValueError(f"topic index holds {topic.ntotal} vectors but {len(demos)} demos were given")
         self.index = index

@@ -3,9 +3,12 @@
 Save and load are mirror images over one directory: :mod:`.writer` writes a version atomically under a
 file lock, :mod:`.reader` reads it back, checking every file before parsing it. :mod:`.manifest` holds the
 schema, :mod:`.faiss_index` builds and searches the FAISS indexes, :mod:`.recall` measures and tunes an
-approximate index, :mod:`.layout` checks a FAISS file's bytes before FAISS reads them.
+approximate index, :mod:`.layout` checks a FAISS file's bytes before FAISS reads them, :mod:`.demo_file` reads
+demo records one at a time. A loaded index can be memory-mapped (``mmap=True``) so that one larger than RAM is
+searched where it lies.
 """
 
+from icl_retriever.store.demo_file import MappedDemos
 from icl_retriever.store.faiss_index import (
     AUTO_HNSW_FROM,
     HNSW_EF_CONSTRUCTION,
@@ -13,6 +16,7 @@ from icl_retriever.store.faiss_index import (
     HNSW_M,
     UNIT_NORM_TOLERANCE,
     all_vectors,
+    check_index_fits,
     configure_index,
     describe_index,
     new_flat_index,
@@ -25,6 +29,7 @@ from icl_retriever.store.manifest import (
     DEMOS,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    OFFSETS,
     TOPIC,
     VECTORS,
     FileEntry,
@@ -46,6 +51,7 @@ __all__ = [
     "HNSW_EF_SEARCH",
     "HNSW_M",
     "MANIFEST_FILE",
+    "OFFSETS",
     "TARGET_RECALL",
     "TOPIC",
     "UNIT_NORM_TOLERANCE",
@@ -56,8 +62,10 @@ __all__ = [
     "IndexType",
     "IndexVersion",
     "Manifest",
+    "MappedDemos",
     "TopicInfo",
     "all_vectors",
+    "check_index_fits",
     "check_target",
     "configure_index",
     "describe_index",

@@ -1,8 +1,9 @@
 """The manifest: what an index directory holds, as pydantic models, and the rules a manifest obeys.
 
 ``manifest.json`` is the commit record of an index directory: it names the data file of each role
-(``index.<token>.faiss``, ``demos.<token>.jsonl``, optionally ``topic.<token>.faiss``) with its size and
-sha256, and describes the encoder, the shape and the FAISS index type and parameters.
+(``index.<token>.faiss``, ``demos.<token>.jsonl``, optionally ``topic.<token>.faiss`` and the demos' offset
+table ``offsets.<token>.u64``) with its size and sha256, and describes the encoder, the shape and the FAISS
+index type and parameters.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ VECTORS = "vectors"
 DEMOS = "demos"
 #: Optional role: topic (content) vectors of instruction + input, row i for demo i, as a flat index.
 TOPIC = "topic"
-FILE_SUFFIX = {VECTORS: ".faiss", DEMOS: ".jsonl", TOPIC: ".faiss"}
-FILE_PREFIX = {VECTORS: "index.", DEMOS: "demos.", TOPIC: "topic."}
+#: Optional role: where each demo's line starts in the demos file, so a record is read without the rest.
+OFFSETS = "offsets"
+FILE_SUFFIX = {VECTORS: ".faiss", DEMOS: ".jsonl", TOPIC: ".faiss", OFFSETS: ".u64"}
+FILE_PREFIX = {VECTORS: "index.", DEMOS: "demos.", TOPIC: "topic.", OFFSETS: "offsets."}
 #: Data file names as this library writes them (``index.<token>.faiss``): no separators, NUL or spaces.
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
-IndexType = Literal["flat", "hnsw", "ivf"]
+IndexType = Literal["flat", "hnsw", "ivf", "ivfpq"]
 
 
 class FileEntry(BaseModel):
@@ -42,7 +45,8 @@ class FileEntry(BaseModel):
 
 class IndexParams(BaseModel):
     """Parameters of the vector index: HNSW's ``M`` / ``ef_construction`` / ``ef_search``, IVF's
-    ``nlist`` / ``nprobe``; empty for flat. ``ef_search`` and ``nprobe`` are applied at load."""
+    ``nlist`` / ``nprobe`` (and IVF-PQ's ``pq_m``); empty for flat. ``ef_search`` and ``nprobe`` are applied
+    at load."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +55,10 @@ class IndexParams(BaseModel):
     ef_search: int | None = Field(None, ge=1, description="HNSW: candidate list size while searching")
     nlist: int | None = Field(None, ge=1, description="IVF: number of clusters")
     nprobe: int | None = Field(None, ge=1, description="IVF: clusters visited per search")
+    pq_m: int | None = Field(
+        None, ge=1, le=1024,
+        description="IVF-PQ: sub-quantisers of 8 bits, i.e. bytes per stored vector (must divide the dimension)",
+    )
 
 
 #: Which :class:`IndexParams` fields each index type has (all of them required, no others).
@@ -58,6 +66,7 @@ PARAMS_OF: dict[str, tuple[str, ...]] = {
     "flat": (),
     "hnsw": ("M", "ef_construction", "ef_search"),
     "ivf": ("nlist", "nprobe"),
+    "ivfpq": ("nlist", "nprobe", "pq_m"),
 }
 
 
@@ -99,7 +108,7 @@ class Manifest(BaseModel):
     )
     metric: Literal["inner_product"] = "inner_product"
     topic: TopicInfo | None = None
-    files: dict[Literal["vectors", "demos", "topic"], FileEntry]
+    files: dict[Literal["vectors", "demos", "topic", "offsets"], FileEntry]
 
 
 def manifest_problem(manifest: Manifest) -> str | None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap as mmap_module
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -27,12 +28,14 @@ from pydantic import ValidationError
 
 from icl_retriever.errors import IndexFormatError, ModelLoadError
 from icl_retriever.records import Demo, check_text
-from icl_retriever.store.faiss_index import configure_index, describe_index, non_unit_vector
+from icl_retriever.store.demo_file import OFFSET_DTYPE, MappedDemos
+from icl_retriever.store.faiss_index import configure_index, describe_index, non_unit_vector, pq_problem
 from icl_retriever.store.layout import check_flat_header, check_layout, index_kind
 from icl_retriever.store.manifest import (
     DEMOS,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    OFFSETS,
     TOPIC,
     VECTORS,
     FileEntry,
@@ -119,7 +122,9 @@ def trusted_model(path: str | Path, model: str) -> str:
     )
 
 
-def load_index(path: str | Path, *, verify: bool = True) -> tuple[Manifest, faiss.Index, list[Demo]]:
+def load_index(
+    path: str | Path, *, verify: bool = True, mmap: bool = False
+) -> tuple[Manifest, faiss.Index, Sequence[Demo]]:
     """Read the current version of an index directory, checking each file before parsing it.
 
     A writer may switch versions while we read; then the files we were about to open are gone and
@@ -127,12 +132,17 @@ def load_index(path: str | Path, *, verify: bool = True) -> tuple[Manifest, fais
 
     Args:
         verify: check data files' sha256 (sizes, headers, shapes and contents are always checked).
+        mmap: search the vector files where they lie (memory-mapped) instead of reading them into memory:
+            an index larger than RAM can be queried, pages are read on demand and shared between
+            processes. The checks are the same, made over the mapped file. The demo records are
+            mapped too (where the index has an offset table) and each is parsed and checked when read,
+            so a query reads only the demos it returns (ids are not checked for uniqueness then).
 
     Raises:
         IndexFormatError: a file is missing, truncated, corrupted, disagrees with the manifest, or holds
             what this library never writes (vectors that are not unit vectors, duplicate ids, ...).
     """
-    version = load_version(path, verify=verify, topic=False)
+    version = load_version(path, verify=verify, topic=False, mmap=mmap)
     return version.manifest, version.index, version.demos
 
 
@@ -141,19 +151,21 @@ class IndexVersion(NamedTuple):
 
     manifest: Manifest
     index: faiss.Index
-    demos: list[Demo]
+    demos: Sequence[Demo]  # a list, or with mmap a MappedDemos that reads each record when asked
     topic: faiss.Index | None  # the topic vectors; None when the index has none or they were not asked for
 
 
-def load_version(path: str | Path, *, verify: bool = True, topic: bool = True) -> IndexVersion:
+def load_version(path: str | Path, *, verify: bool = True, topic: bool = True, mmap: bool = False) -> IndexVersion:
     """:func:`load_index`, plus the topic vectors of the same version when ``topic`` and the index has them."""
     path = Path(path)
     for attempt in range(_LOAD_RETRIES):
         manifest = load_manifest(path)
         try:
-            index = _read_vectors(path, manifest, verify)
-            demos = _read_demos(path, manifest, verify)
-            topic_index = _read_topic(path, manifest, verify) if topic and manifest.topic is not None else None
+            index = _read_vectors(path, manifest, verify, mmap)
+            demos = _map_demos(path, manifest, verify) if mmap and OFFSETS in manifest.files else _read_demos(
+                path, manifest, verify
+            )
+            topic_index = _read_topic(path, manifest, verify, mmap) if topic and manifest.topic is not None else None
             return IndexVersion(manifest, index, demos, topic_index)
         except IndexFormatError:
             if attempt + 1 < _LOAD_RETRIES and try_manifest(path) != manifest:
@@ -180,18 +192,16 @@ def _reading(file: Path) -> Iterator[None]:
         raise IndexFormatError(f"{file}: cannot be read ({type(exc).__name__}{': ' + reason if reason else ''})") from exc
 
 
-def _read_vectors(path: Path, manifest: Manifest, verify: bool) -> faiss.Index:
+def _read_vectors(path: Path, manifest: Manifest, verify: bool, mmap: bool = False) -> faiss.Index:
     file = path / manifest.files[VECTORS].name
-    with _reading(file):
-        data = _read_checked(file, manifest.files[VECTORS], verify)
+    with _reading(file), _checked_bytes(file, manifest.files[VECTORS], verify, mmap) as data:
         kind = index_kind(data)
         if kind is None:
-            raise IndexFormatError(f"{file}: not a FAISS index of a supported type (header {data[:4]!r})")
+            raise IndexFormatError(f"{file}: not a FAISS index of a supported type (header {bytes(data[:4])!r})")
         if kind != manifest.index_type:
             raise IndexFormatError(f"{file}: holds a {kind} index, manifest says {manifest.index_type}")
-        check_layout(file, data, kind, manifest.dim, manifest.count)
-        index = _deserialize(file, data)
-        del data
+        check_layout(file, data, kind, manifest.dim, manifest.count, manifest.index_params.pq_m)
+        index = _open_index(file, data, kind, mmap)
         if index.d != manifest.dim or index.ntotal != manifest.count:
             raise IndexFormatError(
                 f"{file}: holds {index.ntotal} vectors of dim {index.d}, manifest says {manifest.count} of dim {manifest.dim}"
@@ -213,15 +223,13 @@ def _read_vectors(path: Path, manifest: Manifest, verify: bool) -> faiss.Index:
         return index
 
 
-def _read_topic(path: Path, manifest: Manifest, verify: bool) -> faiss.Index:
+def _read_topic(path: Path, manifest: Manifest, verify: bool, mmap: bool = False) -> faiss.Index:
     """The topic vectors: a flat inner-product index with one row per demo."""
     assert manifest.topic is not None
     file = path / manifest.files[TOPIC].name
-    with _reading(file):
-        data = _read_checked(file, manifest.files[TOPIC], verify)
+    with _reading(file), _checked_bytes(file, manifest.files[TOPIC], verify, mmap) as data:
         check_flat_header(file, data, manifest.topic.dim, manifest.count)
-        index = _deserialize(file, data)
-        del data
+        index = _open_index(file, data, "flat", mmap)
         if (index.d, index.ntotal) != (manifest.topic.dim, manifest.count):
             raise IndexFormatError(
                 f"{file}: holds {index.ntotal} vectors of dim {index.d}, manifest says {manifest.count} of dim "
@@ -230,6 +238,55 @@ def _read_topic(path: Path, manifest: Manifest, verify: bool) -> faiss.Index:
         _check_contents(file, index)
         return index
 
+
+@contextmanager
+def _checked_bytes(file: Path, expected: FileEntry, verify: bool, mmap: bool) -> Iterator[bytes | mmap_module.mmap]:
+    """A data file's bytes, or with ``mmap`` a read-only map of it, after its type, size and sha256 are checked."""
+    if not mmap:
+        yield _read_checked(file, expected, verify)
+        return
+    mapped = _map_checked(file, expected, verify)
+    if mapped is None:
+        raise IndexFormatError(f"{file}: empty")
+    try:
+        yield mapped
+    finally:
+        try:
+            mapped.close()
+        except BufferError:  # a traceback still holds a view of it; it is unmapped when that goes
+            pass
+
+
+def _map_checked(file: Path, expected: FileEntry, verify: bool) -> mmap_module.mmap | None:
+    """A read-only map of a data file (``None`` if empty) after its type, size and sha256 are checked."""
+    with _open_regular(file, expected.size) as fh:
+        # hashed through reads, not the map: the pages stay in the OS cache, not in this process's memory
+        if verify and hashlib.file_digest(fh, "sha256").hexdigest() != expected.sha256:
+            raise IndexFormatError(f"{file}: sha256 differs from the manifest (file corrupted or modified)")
+        if expected.size == 0:
+            return None
+        return mmap_module.mmap(fh.fileno(), 0, access=mmap_module.ACCESS_READ)
+
+
+def _open_index(file: Path, data: bytes | mmap_module.mmap, kind: str, mmap: bool) -> faiss.Index:
+    """FAISS's reader over a file whose layout is checked: from the bytes, or memory-mapped from the file.
+
+    FAISS maps the file by its name, so the file must still be the one just checked: the data files of a
+    version are written once and never changed in place, and its identity is compared before and after.
+    """
+    if not mmap:
+        assert isinstance(data, bytes)
+        return _deserialize(file, data)
+    before = os.stat(file)
+    flags = faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_MMAP if kind in ("ivf", "ivfpq") else faiss.IO_FLAG_MMAP_IFC)
+    try:
+        index = faiss.read_index(str(file), flags)
+    except (RuntimeError, MemoryError) as exc:
+        raise IndexFormatError(f"{file}: not a readable FAISS index ({(str(exc).splitlines() or [''])[0]})") from exc
+    after = os.stat(file)
+    if (before.st_ino, before.st_size, before.st_mtime_ns) != (after.st_ino, after.st_size, after.st_mtime_ns):
+        raise IndexFormatError(f"{file}: changed while it was being opened")
+    return index
 
 
 def _deserialize(file: Path, data: bytes) -> faiss.Index:
@@ -250,12 +307,16 @@ def _check_contents(file: Path, index: faiss.Index) -> None:
             index.ntotal, index.d, faiss.METRIC_INNER_PRODUCT
         ):
             raise IndexFormatError(f"{file}: the HNSW graph's vector storage does not match the index")
-    elif isinstance(index, faiss.IndexIVFFlat):
+    elif isinstance(index, (faiss.IndexIVFFlat, faiss.IndexIVFPQ)):
         quantizer = faiss.downcast_index(index.quantizer)
         lists = index.invlists
+        code_size = 4 * index.d if isinstance(index, faiss.IndexIVFFlat) else index.pq.M
         if not isinstance(quantizer, faiss.IndexFlat) or (quantizer.ntotal, quantizer.d) != (index.nlist, index.d) or (
-            lists.nlist, lists.code_size) != (index.nlist, 4 * index.d):
+            lists.nlist, lists.code_size) != (index.nlist, code_size):
             raise IndexFormatError(f"{file}: the IVF clusters or lists do not match the index")
+        problem = pq_problem(index) if isinstance(index, faiss.IndexIVFPQ) else None
+        if problem is not None:
+            raise IndexFormatError(f"{file}: {problem}")
         # Rebuilding the id -> position map from the lists refuses ids outside [0, ntotal); a missing id stays -1.
         once = f"{file}: the IVF lists do not hold each of the ids 0..{index.ntotal - 1} exactly once"
         index.set_direct_map_type(faiss.DirectMap.NoMap)
@@ -283,6 +344,7 @@ def _read_demos(path: Path, manifest: Manifest, verify: bool) -> list[Demo]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise IndexFormatError(f"{file}: not valid UTF-8") from exc
+    line_ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n")) + 1 if OFFSETS in manifest.files else None
     del data
     demos: list[Demo] = []
     lines: list[int] = []
@@ -297,7 +359,26 @@ def _read_demos(path: Path, manifest: Manifest, verify: bool) -> list[Demo]:
     if len(demos) != manifest.count:
         raise IndexFormatError(f"{file}: holds {len(demos)} demos, manifest says {manifest.count}")
     _check_demos(file, demos, lines)
+    if OFFSETS in manifest.files:  # part of the version: checked, though an eager load needs no offsets
+        offsets_file = path / manifest.files[OFFSETS].name
+        with _reading(offsets_file):
+            table = np.frombuffer(_read_checked(offsets_file, manifest.files[OFFSETS], verify), dtype=OFFSET_DTYPE)
+        assert line_ends is not None
+        if len(table) != len(line_ends) + 1 or table[0] != 0 or (table[1:] != line_ends).any():
+            raise IndexFormatError(f"{offsets_file}: does not give where each line of {file.name} starts")
     return demos
+
+
+def _map_demos(path: Path, manifest: Manifest, verify: bool) -> MappedDemos:
+    """The demos as a :class:`MappedDemos` over the mapped records and offset table (checked, not parsed)."""
+    file, offsets_file = path / manifest.files[DEMOS].name, path / manifest.files[OFFSETS].name
+    with _reading(file):
+        data = _map_checked(file, manifest.files[DEMOS], verify)
+    with _reading(offsets_file):
+        offsets = _map_checked(offsets_file, manifest.files[OFFSETS], verify)
+        if offsets is None or len(offsets) % OFFSET_DTYPE.itemsize:
+            raise IndexFormatError(f"{offsets_file}: not a table of 8-byte offsets")
+        return MappedDemos(file, offsets_file, manifest.count, data, offsets)
 
 
 def _check_demos(file: Path, demos: list[Demo], lines: list[int]) -> None:
@@ -315,7 +396,14 @@ def _check_demos(file: Path, demos: list[Demo], lines: list[int]) -> None:
 
 
 def _read_regular(file: Path, size: int | None = None, *, limit: int | None = None) -> bytes:
-    """The bytes of ``file``, which must be a regular file of ``size`` (or at most ``limit``) bytes.
+    """The bytes of ``file``, which must be a regular file of ``size`` (or at most ``limit``) bytes."""
+    with _open_regular(file, size, limit=limit) as fh:
+        return fh.read()
+
+
+@contextmanager
+def _open_regular(file: Path, size: int | None = None, *, limit: int | None = None) -> Iterator[Any]:
+    """``file`` open for reading; it must be a regular file of ``size`` (or at most ``limit``) bytes.
 
     A FIFO, device, socket, directory or symbolic link is refused before it is opened, and the open
     itself neither blocks nor follows a link (in case the entry was swapped in the meantime).
@@ -337,7 +425,7 @@ def _read_regular(file: Path, size: int | None = None, *, limit: int | None = No
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     with open(os.open(file, flags), "rb") as fh:
         check(os.fstat(fh.fileno()))
-        return fh.read()
+        yield fh
 
 
 def _read_checked(file: Path, expected: FileEntry, verify: bool) -> bytes:

@@ -10,6 +10,8 @@ from icl_retriever.store.faiss_index import all_vectors, describe_index
 #: recall@10 an approximate index aims for when ``ef_search`` / ``nprobe`` are tuned at build time.
 TARGET_RECALL = 0.95
 _MAX_EF_SEARCH = 1024
+#: Tuning stops when doubling efSearch / nprobe gains less recall@10 than this (and keeps the smaller value).
+_MIN_GAIN = 0.005
 
 
 class _RecallProbe:
@@ -20,6 +22,7 @@ class _RecallProbe:
 
     A returned neighbour counts as a hit when it is at least as similar as the exact 10th neighbour
     (within 1e-5), so identical instructions (tied vectors) returned in another order are not misses.
+    Similarity is recomputed from the true vectors: an IVF-PQ index's own scores are approximations.
     """
 
     def __init__(self, index: faiss.Index, vectors: np.ndarray | None, *, sample: int = 1000, seed: int = 0) -> None:
@@ -33,11 +36,13 @@ class _RecallProbe:
         self.queries = np.ascontiguousarray(mixed / np.where(norms > 0, norms, 1), dtype=np.float32)
         exact, _ = faiss.knn(self.queries, base, self.k, metric=faiss.METRIC_INNER_PRODUCT)
         self.threshold = exact[:, -1:] - 1e-5
-        self.index = index
+        self.index, self.base = index, base
 
     def __call__(self) -> float:
-        scores, ids = self.index.search(self.queries, self.k)
-        return float(((scores >= self.threshold) & (ids >= 0)).sum() / scores.size)
+        _, ids = self.index.search(self.queries, self.k)
+        found = ids >= 0
+        scores = np.einsum("qd,qkd->qk", self.queries, self.base[np.where(found, ids, 0)])
+        return float(((scores >= self.threshold) & found).sum() / ids.size)
 
 
 def measure_recall(
@@ -51,22 +56,33 @@ def measure_recall(
     """recall@10 of an approximate index against exact search (``None`` for flat or empty indexes).
 
     Args:
-        vectors: the index's vectors in id order, if at hand (else they are read back from the index).
+        vectors: the index's vectors in id order, if at hand (else they are read back from the index; an
+            IVF-PQ index holds only approximations of them, so its recall is then unknown: ``None``).
         tune_to: raise HNSW ``efSearch`` / IVF ``nprobe`` (doubling, up to 1024 / nlist) until recall
-            reaches this value or stops improving; the index keeps the setting reached.
+            reaches this value or a doubling gains less than 0.005 (then the smaller setting is kept).
         sample: how many stored vectors to use as queries.
     """
-    if index.ntotal == 0 or describe_index(index)[0] == "flat":
-        return None
+    kind = describe_index(index)[0] if index.ntotal else "flat"
+    if kind == "flat" or (kind == "ivfpq" and vectors is None):
+        return None  # exact; or the true vectors of an IVF-PQ index are not at hand (only its codes)
     probe = _RecallProbe(index, vectors, sample=sample, seed=seed)
     recall = probe()
     while tune_to is not None and recall < tune_to:
         if isinstance(index, faiss.IndexHNSWFlat) and index.hnsw.efSearch < _MAX_EF_SEARCH:
-            index.hnsw.efSearch = min(2 * index.hnsw.efSearch, _MAX_EF_SEARCH)
-        elif isinstance(index, faiss.IndexIVFFlat) and index.nprobe < index.nlist:
-            index.nprobe = min(2 * index.nprobe, index.nlist)
+            before = index.hnsw.efSearch
+            index.hnsw.efSearch = min(2 * before, _MAX_EF_SEARCH)
+        elif isinstance(index, faiss.IndexIVF) and index.nprobe < index.nlist:
+            before = index.nprobe
+            index.nprobe = min(2 * before, index.nlist)
         else:
             break
-        recall = probe()
+        gained = probe()
+        if gained < recall + _MIN_GAIN:  # a plateau (IVF-PQ's codes limit it): twice the work for nothing
+            if isinstance(index, faiss.IndexHNSWFlat):
+                index.hnsw.efSearch = before
+            else:
+                index.nprobe = before
+            break
+        recall = gained
     return recall
 

@@ -1,7 +1,7 @@
 """The one write path: index versions (under a file lock) and every file written whole or not at all.
 
 Crash safety: ``manifest.json`` is the commit record. Data files carry a per-version token in their
-names (``index.<token>.faiss``, ``demos.<token>.jsonl``); a write puts the new version's files beside
+names (``index.<token>.faiss``, ``demos.<token>.jsonl``, ``offsets.<token>.u64``); a write puts the new version's files beside
 the old ones, then switches ``manifest.json`` with one atomic rename (:func:`replace_file`), then deletes
 what the manifest no longer names. A process killed at any moment leaves the old or the new version,
 both loadable. A new index is assembled in a temporary sibling directory and renamed into place. Writers
@@ -17,7 +17,7 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,12 +28,14 @@ from filelock import FileLock
 from icl_retriever.encoder import EncoderConfig
 from icl_retriever.errors import IndexExistsError, IndexWriteError
 from icl_retriever.records import Demo
+from icl_retriever.store.demo_file import offset_table
 from icl_retriever.store.faiss_index import describe_index, non_unit_vector
 from icl_retriever.store.manifest import (
     DEMOS,
     FILE_PREFIX,
     FILE_SUFFIX,
     MANIFEST_FILE,
+    OFFSETS,
     TOPIC,
     VECTORS,
     FileEntry,
@@ -69,7 +71,7 @@ def check_target(path: Path, *, force: bool) -> None:
 def save_index(
     path: str | Path,
     vectors_index: faiss.Index,
-    demos: list[Demo],
+    demos: Sequence[Demo],
     *,
     encoder_config: EncoderConfig,
     fingerprint: str,
@@ -97,7 +99,7 @@ def save_index(
 def write_version(
     path: Path,
     vectors_index: faiss.Index,
-    demos: list[Demo],
+    demos: Sequence[Demo],
     *,
     encoder_config: EncoderConfig,
     fingerprint: str,
@@ -152,8 +154,17 @@ def write_version(
             workdir.mkdir()
         # vectors, serialised by FAISS and written by us (so a full disk is an OSError naming the file)
         files = {VECTORS: write(VECTORS, [faiss.serialize_index(vectors_index).data])}
-        # demos, one JSON object per line, in index order
-        files[DEMOS] = write(DEMOS, ((json.dumps(d.record(), ensure_ascii=False) + "\n").encode() for d in demos))
+        # demos, one JSON object per line, in index order, and where each line starts
+        sizes: list[int] = []
+
+        def lines() -> Iterator[bytes]:
+            for demo in demos:
+                line = (json.dumps(demo.record(), ensure_ascii=False) + "\n").encode()
+                sizes.append(len(line))
+                yield line
+
+        files[DEMOS] = write(DEMOS, lines())
+        files[OFFSETS] = write(OFFSETS, [offset_table(sizes)])
         # topic vectors (optional), a flat index in the same row order
         if topic_index is not None:
             files[TOPIC] = write(TOPIC, [faiss.serialize_index(topic_index).data])
