@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from icl_retriever import Demo, PIEEncoder
+from icl_retriever import Demo
 
 #: Ten demos of five tasks, two per task.
 POOL = [
