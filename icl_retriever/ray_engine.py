@@ -1,8 +1,8 @@
 """The Ray engine of :func:`~icl_retriever.build.build_index` (``engine="ray"``, ``--engine ray``).
 
-Ray Data reads the pool files (one read task per file, any filesystem Ray reads), each file is parsed and
-validated in its task with the same rules and messages as a local build (a bad record stops the build
-with its file and line), and an actor pool embeds the instructions: one :class:`PIEEncoder` per actor,
+Ray Data reads the pool files (JSONL / JSON / IEB / Parquet; one read task per file, any filesystem Ray
+reads), each file is parsed and validated in its task with the same rules and messages as a local build (a
+bad record stops the build with its file and line or row), and an actor pool embeds the instructions: one :class:`PIEEncoder` per actor,
 on CPU (ONNX Runtime, the cached export) or on ``gpus_per_actor`` GPUs (torch). The driver gathers the
 vectors in pool order, checks ids across files, and indexes and writes the directory exactly as a local
 build does (manifest, sha256 of every file, atomic switch): nothing is written until every record is
@@ -28,7 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from icl_retriever.encoder import EncoderConfig, PIEEncoder, Runtime
 from icl_retriever.errors import PoolError
-from icl_retriever.records import Demo, decode_pool_bytes, iter_pool_text, pool_files, unique_ids
+from icl_retriever.records import (
+    Demo,
+    decode_pool_bytes,
+    is_parquet,
+    iter_parquet_bytes,
+    iter_pool_text,
+    pool_files,
+    unique_ids,
+)
 from icl_retriever.store import new_flat_index
 from icl_retriever.topic import (
     TopicEncoder,
@@ -67,10 +75,11 @@ def _parse(row: dict[str, Any], order: dict[str, int]) -> list[dict[str, Any]]:
     """One pool file's bytes -> its records (validated), each with the file's place and its own."""
     path = str(row["path"])
     name = next((given for given in order if Path(given).resolve() == Path(path).resolve()), path)
-    text = decode_pool_bytes(bytes(row["bytes"]), name)
+    data = bytes(row["bytes"])
+    records = iter_parquet_bytes(data, name) if is_parquet(name) else iter_pool_text(decode_pool_bytes(data, name), name)
     return [
         {"file": order[name], "pos": pos, "where": where, "demo": demo.model_dump_json()}
-        for pos, (where, demo) in enumerate(iter_pool_text(text, name))
+        for pos, (where, demo) in enumerate(records)
     ]
 
 

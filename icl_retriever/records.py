@@ -20,6 +20,9 @@ from icl_retriever.errors import PoolError
 
 #: Fields of a record that are not metadata.
 CORE_FIELDS = ("id", "instruction", "input", "output")
+#: File name endings read as Parquet (one record per row) rather than JSON / JSONL.
+PARQUET_SUFFIXES = (".parquet", ".pq")
+_PARQUET_BATCH = 4096  # rows converted to Python at a time
 
 
 class Demo(BaseModel):
@@ -168,7 +171,57 @@ def _is_ieb(data: Any) -> bool:
 
 def _iter_file(path: Path) -> Iterator[tuple[str, Demo]]:
     """Yield (where, demo) pairs; ``where`` locates the record for error messages."""
+    if is_parquet(path):
+        if not path.is_file():
+            raise PoolError("no such file" if not path.exists() else "is a directory, expected a Parquet file",
+                            path=str(path))
+        return iter_parquet_bytes(path.read_bytes(), str(path))
     return iter_pool_text(read_text(path), str(path))
+
+
+def is_parquet(name: str | Path) -> bool:
+    """Whether a pool file is read as Parquet (by its name: ``.parquet`` / ``.pq``)."""
+    return str(name).lower().endswith(PARQUET_SUFFIXES)
+
+
+def iter_parquet_bytes(data: bytes, name: str) -> Iterator[tuple[str, Demo]]:
+    """(where, demo) pairs of a Parquet pool file's bytes: one record per row, columns as the fields of a JSONL
+    record (``instruction`` required; other columns go to metadata). A ``metadata`` column may be a struct, a
+    map or a JSON object string. ``where`` is ``file (row N)``, counted from 1.
+
+    Raises:
+        PoolError: pyarrow is missing, the bytes are not Parquet, or a row is malformed (file and row named).
+    """
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PoolError('reading Parquet needs pyarrow: pip install "icl-retriever[parquet]"', path=name) from None
+    row = 0
+    try:
+        batches = pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=_PARQUET_BATCH)
+        for batch in batches:
+            for record in batch.to_pylist():
+                row += 1
+                where = f"{name} (row {row})"
+                yield where, demo_from_record(_parquet_record(record, where), path=where)
+    except (pa.ArrowException, OSError) as exc:
+        reason = (str(exc).splitlines() or [""])[0]
+        raise PoolError(f"not a readable Parquet file ({type(exc).__name__}: {reason})"
+                        + (f" after row {row}" if row else ""), path=name) from exc
+
+
+def _parquet_record(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """A Parquet row as a JSON-like record: a map column (pairs) or JSON string as the ``metadata`` object."""
+    meta = record.get("metadata")
+    if isinstance(meta, list) and all(isinstance(p, tuple) and len(p) == 2 for p in meta):
+        record["metadata"] = dict(meta)
+    elif isinstance(meta, str):
+        try:
+            record["metadata"] = json.loads(meta)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise PoolError(f"field 'metadata' is a string but not a JSON object ({exc})", path=where) from exc
+    return record
 
 
 def decode_pool_bytes(data: bytes, name: str) -> str:
@@ -232,8 +285,9 @@ def load_pool(source: str | Path | Iterable[Demo | Mapping[str, Any]]) -> list[D
 
     Args:
         source: a JSONL file (one record per line), a JSON list of Alpaca-style records, an IEB file
-            (``label -> {"samples": [...]}``, the label stored as ``metadata["task"]``), or an
-            iterable of :class:`Demo` / dicts.
+            (``label -> {"samples": [...]}``, the label stored as ``metadata["task"]``), a Parquet file
+            (``.parquet`` / ``.pq``, one record per row; needs pyarrow), or an iterable of :class:`Demo` /
+            dicts.
 
     Returns:
         The demos, in pool order, with ids (content hashes where the pool gave none).

@@ -69,6 +69,26 @@ def test_a_bad_record_stops_the_ray_build_with_file_and_line(tmp_path: Path, poo
         build_index([str(tmp_path / "missing-*.jsonl")], out, engine="ray")
 
 
+def test_parquet_pools_on_ray(tmp_path: Path, pool_files: list[Path], encoder: PIEEncoder) -> None:
+    """A Parquet part reads on Ray as locally, and a bad row stops the build with its file and row."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    parquet = tmp_path / "part-1.parquet"
+    pq.write_table(pa.Table.from_pylist(POOL[6:]), parquet)
+    files = [pool_files[0], parquet]
+    onnx = PIEEncoder(runtime="onnx")
+    local = build_index(files, tmp_path / "local", encoder=onnx, topic=False)
+    remote = build_index(files, tmp_path / "ray", encoder=onnx, engine="ray", ray=RayOptions(actors=1), topic=False)
+    assert [d.id for d in remote.demos] == [d.id for d in local.demos] == [r["id"] for r in POOL]
+    assert [d.metadata for d in remote.demos] == [d.metadata for d in local.demos]
+    assert np.abs(all_vectors(remote.index) - all_vectors(local.index)).max() < 1e-6
+    pq.write_table(pa.Table.from_pylist([*POOL[6:], {"instruction": None}]), parquet)
+    with pytest.raises(PoolError, match=r"part-1\.parquet \(row 5\): field 'instruction' must be a string"):
+        build_index(files, tmp_path / "bad", encoder=onnx, engine="ray", ray=RayOptions(actors=1), topic=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_ray_build_from_the_command_line(tmp_path: Path, pool_files: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "idx"
     args = ["build", *map(str, pool_files), "--out", str(out), "--engine", "ray", "--actors", "1", "--no-topic"]

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="embed a pool of demos into an index directory")
     p.add_argument("pool", nargs="+", metavar="POOL",
-                   help="pool file(s) or glob pattern(s): JSONL, JSON list of records, or IEB format")
+                   help="pool file(s) or glob pattern(s): JSONL, JSON list of records, IEB format, or Parquet "
+                        "(.parquet / .pq, one record per row)")
     p.add_argument("--out", required=True, help="index directory to create")
     p.add_argument("--model", default=None, help="model directory or Hugging Face id (default: the embedded PIE model)")
     p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("select", help="pick N instructions that cover the space of tasks (diverse data selection)")
-    p.add_argument("source", help="pool file (JSONL, JSON list, IEB) or index directory (its stored vectors are used)")
+    p.add_argument("source", help="pool file (JSONL, JSON list, IEB, Parquet) or index directory (its stored vectors are used)")
     p.add_argument("--n", type=int, required=True, help="how many instructions to pick")
     p.add_argument("--out", required=True, help="JSONL file for the picked records")
     p.add_argument("--method", choices=["kmeans", "kcenter", "random"], default="kmeans",
