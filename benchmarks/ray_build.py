@@ -3,9 +3,10 @@
 The pool: the 20,814 raw training instructions of ``eft_train_unsup.json`` written as a JSONL pool in two
 files (built here from ../shared/data; nothing is committed). Builds (flat, no topic vectors): local, Ray with
 1 actor, Ray with 2 actors, each on a local Ray cluster of this machine's cores (``ray.init(num_cpus=N)``,
-Ray's start-up included in the wall time), then Ray with 2 actors into an IVF index. Answers: top-1 of
-500 eft_test instructions, Ray flat vs local flat (must agree on >= 99%), and recall@10 of the Ray IVF
-index against exact search.
+Ray's start-up included in the wall time), then Ray with 2 actors into an IVF and an IVF-PQ index. Each build
+runs in its own process, so "driver peak RSS" is that build's own high-water mark. Answers: top-1 of 500
+eft_test instructions, Ray flat vs local flat (must agree on >= 99%), and recall@10 of the Ray IVF / IVF-PQ
+indexes against exact search.
 
 Run: python -m benchmarks.ray_build [--queries 500] [--json FILE]
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from icl_retriever import PIEEncoder, build_index
+from icl_retriever import PIEEncoder, Retriever, build_index
 from icl_retriever.ray_engine import RayOptions
 from icl_retriever.store import search
 
-from benchmarks._common import query_texts
+from benchmarks._common import ROOT, query_texts
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ieb"
 
@@ -65,12 +68,38 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
+def child(engine: str, actors: int, kind: str, files: list[Path], out: Path) -> dict[str, object]:
+    """One build in this fresh process: wall time, this process's peak RSS, the largest worker's."""
+    import ray
+
+    encoder = PIEEncoder(runtime="auto")  # the ONNX export is cached before any timing
+    start = time.perf_counter()
+    worker_rss = 0.0
+    if engine == "ray":
+        with WorkerRss() as sampled:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+            build_index([str(f) for f in files], out, encoder=encoder, engine="ray", ray=RayOptions(actors=actors),
+                        index_type=kind, topic=False, show_progress_bar=False)
+            ray.shutdown()
+        worker_rss = sampled.peak
+    else:
+        build_index([str(f) for f in files], out, encoder=encoder, index_type=kind, topic=False,
+                    show_progress_bar=False)
+    return {"wall_s": time.perf_counter() - start, "driver_peak_rss_gib": driver_peak_rss_gib(),
+            "worker_rss_gib": worker_rss}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--child", nargs=4, metavar=("ENGINE", "ACTORS", "TYPE", "WORK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    import ray
+    if args.child:
+        engine, actors, kind, work = args.child
+        files = [Path(work) / "pool-0.jsonl", Path(work) / "pool-1.jsonl"]
+        print(json.dumps(child(engine, int(actors), kind, files, Path(work) / f"{engine}-{actors}-{kind}")))
+        return
 
     texts = json.loads((DATA / "eft_train_unsup.json").read_text(encoding="utf-8"))
     work = Path(tempfile.mkdtemp(prefix="ray-bench-"))
@@ -81,7 +110,7 @@ def main() -> None:
     encoder = PIEEncoder(runtime="auto")  # the ONNX export exists before any timing
     queries = query_texts(args.queries)
     qv = encoder.encode(queries, show_progress_bar=False)
-    runs = [("local", None, "flat"), ("ray", 1, "flat"), ("ray", 2, "flat"), ("ray", 2, "ivf")]
+    runs = [("local", 0, "flat"), ("ray", 1, "flat"), ("ray", 2, "flat"), ("ray", 2, "ivf"), ("ray", 2, "ivfpq")]
     results: list[dict[str, object]] = []
     exact_index = None
     print(f"pool: {len(texts)} instructions in 2 JSONL files; {os.cpu_count()} CPU cores\n")
@@ -90,30 +119,22 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for engine, actors, kind in runs:
         out = work / f"{engine}-{actors}-{kind}"
-        start = time.perf_counter()
-        worker_rss = 0.0
-        if engine == "ray":
-            with WorkerRss() as sampled:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
-                r = build_index([str(f) for f in files], out, encoder=encoder, engine="ray",
-                                ray=RayOptions(actors=actors), index_type=kind, topic=False, show_progress_bar=False)
-                ray.shutdown()
-            worker_rss = sampled.peak
-        else:
-            r = build_index([str(f) for f in files], out, encoder=encoder, index_type=kind, topic=False,
-                            show_progress_bar=False)
-        wall = time.perf_counter() - start
-        _, ids = search(r.index, qv, 10)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.ray_build", "--child", engine, str(actors), kind,
+                               str(work)], capture_output=True, text=True, check=True, cwd=ROOT)
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        index = Retriever.from_index(out, encoder=encoder).index
+        _, ids = search(index, qv, 10)
         if exact_index is None:  # the first run: the local flat build, the reference
-            exact_index = r.index
+            exact_index = index
         _, exact = search(exact_index, qv, 10)
         same = float(np.mean(ids[:, 0] == exact[:, 0])) if engine == "ray" and kind == "flat" else None
         recall = None
-        if kind == "ivf":
+        if kind in ("ivf", "ivfpq"):
             recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact, strict=True)]))
-        row = {"engine": engine, "actors": actors, "index": kind, "wall_s": round(wall, 1),
-               "demos_per_s": round(len(texts) / wall, 1), "driver_peak_rss_gib": round(driver_peak_rss_gib(), 2),
-               "worker_rss_gib": round(worker_rss, 2), "size_mib": round(dir_size(out) / 2**20, 1),
+        wall = float(got["wall_s"])
+        row = {"engine": engine, "actors": actors or None, "index": kind, "wall_s": round(wall, 1),
+               "demos_per_s": round(len(texts) / wall, 1), "driver_peak_rss_gib": round(got["driver_peak_rss_gib"], 2),
+               "worker_rss_gib": round(got["worker_rss_gib"], 2), "size_mib": round(dir_size(out) / 2**20, 1),
                "top1_same_as_local": same, "recall_at_10": recall}
         results.append(row)
         print(f"| {engine} | {actors or '-'} | {kind} | {row['wall_s']} | {row['demos_per_s']} | "

@@ -30,8 +30,10 @@ from icl_retriever.store import (
     TopicInfo,
     IndexParams,
     IndexType,
+    MappedDemos,
     check_index_fits,
     check_target,
+    map_demos,
     measure_recall,
     new_index,
     save_index,
@@ -178,11 +180,11 @@ def build_index(
         if files is None:
             raise ValueError('engine="ray" reads pool files: give a path, glob pattern or list of them')
         encoder = encoder or PIEEncoder(runtime="auto")
-        demos, vectors, topic_index, info, topic_encoder = ray_engine.read_and_embed(
-            files, encoder, topic=topic, options=ray or RayOptions()
-        )
-        return _index_and_write(demos, vectors, topic_index, info, topic_encoder, encoder, out, index_type, index,
-                                force=force, checkpoints=[], progress=show_progress_bar)
+        # records are staged beside the target, named like checkpoints (an abandoned one is removed later)
+        with ray_engine.read_and_embed(files, encoder, topic=topic, options=ray or RayOptions(),
+                                       staging=out.parent / f".{out.name}.build-ray-") as embedded:
+            return _index_and_write(*embedded, encoder, out, index_type, index, force=force, checkpoints=[],
+                                    progress=show_progress_bar)
     demos = load_pools(files) if files is not None else load_pool(pool)  # type: ignore[arg-type]
     encoder = encoder or PIEEncoder(runtime="auto")
     check_index_fits(resolve_index_type(index_type, len(demos)), index, len(demos), encoder.dim)
@@ -219,7 +221,7 @@ def _as_files(pool: object) -> list[str | Path] | None:
 
 
 def _index_and_write(
-    demos: list[Demo],
+    demos: Sequence[Demo],
     vectors: np.ndarray,
     topic_index: Any,
     info: TopicInfo | None,
@@ -255,6 +257,8 @@ def _index_and_write(
     for directory in checkpoints:
         shutil.rmtree(directory, ignore_errors=True)
     remove_abandoned_checkpoints(out)
+    if isinstance(demos, MappedDemos):  # staged records: the retriever reads the index's own from now on
+        demos = map_demos(out, manifest, verify=False)
     return Retriever(
         encoder, vector_index, demos, path=out, manifest=manifest, topic_index=topic_index, topic=info,
         topic_encoder=topic_encoder,

@@ -4,24 +4,27 @@ Ray Data reads the pool files (JSONL / JSON / IEB / Parquet; one read task per f
 reads), each file is parsed and validated in its task with the same rules and messages as a local build (a
 bad record stops the build with its file and line or row), and an actor pool embeds the instructions: one :class:`PIEEncoder` per actor,
 on CPU (ONNX Runtime, the cached export) or on ``gpus_per_actor`` GPUs (torch). The driver gathers the
-vectors in pool order, checks ids across files, and indexes and writes the directory exactly as a local
-build does (manifest, sha256 of every file, atomic switch): nothing is written until every record is
-read and embedded.
+vectors in pool order as they stream in (records go to a staging file beside the target, read back one at
+a time), checks ids across files, and indexes and writes the directory exactly as a local build does
+(manifest, sha256 of every file, atomic switch): nothing is written until every record is read and embedded.
 
-What it does not do (yet): the vectors and records are gathered in the driver's memory, so the driver
-must hold the pool (1.5 KiB of 384-dim vectors a demo, 3 KiB with topic vectors, plus the records), and
-there are no checkpoints to resume from.
+What it does not do (yet): the driver holds the vectors (1.5 KiB of 384-dim vectors a demo, 3 KiB with
+topic vectors) and every id, and there are no checkpoints to resume from.
 
 ``pip install "icl-retriever[ray]"``; ``ray`` is imported only here.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,13 +34,14 @@ from icl_retriever.errors import PoolError
 from icl_retriever.records import (
     Demo,
     decode_pool_bytes,
+    UniqueIds,
     is_parquet,
     iter_parquet_bytes,
     iter_pool_text,
     pool_files,
-    unique_ids,
 )
-from icl_retriever.store import new_flat_index
+from icl_retriever.store import MappedDemos, TopicInfo, new_flat_index
+from icl_retriever.store.demo_file import offset_table
 from icl_retriever.topic import (
     TopicEncoder,
     TopicKind,
@@ -102,18 +106,33 @@ class _Embedder:
         return batch
 
 
+class Embedded(NamedTuple):
+    """A pool read and embedded on Ray, as :func:`~icl_retriever.embed.embed_demos` gives for a local build:
+    the demos (staged on disk, read one at a time), their vectors in pool order, and the topic vectors."""
+
+    demos: MappedDemos
+    vectors: np.ndarray
+    topic_index: Any
+    topic: TopicInfo | None
+    topic_encoder: TopicEncoder | None
+
+
+@contextmanager
 def read_and_embed(
     patterns: Sequence[str | Path],
     encoder: PIEEncoder,
     *,
     topic: TopicKind,
     options: RayOptions,
-) -> tuple[list[Demo], np.ndarray, Any, Any, TopicEncoder | None]:
-    """Read, validate and embed pool files on Ray: ``(demos, vectors, topic index, topic info, topic
-    encoder)`` in pool order, as :func:`~icl_retriever.embed.embed_demos` gives for a local build.
+    staging: Path,
+) -> Iterator[Embedded]:
+    """Read, validate and embed pool files on Ray, streaming the results to the driver in pool order.
+
+    The driver keeps the vectors (float32) and each id, and writes the records as they arrive to a staging
+    directory (``staging`` + a random suffix, removed on exit): it never holds the pool's records.
 
     Raises:
-        PoolError: a file is missing, unreadable or holds a bad record (file and line named), or an
+        PoolError: a file is missing, unreadable or holds a bad record (file and line or row named), or an
             id is used twice across files.
         ValueError: Ray is not installed.
     """
@@ -128,12 +147,15 @@ def read_and_embed(
     started = not ray.is_initialized()
     for name in ("ray", "ray.data"):  # Ray Data logs every execution plan at INFO on stderr
         logging.getLogger(name).setLevel(logging.WARNING)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=staging.name, dir=staging.parent))
     if started:
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  configure_logging=False)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
+        ctx.execution_options.preserve_order = True  # rows reach the driver in pool order
         order = {str(path): i for i, path in enumerate(files)}
         # reading and parsing reserve no CPU: they share the actors' cores (the embedding is the heavy part),
         # and actors holding every CPU of the cluster cannot then starve the tasks that feed them
@@ -154,30 +176,63 @@ def read_and_embed(
             num_cpus=options.cpus_per_actor,
             num_gpus=options.gpus_per_actor or None,
         )
-        rows = _collect(ray, ds)
+        name = str(files[0]) if len(files) == 1 else f"{len(files)} pool files"
+        demos, vectors, topic_vectors = _gather(ds, workdir, name, with_topic=topic_encoder is not None)
+        if started:
+            ray.shutdown()
+            started = False
+        if topic_encoder is None or source is None or topic_vectors is None:
+            yield Embedded(demos, vectors, None, None, None)
+        else:
+            yield Embedded(demos, vectors, new_flat_index(topic_vectors, topic_encoder.dim),
+                           topic_info(topic_encoder, source), topic_encoder)
     finally:
         if started:
             ray.shutdown()
-    rows.sort(key=lambda r: (int(r["file"]), int(r["pos"])))
-    demos = unique_ids([(str(r["where"]), Demo.model_validate_json(r["demo"])) for r in rows],
-                       str(files[0]) if len(files) == 1 else f"{len(files)} pool files")
-    vectors = np.stack([np.asarray(r["vector"], dtype=np.float32) for r in rows])
-    if topic_encoder is None or source is None:
-        return demos, vectors, None, None, None
-    topic_vectors = np.stack([np.asarray(r["topic"], dtype=np.float32) for r in rows])
-    return (demos, vectors, new_flat_index(topic_vectors, topic_encoder.dim), topic_info(topic_encoder, source),
-            topic_encoder)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _collect(ray: Any, ds: Any) -> list[dict[str, Any]]:
-    """Every row of ``ds`` on the driver; a record's error surfaces as its own PoolError."""
+def _gather(ds: Any, workdir: Path, name: str, *, with_topic: bool) -> tuple[MappedDemos, np.ndarray, np.ndarray | None]:
+    """Stream ``ds`` to the driver: records to ``workdir`` (JSONL and offset table), vectors to arrays."""
+    ids = UniqueIds()
+    sizes: list[int] = []
+    blocks: list[np.ndarray] = []
+    topic_blocks: list[np.ndarray] = []
+    last = (-1, -1)
+    records, offsets = workdir / "demos.jsonl", workdir / "offsets.u64"
+    with records.open("wb") as fh:
+        for batch in _batches(ds):
+            for file, pos, where, text in zip(batch["file"], batch["pos"], batch["where"], batch["demo"], strict=True):
+                if (int(file), int(pos)) <= last:
+                    raise RuntimeError("Ray returned the records out of pool order")  # preserve_order prevents it
+                last = (int(file), int(pos))
+                demo = ids.add(str(where), Demo.model_validate_json(text))
+                line = (json.dumps(demo.record(), ensure_ascii=False) + "\n").encode()
+                fh.write(line)
+                sizes.append(len(line))
+            blocks.append(_matrix(batch["vector"]))
+            if with_topic:
+                topic_blocks.append(_matrix(batch["topic"]))
+    if not sizes:
+        raise PoolError("pool has no records", path=name)
+    offsets.write_bytes(offset_table(sizes))
+    demos = MappedDemos.open(records, offsets, len(sizes))
+    return demos, np.concatenate(blocks), np.concatenate(topic_blocks) if with_topic else None
+
+
+def _matrix(column: Any) -> np.ndarray:
+    """A batch's vector column (a 2-D array, or an array of 1-D arrays) as one float32 matrix."""
+    rows = column if isinstance(column, np.ndarray) and column.ndim == 2 else np.stack(list(column))
+    return np.ascontiguousarray(rows, dtype=np.float32)
+
+
+def _batches(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of ``ds`` on the driver; a record's error surfaces as its own PoolError."""
     try:
-        return [row for batch in ds.iter_batches(batch_size=4096, batch_format="pandas")
-                for row in batch.to_dict("records")]
+        yield from ds.iter_batches(batch_size=4096, batch_format="numpy")
     except Exception as exc:  # Ray wraps a task's exception (RayTaskError(UserCodeException)) and keeps
         # only the text of what it wrapped, with the original type's qualified name before the message
         found = re.search(rf"{re.escape(PoolError.__module__)}\.PoolError: ([^\n]+)", str(exc))
         if found:
             raise PoolError(found.group(1)) from None
         raise
-

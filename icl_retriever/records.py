@@ -327,28 +327,43 @@ def load_pools(paths: Sequence[str | Path]) -> list[Demo]:
 
 
 def unique_ids(located: list[tuple[str, Demo]], name: str | None) -> list[Demo]:
-    """The demos of (where, demo) pairs, checked for ids used twice; a record without an id whose
-    content repeats another's gets a suffixed id (``-2``, ...), so both are kept and stay addressable.
+    """The demos of (where, demo) pairs, checked for ids used twice (see :class:`UniqueIds`).
 
     Raises:
         PoolError: no records, or an explicit id used twice (both places named).
     """
     if not located:
         raise PoolError("pool has no records", path=name)
-    demos = [demo for _, demo in located]
-    seen: dict[str, int] = {}
-    for i, demo in enumerate(demos):
-        if demo.id in seen:
+    ids = UniqueIds()
+    return [ids.add(where, demo) for where, demo in located]
+
+
+class UniqueIds:
+    """Ids checked as demos arrive, in pool order: an explicit id used twice is an error naming both places;
+    a record without an id whose content repeats another's gets a suffixed id (``-2``, ...), so both are kept
+    and stay addressable. Holds each id and where it was first used."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def add(self, where: str, demo: Demo) -> Demo:
+        """``demo``, its id suffixed if its content repeats an earlier record's (it is changed in place).
+
+        Raises:
+            PoolError: its explicit id was used before.
+        """
+        if demo.id in self.first:
             if demo.id != stable_id(demo.instruction, demo.input, demo.output):
-                first = located[seen[demo.id]][0]
-                raise PoolError(f"{located[i][0]}: duplicate id {demo.id!r} (first used at {first})")
-            # Identical content without an explicit id: keep both, distinguishable and still stable.
-            n = 2
-            while f"{demo.id}-{n}" in seen:
+                raise PoolError(f"{where}: duplicate id {demo.id!r} (first used at {self.first[demo.id]})")
+            n = 2  # identical content without an explicit id: keep both, distinguishable and still stable
+            while f"{demo.id}-{n}" in self.first:
                 n += 1
             demo.id = f"{demo.id}-{n}"
-        seen[demo.id] = i
-    return demos
+        self.first[demo.id] = where
+        return demo
 
 
 def demo_fields(demo: Demo) -> dict[str, Any]:

@@ -206,15 +206,28 @@ def select_pool(
         retriever = Retriever.from_index(path, encoder=encoder)
         demos, vectors = retriever.demos, all_vectors(retriever.index)
     elif engine == "ray":
+        import tempfile
+
         from icl_retriever import ray_engine
 
         encoder = encoder or PIEEncoder(runtime="auto")
-        demos, vectors, *_ = ray_engine.read_and_embed([source], encoder, topic=False, options=ray or RayOptions())
+        with ray_engine.read_and_embed([source], encoder, topic=False, options=ray or RayOptions(),
+                                       staging=Path(tempfile.gettempdir()) / ".icl-retriever-select-") as embedded:
+            return _select(str(source), embedded.demos, embedded.vectors, n, method, label_field, per_task_cap, seed,
+                           started)
     else:
         demos = load_pool(path)
         encoder = encoder or PIEEncoder(runtime="auto")
         vectors = encoder.encode([d.instruction for d in demos], batch_size=batch_size,
                                  show_progress_bar=show_progress_bar)
+    return _select(str(source), demos, vectors, n, method, label_field, per_task_cap, seed, started)
+
+
+def _select(
+    source: str, demos: Sequence[Demo], vectors: np.ndarray, n: int, method: Method, label_field: str,
+    per_task_cap: int | None, seed: int, started: float,
+) -> Selection:
+    """Pick from embedded demos (:func:`select_diverse`) and report."""
     raw = [d.metadata.get(label_field) for d in demos]
     labels = [None if v is None else str(v) for v in raw]
     labelled = any(label is not None for label in labels)
@@ -222,7 +235,7 @@ def select_pool(
                           per_task_cap=per_task_cap, seed=seed)
     picked = [demos[int(r)] for r in rows]
     return Selection(
-        source=str(source), method=method, n=n, demos=picked, pool_size=len(demos),
+        source=source, method=method, n=n, demos=picked, pool_size=len(demos),
         labels_in_pool=len({x for x in labels if x is not None}) if labelled else None,
         labels_covered=len({labels[int(r)] for r in rows} - {None}) if labelled else None,
         seconds=round(time.perf_counter() - started, 3),

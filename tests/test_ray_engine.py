@@ -15,7 +15,7 @@ from icl_retriever import PIEEncoder, PoolError, Retriever, build_index
 from icl_retriever.topic import topic_text
 from icl_retriever.cli import main
 from icl_retriever.ray_engine import RayOptions
-from icl_retriever.store import all_vectors
+from icl_retriever.store import MappedDemos, all_vectors
 
 from helpers import POOL, QUERY
 
@@ -44,6 +44,9 @@ def test_ray_build_equals_the_local_build(tmp_path: Path, pool_files: list[Path]
     remote = build_index(str(tmp_path / "part-*.jsonl"), tmp_path / "ray", encoder=onnx, engine="ray",
                          ray=RayOptions(actors=2))
     assert [d.id for d in remote.demos] == [d.id for d in local.demos] == [r["id"] for r in POOL]
+    # the driver streamed the records to a staging file (removed), the result reads the index's own
+    assert isinstance(remote.demos, MappedDemos) and not list(tmp_path.glob(".ray.build-ray-*"))
+    assert list(remote.demos) == list(local.demos)
     assert np.abs(all_vectors(remote.index) - all_vectors(local.index)).max() < 1e-6
     assert np.abs(all_vectors(remote.topic_index) - all_vectors(local.topic_index)).max() < 1e-6
     assert remote.manifest is not None and local.manifest is not None

@@ -39,7 +39,14 @@ from icl_retriever.store.manifest import (
     Manifest,
     TopicInfo,
 )
-from icl_retriever.store.reader import IndexVersion, load_index, load_manifest, load_version, trusted_model
+from icl_retriever.store.reader import (
+    IndexVersion,
+    load_index,
+    load_manifest,
+    load_version,
+    map_demos,
+    trusted_model,
+)
 from icl_retriever.store.recall import TARGET_RECALL, measure_recall
 from icl_retriever.store.writer import check_target, replace_file, save_index, write_lock, write_version
 
@@ -72,6 +79,7 @@ __all__ = [
     "load_index",
     "load_manifest",
     "load_version",
+    "map_demos",
     "measure_recall",
     "new_flat_index",
     "new_index",

@@ -65,6 +65,17 @@ class MappedDemos(Sequence[Demo]):
                 line = int(np.flatnonzero(ends != ord("\n"))[0]) + 1
                 raise IndexFormatError(f"{demos_file}:{line}: the offset table does not end this record at a newline")
 
+    @classmethod
+    def open(cls, demos_file: Path, offsets_file: Path, count: int) -> MappedDemos:
+        """Map a records file and its offset table that this process wrote (no sha256 to check against)."""
+        maps = []
+        for file in (demos_file, offsets_file):
+            with file.open("rb") as fh:
+                maps.append(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if file.stat().st_size else None)
+        if maps[1] is None:
+            raise IndexFormatError(f"{offsets_file}: empty")
+        return cls(demos_file, offsets_file, count, maps[0], maps[1])
+
     def __len__(self) -> int:
         return len(self._offsets) - 1
 

@@ -162,7 +162,7 @@ def load_version(path: str | Path, *, verify: bool = True, topic: bool = True, m
         manifest = load_manifest(path)
         try:
             index = _read_vectors(path, manifest, verify, mmap)
-            demos = _map_demos(path, manifest, verify) if mmap and OFFSETS in manifest.files else _read_demos(
+            demos = map_demos(path, manifest, verify) if mmap and OFFSETS in manifest.files else _read_demos(
                 path, manifest, verify
             )
             topic_index = _read_topic(path, manifest, verify, mmap) if topic and manifest.topic is not None else None
@@ -369,8 +369,15 @@ def _read_demos(path: Path, manifest: Manifest, verify: bool) -> list[Demo]:
     return demos
 
 
-def _map_demos(path: Path, manifest: Manifest, verify: bool) -> MappedDemos:
-    """The demos as a :class:`MappedDemos` over the mapped records and offset table (checked, not parsed)."""
+def map_demos(path: Path, manifest: Manifest, verify: bool = True) -> MappedDemos:
+    """The demos of the version ``manifest`` describes as a :class:`MappedDemos` over the mapped records and
+    offset table (checked, not parsed).
+
+    Raises:
+        IndexFormatError: the index has no offset table, or the files disagree with the manifest.
+    """
+    if OFFSETS not in manifest.files:
+        raise IndexFormatError(f"{path}: the index has no offset table (written by an older version); rebuild it")
     file, offsets_file = path / manifest.files[DEMOS].name, path / manifest.files[OFFSETS].name
     with _reading(file):
         data = _map_checked(file, manifest.files[DEMOS], verify)
