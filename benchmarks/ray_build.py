@@ -9,6 +9,13 @@ eft_test instructions, Ray flat vs local flat (must agree on >= 99%), and recall
 indexes against exact search.
 
 Run: python -m benchmarks.ray_build [--queries 500] [--json FILE]
+
+``--scale N``: one large build instead. N instructions of ``eft_train_unsup.json`` (beyond its 20,814, repeats carry
+a marker " (2)", ... so every demo is distinct and is embedded), as Parquet files of 125,000 rows, built on Ray with
+2 actors into an IVF-PQ index (no topic vectors); then a fresh process opens it memory-mapped (sha256 and layout
+verified), checks the records one at a time, and runs 100 ``get_demos``:
+
+    python -m benchmarks.ray_build --scale 1e6 --work /tmp/ray-1e6
 """
 
 from __future__ import annotations
@@ -89,12 +96,82 @@ def child(engine: str, actors: int, kind: str, files: list[Path], out: Path) -> 
             "worker_rss_gib": worker_rss}
 
 
+def scale(n: int, work: Path, queries: int) -> None:
+    """The ``--scale`` run: pool as Parquet, Ray build into IVF-PQ, then a mapped load in a fresh process."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    unsup = json.loads((DATA / "eft_train_unsup.json").read_text(encoding="utf-8"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows_per_file = 125_000
+    for start in range(0, n, rows_per_file):
+        texts = [t if i < len(unsup) else f"{t} ({i // len(unsup) + 1})"
+                 for i, t in ((i, unsup[i % len(unsup)]) for i in range(start, min(n, start + rows_per_file)))]
+        ids = [f"u{i}" for i in range(start, start + len(texts))]
+        pq.write_table(pa.table({"id": ids, "instruction": texts}), work / f"pool-{start // rows_per_file:04d}.parquet")
+    out = work / "index"
+    encoder = PIEEncoder(runtime="auto")
+    start_t = time.perf_counter()
+    with WorkerRss() as sampled:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+        r = build_index(str(work / "pool-*.parquet"), out, encoder=encoder, engine="ray", ray=RayOptions(actors=2),
+                        index_type="ivfpq", topic=False, show_progress_bar=False, force=True)
+        ray.shutdown()
+    wall = time.perf_counter() - start_t
+    manifest = r.manifest
+    assert manifest is not None
+    del r
+    print(f"Ray build of {n} demos (2 actors, {os.cpu_count()} cores): {wall:.1f} s wall, {n / wall:.1f} demos/s, "
+          f"driver peak RSS {driver_peak_rss_gib():.2f} GiB, largest worker {sampled.peak:.2f} GiB; index "
+          f"{manifest.index_type} {manifest.index_params.model_dump(exclude_none=True)}, recall@10 "
+          f"{manifest.recall_at_10}, {dir_size(out) / 2**30:.3f} GiB on disk", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ray_build", "--serve", str(out), "--queries",
+                           str(queries)], capture_output=True, text=True, check=True, cwd=ROOT)
+    print("mapped serving (fresh process):", proc.stdout.strip().splitlines()[-1])
+
+
+def serve(path: Path, queries: int) -> dict[str, object]:
+    """Open an index memory-mapped (verified), read every record once, then time ``get_demos``."""
+    from icl_retriever.store import MappedDemos
+
+    from benchmarks._common import percentiles, time_each
+
+    encoder = PIEEncoder(runtime="auto")
+    start = time.perf_counter()
+    r = Retriever.from_index(path, encoder=encoder, mmap=True)
+    load_s = time.perf_counter() - start
+    assert isinstance(r.demos, MappedDemos)
+    texts = query_texts(min(queries, 120))
+    for q in texts[:20]:
+        r.get_demos(q)
+    p50, p95 = percentiles(time_each(lambda q: r.get_demos(q, k=4), texts[20:]))
+    picked = r.get_demos("Summarize the following article in two sentences.", k=4)
+    queried_rss = driver_peak_rss_gib()
+    start = time.perf_counter()
+    count = sum(1 for _ in r.demos)  # every record parsed and checked, one at a time
+    read_s = time.perf_counter() - start
+    return {"demos": len(r), "load_s": round(load_s, 3), "p50_ms": round(p50, 2), "p95_ms": round(p95, 2),
+            "records_checked": count, "read_all_records_s": round(read_s, 1),
+            "peak_rss_gib_after_queries": round(queried_rss, 3),
+            "peak_rss_gib_after_reading_all": round(driver_peak_rss_gib(), 3), "example": [d.instruction for d in picked]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", nargs=4, metavar=("ENGINE", "ACTORS", "TYPE", "WORK"), help=argparse.SUPPRESS)
+    ap.add_argument("--scale", type=float, default=None, help="one build of this many demos (see above)")
+    ap.add_argument("--work", type=Path, default=None, help="with --scale: where the pool and index go")
+    ap.add_argument("--serve", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve:
+        print(json.dumps(serve(args.serve, args.queries)))
+        return
+    if args.scale:
+        scale(int(args.scale), args.work or Path(tempfile.mkdtemp(prefix="ray-scale-")), args.queries)
+        return
     if args.child:
         engine, actors, kind, work = args.child
         files = [Path(work) / "pool-0.jsonl", Path(work) / "pool-1.jsonl"]
