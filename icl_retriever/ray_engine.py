@@ -1,21 +1,23 @@
 """The Ray engine of :func:`~icl_retriever.build.build_index` (``engine="ray"``, ``--engine ray``).
 
-Ray Data reads the pool files (JSONL / JSON / IEB / Parquet; one read task per file, any filesystem Ray
-reads), each file is parsed and validated in its task with the same rules and messages as a local build (a
-bad record stops the build with its file and line or row), and an actor pool embeds the instructions: one :class:`PIEEncoder` per actor,
-on CPU (ONNX Runtime, the cached export) or on ``gpus_per_actor`` GPUs (torch). The driver gathers the
-vectors in pool order as they stream in (records go to a staging file beside the target, read back one at
-a time), checks ids across files, and indexes and writes the directory exactly as a local build does
-(manifest, sha256 of every file, atomic switch): nothing is written until every record is read and embedded.
+Ray Data reads the pool files (JSONL / JSON / IEB / Parquet at paths the driver and the workers both see;
+one read task per file), each file is parsed and validated in its task with the same rules and messages as a
+local build (a bad record stops the build with its file and line or row), and an actor pool embeds the
+instructions: one :class:`PIEEncoder` per actor, on CPU (ONNX Runtime, the cached export) or on
+``gpus_per_actor`` GPUs (torch). The driver gathers the rows in pool order as they stream in (records and
+vectors go to staging files beside the target, read back one at a time and memory-mapped), checks ids across
+files, and indexes and writes the directory exactly as a local build does (manifest, sha256 of every file,
+atomic switch): nothing is written until every record is read and embedded.
 
-What it does not do (yet): the driver holds the vectors (1.5 KiB of 384-dim vectors a demo, 3 KiB with
-topic vectors) and every id, and there are no checkpoints to resume from.
+What it does not do (yet): the driver holds every id, the index is filled by the driver (not in parallel
+tasks), and there are no checkpoints to resume from.
 
 ``pip install "icl-retriever[ray]"``; ``ray`` is imported only here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -128,8 +130,10 @@ def read_and_embed(
 ) -> Iterator[Embedded]:
     """Read, validate and embed pool files on Ray, streaming the results to the driver in pool order.
 
-    The driver keeps the vectors (float32) and each id, and writes the records as they arrive to a staging
-    directory (``staging`` + a random suffix, removed on exit): it never holds the pool's records.
+    The driver writes the records and vectors as they arrive to a staging directory (``staging`` + a random
+    suffix, removed on exit) and hands them on read one at a time / memory-mapped: its own memory holds a
+    batch and every id, not the pool (an index type that keeps float32 vectors, flat / HNSW / IVF, then
+    copies them into memory; ``ivfpq`` keeps only its codes).
 
     Raises:
         PoolError: a file is missing, unreadable or holds a bad record (file and line or row named), or an
@@ -193,14 +197,16 @@ def read_and_embed(
 
 
 def _gather(ds: Any, workdir: Path, name: str, *, with_topic: bool) -> tuple[MappedDemos, np.ndarray, np.ndarray | None]:
-    """Stream ``ds`` to the driver: records to ``workdir`` (JSONL and offset table), vectors to arrays."""
+    """Stream ``ds`` to the driver into ``workdir``: records (JSONL and offset table) and vectors (raw float32,
+    returned memory-mapped), so the driver's own memory holds a batch and the ids, not the pool."""
     ids = UniqueIds()
     sizes: list[int] = []
-    blocks: list[np.ndarray] = []
-    topic_blocks: list[np.ndarray] = []
     last = (-1, -1)
+    dims: dict[str, int] = {}
     records, offsets = workdir / "demos.jsonl", workdir / "offsets.u64"
-    with records.open("wb") as fh:
+    columns = ["vector", "topic"] if with_topic else ["vector"]
+    with records.open("wb") as fh, contextlib.ExitStack() as stack:
+        raw = {col: stack.enter_context((workdir / f"{col}.f32").open("wb")) for col in columns}
         for batch in _batches(ds):
             for file, pos, where, text in zip(batch["file"], batch["pos"], batch["where"], batch["demo"], strict=True):
                 if (int(file), int(pos)) <= last:
@@ -210,14 +216,17 @@ def _gather(ds: Any, workdir: Path, name: str, *, with_topic: bool) -> tuple[Map
                 line = (json.dumps(demo.record(), ensure_ascii=False) + "\n").encode()
                 fh.write(line)
                 sizes.append(len(line))
-            blocks.append(_matrix(batch["vector"]))
-            if with_topic:
-                topic_blocks.append(_matrix(batch["topic"]))
+            for col in columns:
+                block = _matrix(batch[col])
+                dims[col] = block.shape[1]
+                raw[col].write(block.tobytes())
     if not sizes:
         raise PoolError("pool has no records", path=name)
     offsets.write_bytes(offset_table(sizes))
     demos = MappedDemos.open(records, offsets, len(sizes))
-    return demos, np.concatenate(blocks), np.concatenate(topic_blocks) if with_topic else None
+    vectors = {col: np.memmap(workdir / f"{col}.f32", dtype=np.float32, mode="r", shape=(len(sizes), dims[col]))
+               for col in columns}
+    return demos, vectors["vector"], vectors.get("topic")
 
 
 def _matrix(column: Any) -> np.ndarray:

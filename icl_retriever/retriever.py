@@ -16,7 +16,15 @@ from icl_retriever.query_vectors import QueryVectors
 from icl_retriever.records import Demo, check_text, load_pool
 from icl_retriever.search import DEFAULT_RERANK, SearchControls, SearchKwargs, Snapshot, select_batch
 from icl_retriever.search.budget import resolve_tokenizer
-from icl_retriever.store import Manifest, MappedDemos, TopicInfo, load_version, new_flat_index, trusted_model
+from icl_retriever.store import (
+    Manifest,
+    MappedDemos,
+    TopicInfo,
+    check_rebuildable,
+    load_version,
+    new_flat_index,
+    trusted_model,
+)
 from icl_retriever.topic import TopicEncoder, TopicEncoderSlot, TopicKind, no_topic_message, topic_text
 from icl_retriever.updates import LiveIndex
 
@@ -247,7 +255,9 @@ class Retriever:
 
         Raises:
             PoolError: a record is malformed, or an id exists and ``upsert`` is not set.
+            ValueError: an ``ivfpq`` index, which cannot change in place (checked before any embedding).
         """
+        check_rebuildable(self.index)
         new = load_pool(demos)
 
         def embed(encoder: PIEEncoder, texts: list[str]) -> np.ndarray:
@@ -264,7 +274,11 @@ class Retriever:
 
         Args:
             persist: as for :meth:`add`.
+
+        Raises:
+            ValueError: an ``ivfpq`` index, which cannot change in place.
         """
+        check_rebuildable(self.index)
         return self._live.remove(set(ids), persist=persist)
 
     def reload(self) -> bool:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 from icl_retriever import Demo
+from icl_retriever.store import MANIFEST_FILE, VECTORS
 
 #: Ten demos of five tasks, two per task.
 POOL = [
@@ -44,3 +48,12 @@ class CountingEncode:
         if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
             raise KeyboardInterrupt("simulated interruption")
         return self.original(texts, **kwargs)
+
+
+def resync(index_dir: Path, role: str = VECTORS) -> None:
+    """Make an index's manifest vouch for one of its data files as it is now (what a forger would do)."""
+    path = index_dir / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    file = index_dir / manifest["files"][role]["name"]
+    manifest["files"][role].update(size=file.stat().st_size, sha256=hashlib.sha256(file.read_bytes()).hexdigest())
+    path.write_text(json.dumps(manifest))

@@ -4,7 +4,6 @@ rebuilds keeping the type, and the header checks that accept the supported types
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -31,16 +30,7 @@ from icl_retriever.store import (
     search,
 )
 
-from helpers import POOL, QUERY, ids
-
-
-def resync(index_dir: Path, role: str = VECTORS) -> None:
-    """Make the manifest vouch for a data file as it is now (what a forger would do)."""
-    path = index_dir / MANIFEST_FILE
-    manifest = json.loads(path.read_text())
-    file = index_dir / manifest["files"][role]["name"]
-    manifest["files"][role].update(size=file.stat().st_size, sha256=hashlib.sha256(file.read_bytes()).hexdigest())
-    path.write_text(json.dumps(manifest))
+from helpers import POOL, QUERY, ids, resync
 
 
 def edit_manifest(index_dir: Path, **changes: object) -> None:

@@ -3,7 +3,6 @@ index type, with the same integrity checks as a load into memory (icl_retriever.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from icl_retriever.store import (
     save_index,
 )
 
-from helpers import POOL
+from helpers import POOL, resync
 
 CFG = EncoderConfig(model="m", template="{instruction}")
 PARAMS = {
@@ -56,14 +55,6 @@ def write(path: Path, kind: str, x: np.ndarray) -> Path:
     demos = [Demo(id=str(i), instruction=f"instruction {i}") for i in range(len(x))]
     save_index(path, index, demos, encoder_config=CFG, fingerprint="f")
     return path
-
-
-def resync(index_dir: Path, role: str = VECTORS) -> None:
-    """Make the manifest vouch for a data file as it is now (what a forger would do)."""
-    manifest = json.loads((index_dir / MANIFEST_FILE).read_text())
-    file = index_dir / manifest["files"][role]["name"]
-    manifest["files"][role].update(size=file.stat().st_size, sha256=hashlib.sha256(file.read_bytes()).hexdigest())
-    (index_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
@@ -144,6 +135,8 @@ def test_retriever_on_an_mmapped_ivfpq_index(tmp_path: Path, default_index: Path
     assert len(r.get_demos("Write a haiku about rain.", k=3)) == 3  # the default ranking, over topic vectors
     with pytest.raises(ValueError, match="rebuild it from the pool"):
         r.add([Demo(id="new", instruction="Write a haiku about snow.")])
+    with pytest.raises(ValueError, match="rebuild it from the pool"):
+        r.remove([exact.demos[0].id])
     assert load_manifest(tmp_path / "pq").generation == 1  # nothing written
 
 

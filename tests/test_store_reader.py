@@ -14,6 +14,8 @@ import pytest
 from icl_retriever import IndexFormatError, PIEEncoder, Retriever, build_index
 from icl_retriever.store import DEMOS, MANIFEST_FILE, VECTORS, load_manifest
 
+from helpers import resync
+
 POOL = [
     {"id": f"d{i}", "instruction": text, "output": "ok", "task": task}
     for i, (text, task) in enumerate(
@@ -43,17 +45,6 @@ def rewrite_manifest(index_dir: Path, **changes: object) -> None:
     path = index_dir / MANIFEST_FILE
     manifest = json.loads(path.read_text())
     manifest.update(changes)
-    path.write_text(json.dumps(manifest))
-
-
-def resync_file_entry(index_dir: Path, role: str) -> None:
-    """Make the manifest vouch for a file as it is now (what a forger would do)."""
-    import hashlib
-
-    path = index_dir / MANIFEST_FILE
-    manifest = json.loads(path.read_text())
-    file = index_dir / manifest["files"][role]["name"]
-    manifest["files"][role].update(size=file.stat().st_size, sha256=hashlib.sha256(file.read_bytes()).hexdigest())
     path.write_text(json.dumps(manifest))
 
 
@@ -87,7 +78,7 @@ def test_flipped_bit(index_dir: Path, encoder: PIEEncoder, role: str) -> None:
 def test_foreign_file_in_place_of_vectors(index_dir: Path, encoder: PIEEncoder) -> None:
     file = data_file(index_dir, VECTORS)
     file.write_bytes(b"GIF89a" + os.urandom(file.stat().st_size - 6))
-    resync_file_entry(index_dir, VECTORS)
+    resync(index_dir, VECTORS)
     with pytest.raises(IndexFormatError, match="not a FAISS index"):
         load(index_dir, encoder)
 
@@ -96,13 +87,13 @@ def test_faiss_index_of_other_shape(index_dir: Path, encoder: PIEEncoder) -> Non
     other = faiss.IndexFlatIP(encoder.dim)
     other.add(np.eye(3, encoder.dim, dtype=np.float32))  # 3 vectors where the manifest says 5
     faiss.write_index(other, str(data_file(index_dir, VECTORS)))
-    resync_file_entry(index_dir, VECTORS)
+    resync(index_dir, VECTORS)
     with pytest.raises(IndexFormatError, match="holds 3 vectors of dim 384.*manifest says 5"):
         load(index_dir, encoder)
     wrong_dim = faiss.IndexFlatIP(8)
     wrong_dim.add(np.eye(5, 8, dtype=np.float32))
     faiss.write_index(wrong_dim, str(data_file(index_dir, VECTORS)))
-    resync_file_entry(index_dir, VECTORS)
+    resync(index_dir, VECTORS)
     with pytest.raises(IndexFormatError, match="dim 8"):
         load(index_dir, encoder)
 
@@ -110,7 +101,7 @@ def test_faiss_index_of_other_shape(index_dir: Path, encoder: PIEEncoder) -> Non
 def test_demos_file_disagrees_with_count(index_dir: Path, encoder: PIEEncoder) -> None:
     file = data_file(index_dir, DEMOS)
     file.write_text("".join(file.read_text().splitlines(keepends=True)[:4]))
-    resync_file_entry(index_dir, DEMOS)
+    resync(index_dir, DEMOS)
     with pytest.raises(IndexFormatError, match="holds 4 demos, manifest says 5"):
         load(index_dir, encoder)
 
@@ -154,7 +145,7 @@ def test_planted_pickles_are_never_opened(index_dir: Path, encoder: PIEEncoder, 
     assert not marker.exists()
     # A pickle in the place of the vectors file, with a manifest forged to match it, is refused too.
     data_file(index_dir, VECTORS).write_bytes(pickle.dumps(_Payload(marker)))
-    resync_file_entry(index_dir, VECTORS)
+    resync(index_dir, VECTORS)
     with pytest.raises(IndexFormatError, match="not a FAISS index"):
         load(index_dir, encoder)
     assert not marker.exists()

@@ -175,13 +175,22 @@ def rebuild_index(index: faiss.Index, vectors: np.ndarray) -> faiss.Index:
     Raises:
         ValueError: an IVF-PQ index, which keeps compressed codes, not the vectors to rebuild from.
     """
+    check_rebuildable(index)
     index_type, params = describe_index(index)
-    if index_type == "ivfpq":
+    return new_index(vectors, index_type, params, dim=index.d)
+
+
+def check_rebuildable(index: faiss.Index) -> None:
+    """Refuse an index that cannot be rebuilt from what it stores (IVF-PQ keeps codes, not vectors).
+
+    Raises:
+        ValueError: saying to rebuild from the pool.
+    """
+    if isinstance(index, faiss.IndexIVFPQ):
         raise ValueError(
             "an ivfpq index stores compressed codes, not vectors, so demos cannot be added or removed in place; "
             "rebuild it from the pool (icl-retriever build ... --force)"
         )
-    return new_index(vectors, index_type, params, dim=index.d)
 
 
 def configure_index(index: faiss.Index, params: IndexParams) -> None:

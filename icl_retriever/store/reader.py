@@ -277,14 +277,18 @@ def _open_index(file: Path, data: bytes | mmap_module.mmap, kind: str, mmap: boo
     if not mmap:
         assert isinstance(data, bytes)
         return _deserialize(file, data)
-    before = os.stat(file)
+    before = os.lstat(file)  # the file checked a moment ago through its descriptor, still in place
+    identity = (before.st_ino, before.st_dev, before.st_size)
+    if not stat.S_ISREG(before.st_mode):
+        raise IndexFormatError(f"{file}: changed while it was being opened")
     flags = faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_MMAP if kind in ("ivf", "ivfpq") else faiss.IO_FLAG_MMAP_IFC)
     try:
         index = faiss.read_index(str(file), flags)
     except (RuntimeError, MemoryError) as exc:
         raise IndexFormatError(f"{file}: not a readable FAISS index ({(str(exc).splitlines() or [''])[0]})") from exc
-    after = os.stat(file)
-    if (before.st_ino, before.st_size, before.st_mtime_ns) != (after.st_ino, after.st_size, after.st_mtime_ns):
+    # the entry FAISS opened by name must still be the regular file that was checked, not a link swapped in
+    after = os.lstat(file)
+    if not stat.S_ISREG(after.st_mode) or (after.st_ino, after.st_dev, after.st_size) != identity:
         raise IndexFormatError(f"{file}: changed while it was being opened")
     return index
 
