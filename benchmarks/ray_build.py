@@ -4,7 +4,8 @@ The pool: the 20,814 raw training instructions of ``eft_train_unsup.json`` writt
 files (built here from ../shared/data; nothing is committed). Builds (flat, no topic vectors): local, Ray with
 1 actor, Ray with 2 actors, each on a local Ray cluster of this machine's cores (``ray.init(num_cpus=N)``,
 Ray's start-up included in the wall time), then Ray with 2 actors into an IVF and an IVF-PQ index. Each build
-runs in its own process, so "driver peak RSS" is that build's own high-water mark. Answers: top-1 of 500
+runs in its own process, so "driver peak RSS" is that build's own high-water mark (VmHWM: the rusage peak
+would include the parent's, inherited at fork). Answers: top-1 of 500
 eft_test instructions, Ray flat vs local flat (must agree on >= 99%), and recall@10 of the Ray IVF / IVF-PQ
 indexes against exact search.
 
@@ -65,12 +66,6 @@ class WorkerRss:
         self._thread.join()
 
 
-def driver_peak_rss_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
@@ -92,7 +87,7 @@ def child(engine: str, actors: int, kind: str, files: list[Path], out: Path) -> 
     else:
         build_index([str(f) for f in files], out, encoder=encoder, index_type=kind, topic=False,
                     show_progress_bar=False)
-    return {"wall_s": time.perf_counter() - start, "driver_peak_rss_gib": driver_peak_rss_gib(),
+    return {"wall_s": time.perf_counter() - start, "driver_peak_rss_gib": _status_gib("VmHWM"),
             "worker_rss_gib": worker_rss}
 
 
@@ -123,7 +118,7 @@ def scale(n: int, work: Path, queries: int) -> None:
     assert manifest is not None
     del r
     print(f"Ray build of {n} demos (2 actors, {os.cpu_count()} cores): {wall:.1f} s wall, {n / wall:.1f} demos/s, "
-          f"driver peak RSS {driver_peak_rss_gib():.2f} GiB, largest worker {sampled.peak:.2f} GiB; index "
+          f"driver peak RSS {_status_gib('VmHWM'):.2f} GiB, largest worker {sampled.peak:.2f} GiB; index "
           f"{manifest.index_type} {manifest.index_params.model_dump(exclude_none=True)}, recall@10 "
           f"{manifest.recall_at_10}, {dir_size(out) / 2**30:.3f} GiB on disk", flush=True)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.ray_build", "--serve", str(out), "--queries",
