@@ -18,7 +18,6 @@ tasks), and there are no checkpoints to resume from.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import shutil
@@ -43,7 +42,7 @@ from icl_retriever.records import (
     pool_files,
 )
 from icl_retriever.store import MappedDemos, TopicInfo, new_flat_index
-from icl_retriever.store.demo_file import offset_table
+from icl_retriever.store.demo_file import offset_table, record_line
 from icl_retriever.topic import (
     TopicEncoder,
     TopicKind,
@@ -213,7 +212,7 @@ def _gather(ds: Any, workdir: Path, name: str, *, with_topic: bool) -> tuple[Map
                     raise RuntimeError("Ray returned the records out of pool order")  # preserve_order prevents it
                 last = (int(file), int(pos))
                 demo = ids.add(str(where), Demo.model_validate_json(text))
-                line = (json.dumps(demo.record(), ensure_ascii=False) + "\n").encode()
+                line = record_line(demo)
                 fh.write(line)
                 sizes.append(len(line))
             for col in columns:

@@ -267,7 +267,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from icl_retriever.encoder import PIEEncoder
     from icl_retriever.selection import select_pool
-    from icl_retriever.store import replace_file
+    from icl_retriever.store import record_line, replace_file
 
     out = Path(args.out)
     if out.is_dir():
@@ -281,8 +281,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         encoder=encoder, batch_size=args.batch_size, seed=args.seed, show_progress_bar=True, engine=args.engine,
         ray=ray,
     )
-    lines = (json.dumps(d.record(), ensure_ascii=False) + "\n" for d in result.demos)
-    replace_file(out, [line.encode("utf-8") for line in lines])
+    replace_file(out, [record_line(d) for d in result.demos])
     if args.json:
         print_json({**result.model_dump(exclude={"demos"}), "out": str(out)})
         return 0

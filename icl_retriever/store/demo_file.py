@@ -10,6 +10,7 @@ with the same rules and messages as an eager load.
 
 from __future__ import annotations
 
+import json
 import mmap
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,11 @@ from icl_retriever.records import Demo
 
 #: dtype of the offset table: little-endian unsigned 64-bit byte offsets.
 OFFSET_DTYPE = np.dtype("<u8")
+
+
+def record_line(demo: Demo) -> bytes:
+    """A demo as one line of a records file (JSON, UTF-8, newline-ended): the one place that format is written."""
+    return (json.dumps(demo.record(), ensure_ascii=False) + "\n").encode()
 
 
 def offset_table(sizes: Iterable[int]) -> bytes:

@@ -11,7 +11,6 @@ are serialised with a file lock (:func:`write_lock`); readers need none.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -28,7 +27,7 @@ from filelock import FileLock
 from icl_retriever.encoder import EncoderConfig
 from icl_retriever.errors import IndexExistsError, IndexWriteError
 from icl_retriever.records import Demo
-from icl_retriever.store.demo_file import offset_table
+from icl_retriever.store.demo_file import offset_table, record_line
 from icl_retriever.store.faiss_index import describe_index, non_unit_vector
 from icl_retriever.store.manifest import (
     DEMOS,
@@ -159,7 +158,7 @@ def write_version(
 
         def lines() -> Iterator[bytes]:
             for demo in demos:
-                line = (json.dumps(demo.record(), ensure_ascii=False) + "\n").encode()
+                line = record_line(demo)
                 sizes.append(len(line))
                 yield line
 
