@@ -69,7 +69,7 @@ def check_build_params(
     index_type: IndexType | Literal["auto"] = "auto",
     index: IndexParams | None = None,
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     chunk_size: int = 10_000,
 ) -> None:
     """Validate :func:`build_index`'s index type, parameters and sizes, before any pool is read or model loaded.
@@ -78,6 +78,8 @@ def check_build_params(
         ValueError: one line naming the argument (a parameter of another index type, or out of range).
     """
     for name, size in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if size is None and name == "batch_size":
+            continue  # the encoder's default
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
     if index is not None and not isinstance(index, IndexParams):
@@ -115,7 +117,7 @@ def build_index(
     ray: RayOptions | None = None,
     index_type: IndexType | Literal["auto"] = "auto",
     index: IndexParams | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     chunk_size: int = 10_000,
     force: bool = False,
     resume: bool = True,
@@ -143,7 +145,7 @@ def build_index(
             ``ef_construction`` 128, ``ef_search`` tuned (from 64, doubled until recall@10 on a sample
             reaches 0.95); IVF's ``nlist`` about sqrt(n) clusters, ``nprobe`` tuned from 32 likewise;
             IVF-PQ's ``pq_m`` one byte per 4 dimensions (96 for 384).
-        batch_size: instructions per forward pass.
+        batch_size: instructions per forward pass (``None``: the encoder's default, 16 on ONNX Runtime).
         chunk_size: instructions embedded (and checkpointed) at a time.
         force: replace an existing index at ``out``.
         resume: reuse the chunks an earlier, interrupted build of the same pool with the same

@@ -70,7 +70,7 @@ def embed_demos(
 
 
 def embed_in_memory(
-    demos: Sequence[Demo], encoder: PIEEncoder, *, topic: TopicKind, batch_size: int, show_progress_bar: bool
+    demos: Sequence[Demo], encoder: PIEEncoder, *, topic: TopicKind, batch_size: int | None, show_progress_bar: bool
 ) -> Embedded:
     """:func:`embed_demos` without checkpoints (nothing is written), for an in-memory retriever."""
 
@@ -123,7 +123,7 @@ def embed_pool(
     encoder: PIEEncoder | TopicEncoder,
     *,
     resume_dir: Path | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     chunk_size: int = 10_000,
     resume: bool = True,
     show_progress_bar: bool = False,
@@ -133,6 +133,7 @@ def embed_pool(
 
     Args:
         resume_dir: directory for the chunks (``chunk-000000.npy``, ...); ``None`` keeps nothing.
+        batch_size: prompts per forward pass (``None``: the encoder's ``default_batch_size``).
         resume: reuse valid chunks already in ``resume_dir``.
 
     Returns:
@@ -176,11 +177,13 @@ def embed_pool(
     return vectors
 
 
-def _encode_chunk(encoder: PIEEncoder | TopicEncoder, texts: Sequence[str], batch_size: int, bar: tqdm) -> np.ndarray:
+def _encode_chunk(
+    encoder: PIEEncoder | TopicEncoder, texts: Sequence[str], batch_size: int | None, bar: tqdm
+) -> np.ndarray:
     """One chunk, longest first in slices of a few batches so the progress bar moves steadily."""
     out = np.empty((len(texts), encoder.dim), dtype=np.float32)
     order = np.argsort([-len(t) for t in texts], kind="stable")
-    step = batch_size * _SLICE_BATCHES
+    step = (batch_size or encoder.default_batch_size) * _SLICE_BATCHES
     for start in range(0, len(texts), step):
         idx = order[start : start + step]
         out[idx] = encoder.encode([texts[i] for i in idx], batch_size=batch_size, show_progress_bar=False)

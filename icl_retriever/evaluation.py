@@ -279,7 +279,7 @@ def evaluate(
     cross_group_path: str | Path | None = None,
     pool_path: str | Path | None = None,
     label_field: str = "task",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     show_progress_bar: bool | None = None,
 ) -> EvalReport:
     """Score ``encoder`` on any of: an ICT file (clustering + retrieval), an IIS file (pair similarity),
@@ -292,7 +292,7 @@ def evaluate(
         cross_group_path: IEB-format file whose samples carry ``dataset``, such as ``sni_dev.json``.
         pool_path: demo pool file whose demos carry ``metadata[label_field]``.
         label_field: the pool's label field.
-        batch_size: prompts per forward pass.
+        batch_size: prompts per forward pass (``None``: the encoder's default).
         show_progress_bar: passed to :meth:`PIEEncoder.encode`.
 
     Raises:

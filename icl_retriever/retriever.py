@@ -185,7 +185,7 @@ class Retriever:
         demos: str | Path | Iterable[Demo | Mapping[str, Any]],
         *,
         encoder: PIEEncoder | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         show_progress_bar: bool | None = None,
         topic: TopicKind = True,
         cache_size: int = 1024,
@@ -239,7 +239,7 @@ class Retriever:
         demos: str | Path | Iterable[Demo | Mapping[str, Any]],
         *,
         upsert: bool = False,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         persist: bool | None = None,
     ) -> list[str]:
         """Embed and add demos; only the new ones are embedded (topic vectors too, when the index has them).

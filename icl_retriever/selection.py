@@ -177,7 +177,7 @@ def select_pool(
     label_field: str = "task",
     per_task_cap: int | None = None,
     encoder: PIEEncoder | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     seed: int = 0,
     show_progress_bar: bool = False,
     engine: Literal["local", "ray"] = "local",

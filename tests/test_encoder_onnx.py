@@ -68,6 +68,15 @@ def test_onnx_matches_torch_vectors_and_fingerprint(encoder: PIEEncoder, onnx_de
     assert np.abs(plain.encode(TEXTS[:3]) - encoder.with_template("plain").encode(TEXTS[:3])).max() <= 1e-4
 
 
+def test_default_batch_size_is_the_runtimes_and_changes_no_vector(encoder: PIEEncoder, onnx_default: PIEEncoder) -> None:
+    assert onnx_default.default_batch_size == onnx_backend.BATCH_SIZE and encoder.default_batch_size == 32
+    texts = [f"Write a poem about the number {i}." + " Keep it short." * (i % 7) for i in 40 * [0, 1, 2, 3, 4, 5]]
+    by_default = onnx_default.encode(texts)  # several batches of 16, side by side
+    assert np.abs(by_default - onnx_default.encode(texts, batch_size=64)).max() <= onnx_export.TOLERANCE
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        onnx_default.encode(texts, batch_size=0)
+
+
 def test_onnx_load_imports_neither_torch_nor_transformers(onnx_default: PIEEncoder) -> None:
     code = (
         "import sys\nfrom icl_retriever import PIEEncoder\n"

@@ -70,6 +70,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, **kw)
 
 
+BATCH_HELP = "instructions per forward pass (default: 16 on ONNX Runtime, 32 on torch)"
 _RUNTIME_HELP = (
     "where vectors are computed: auto (default): ONNX Runtime on CPU, exported from the model once and cached "
     "(float32, the same vectors within 1e-4; later starts load neither torch nor transformers), torch elsewhere; "
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(.parquet / .pq, one record per row)")
     p.add_argument("--out", required=True, help="index directory to create")
     p.add_argument("--model", default=None, help="model directory or Hugging Face id (default: the embedded PIE model)")
-    p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
+    p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing index at --out")
     p.add_argument("--topic", choices=["auto", "static", "contextual", "none"], default="auto",
                    help="topic vectors (content of instruction + input) for the default ranking: auto / "
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", help="index directory")
     p.add_argument("pool", help="pool file with the demos to add")
     p.add_argument("--upsert", action="store_true", help="replace demos whose id already exists")
-    p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
+    p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--model", default=None,
                    help="the model to load, if the index names one outside its directory that you trust "
                         "(default: the one the manifest names, if it is the embedded default or inside the index)")
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-field", default="task", metavar="FIELD", help="metadata field holding a pool demo's task")
     p.add_argument("--template", default=None, help="override the model's template")
     p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_quantize(p)
     _add_runtime(p)
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="model for a pool file (default: the embedded PIE model); for an index directory, a model "
                         "outside it that you trust")
-    p.add_argument("--batch-size", type=int, default=32, help="instructions per forward pass (default 32)")
+    p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--seed", type=int, default=0, help="k-means initialisation and the random sample (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     _add_ray(p)

@@ -44,6 +44,10 @@ META_FILE = "meta.json"
 _CORES = os.cpu_count() or 1
 #: Intra-op threads of a single batch (a query): a 30-token query splits well over a few cores only.
 QUERY_THREADS = min(_CORES, 4)
+#: Prompts per forward pass when the caller does not say: on 2 cores (two batches side by side, one thread
+#: each) batches of 16 embedded 5,000 instructions 9-10% faster than 32 (cache-sized activations), and 64 or
+#: 128 slower still (``benchmarks/speed.py`` build rows).
+BATCH_SIZE = 16
 _local = threading.local()
 
 
@@ -151,8 +155,8 @@ class OnnxRuntime:
     Two sessions of the same graph, each made on first use. Several batches (a build) run side by side
     on sessions computing on the calling thread only (one intra-op thread each: no splitting overhead,
     no idle pool threads). A single batch (a query) runs on a session that splits its matrices over up
-    to :data:`QUERY_THREADS` cores, with pool threads that sleep rather than spin once the run is over,
-    so the search that follows has the cores: measured in ``benchmarks/speed.py``.
+    to :data:`QUERY_THREADS` cores, with pool threads that spin between operators but stop once the run
+    is over, so the search that follows has the cores: measured in ``benchmarks/speed.py``.
     """
 
     def __init__(self, directory: Path, meta: OnnxMeta) -> None:
@@ -176,7 +180,13 @@ class OnnxRuntime:
                 options.intra_op_num_threads = threads
                 options.inter_op_num_threads = 1
                 options.log_severity_level = 3
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                # A query's ~70 fused operators each wake the pool threads: spinning between them is 20-25%
+                # faster than sleeping (benchmarks/speed.py), and the spinning stops when the run ends, so the
+                # search that follows has the cores.
+                spin = threads > 1
+                options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+                if spin:
+                    options.add_session_config_entry("session.force_spinning_stop", "1")
                 self._sessions[threads] = ort.InferenceSession(
                     str(self._path), options, providers=["CPUExecutionProvider"]
                 )

@@ -77,8 +77,11 @@ class StaticEmbedder:
         """Embedding dimension (the model's hidden size)."""
         return int(self._table.shape[1])
 
+    #: Texts a build hands over at a time (no forward pass: any size is fast).
+    default_batch_size = 256
+
     def encode(
-        self, texts: str | Sequence[str], batch_size: int = 256, show_progress_bar: bool | None = None
+        self, texts: str | Sequence[str], batch_size: int | None = None, show_progress_bar: bool | None = None
     ) -> np.ndarray:
         """Unit vectors ``(len(texts), dim)`` float32, or ``(dim,)`` for one string; ``batch_size`` and
         ``show_progress_bar`` are accepted for the encoders' interface (a thousand texts take ~50 ms)."""

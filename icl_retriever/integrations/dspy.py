@@ -29,14 +29,14 @@ from icl_retriever.retriever import Retriever
 __all__ = ["PIEFewShot", "demo_to_example", "pie_embedder"]
 
 
-def pie_embedder(encoder: PIEEncoder | None = None, *, batch_size: int = 32) -> dspy.Embedder:
+def pie_embedder(encoder: PIEEncoder | None = None, *, batch_size: int | None = None) -> dspy.Embedder:
     """A ``dspy.Embedder`` over PIE (default: the embedded default model), for ``KNNFewShot`` / ``KNN``."""
     enc = encoder or PIEEncoder()
 
     def embed(texts: list[str]) -> np.ndarray:
         return enc.encode(list(texts), batch_size=batch_size, show_progress_bar=False)
 
-    return dspy.Embedder(embed, batch_size=max(batch_size, 1))
+    return dspy.Embedder(embed, batch_size=max(batch_size or enc.default_batch_size, 1))
 
 
 def demo_to_example(demo: Demo, fields: Mapping[str, str] | None = None) -> dspy.Example:

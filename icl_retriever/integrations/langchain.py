@@ -321,7 +321,7 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
         *,
         example_keys: list[str] | None = None,
         encoder: PIEEncoder | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         **controls: Any,
     ) -> PIEExampleSelector:
         """Embed examples into an in-memory index (nothing is written).
