@@ -57,6 +57,10 @@ class TrainConfig(BaseModel):
         description="what a hard negative shares with the anchor's task; the paper's verb_or_noun also pushes apart"
         " verb synonyms of one noun (write|poem vs compose|poem), which silver labels do not merge",
     )
+    group_negatives: bool = Field(
+        False, description="in files with groups (SNI's dataset), take a hard negative from another task of the "
+        "anchor's group where there is one: wording shared within a dataset must not decide the task",
+    )
     mask_same_task: bool = True
     symmetric: bool = False
     # Off by default, measured: 60 steps on eft_train_silver.json, held-out tasks, seeds 0 / 1: dropout off gave

@@ -321,6 +321,25 @@ def test_positives_come_from_another_group_when_there_is_one() -> None:
     assert seen > 0
 
 
+def test_group_negatives_come_from_the_anchors_group_under_another_task() -> None:
+    tasks = load_task_set(TINY_SNI, with_input=True)
+    sampler = TripletSampler(tasks.instructions, tasks.facets, seed=0, groups=tasks.groups, group_negatives=True)
+    grouped = plain = 0
+    for _ in range(30):
+        for t in sampler.batch(4):
+            anchor_group = tasks.groups[t.task][t.anchor]
+            assert t.neg_task != t.task and t.negative in tasks.instructions[t.neg_task]
+            if anchor_group == "news":  # news holds Summarization and Title Generation
+                assert tasks.groups[t.neg_task][t.negative] == "news", t
+                grouped += 1
+            else:  # no other task in the group: a negative of any other task
+                plain += 1
+    assert grouped > 0 and plain > 0
+    off = TripletSampler(tasks.instructions, tasks.facets, seed=0, groups=tasks.groups)
+    news = [t for _ in range(30) for t in off.batch(4) if tasks.groups[t.task][t.anchor] == "news"]
+    assert any(tasks.groups[t.neg_task].get(t.negative) != "news" for t in news)  # off: not only the group's
+
+
 def test_label_field_reads_a_demo_pool(tmp_path: Path) -> None:
     tasks = load_task_set(DEFAULT_POOL, label_field="task")
     assert len(tasks.instructions) == 77

@@ -286,7 +286,7 @@ def _sources(config: TrainConfig) -> list[_Source]:
         train_set, val_set = split_tasks(tasks, config.val_fraction, config.seed)
         sampler = TripletSampler(
             train_set.instructions, train_set.facets, seed=config.seed + i,
-            share=config.hard_negative_facets, groups=train_set.groups,
+            share=config.hard_negative_facets, groups=train_set.groups, group_negatives=config.group_negatives,
         )
         stem = Path(path).stem
         name = stem if all(Path(o).stem != stem for o in config.train_files[:i]) else f"{stem}{i}"

@@ -35,6 +35,9 @@ class TripletSampler:
         share: what a hard negative's task shares with the anchor's.
         groups: task -> instruction -> group (source dataset). A positive then comes from another group
             when the task has one, so the model learns the task, not the dataset's wording.
+        group_negatives: with ``groups``, a hard negative is another task's instruction from the anchor's
+            group where the group has one (a dataset's definitions share wording across its tasks: the
+            model must tell them apart by what differs); else as ``share`` says.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class TripletSampler:
         seed: int = 0,
         share: Literal["verb_or_noun", "verb", "noun"] = "verb_or_noun",
         groups: Mapping[str, Mapping[str, str]] | None = None,
+        group_negatives: bool = False,
     ) -> None:
         self._tasks = {t: list(v) for t, v in tasks.items() if v}
         self._groups = {t: dict(g) for t, g in (groups or {}).items()}
@@ -56,6 +60,14 @@ class TripletSampler:
         facets = facets or {t: parse_facets(t) for t in self._tasks}
         self._related = _related_tasks({t: facets.get(t, (frozenset(), frozenset())) for t in self._tasks}, share)
         self._names = list(self._tasks)
+        # group -> [(task, instruction)] in a fixed order, for same-group hard negatives
+        self._by_group: dict[str, list[tuple[str, str]]] = {}
+        if group_negatives:
+            for task in sorted(self._tasks):
+                of_task = self._groups.get(task, {})
+                for text in self._tasks[task]:
+                    if text in of_task:
+                        self._by_group.setdefault(of_task[text], []).append((task, text))
         self._rng = random.Random(seed)
         self._queue: deque[tuple[str, int]] = deque()
 
@@ -98,6 +110,11 @@ class TripletSampler:
             positive = self._rng.choice(others)
         else:
             positive = texts[self._other(len(texts), index)]
+        group = groups.get(texts[index]) if groups else None
+        same_group = [pair for pair in self._by_group.get(group, ()) if pair[0] != task] if group else []
+        if same_group:
+            neg_task, negative = self._rng.choice(same_group)
+            return Triplet(texts[index], positive, negative, task, neg_task)
         related = self._related[task]
         if related:
             neg_task = self._rng.choice(related)
