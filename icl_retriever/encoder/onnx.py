@@ -45,8 +45,8 @@ _CORES = os.cpu_count() or 1
 #: Intra-op threads of a single batch (a query): a 30-token query splits well over a few cores only.
 QUERY_THREADS = min(_CORES, 4)
 #: Prompts per forward pass when the caller does not say: on 2 cores (two batches side by side, one thread
-#: each) batches of 16 embedded 5,000 instructions 9-10% faster than 32 (cache-sized activations), and 64 or
-#: 128 slower still (``benchmarks/speed.py`` build rows).
+#: each) batches of 16 embed 5-10% faster than 32 (smaller activations stay in cache), 64 and 128 are slower
+#: still (``benchmarks/onnx_settings.py``).
 BATCH_SIZE = 16
 _local = threading.local()
 
@@ -180,9 +180,9 @@ class OnnxRuntime:
                 options.intra_op_num_threads = threads
                 options.inter_op_num_threads = 1
                 options.log_severity_level = 3
-                # A query's ~70 fused operators each wake the pool threads: spinning between them is 20-25%
-                # faster than sleeping (benchmarks/speed.py), and the spinning stops when the run ends, so the
-                # search that follows has the cores.
+                # A query's ~70 fused operators each wake the pool threads: spinning between them is about 20%
+                # faster than sleeping (benchmarks/onnx_settings.py), and the spinning stops when the run ends,
+                # so the search that follows has the cores.
                 spin = threads > 1
                 options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
                 if spin:

@@ -390,8 +390,8 @@ class PIEEncoder:
 
     @property
     def default_batch_size(self) -> int:
-        """Prompts per forward pass when none is given: 16 on ONNX Runtime (fastest on CPU, measured), 32 on
-        torch (its CPU kernels are no faster at 16; on a GPU larger batches pay, so pass one)."""
+        """Prompts per forward pass when none is given: 16 on ONNX Runtime (fastest on CPU, measured in
+        ``benchmarks/onnx_settings.py``), 32 on torch (as before; on a GPU larger batches pay, so pass one)."""
         from icl_retriever.encoder.onnx import BATCH_SIZE
 
         return BATCH_SIZE if self._onnx is not None else 32
