@@ -156,7 +156,7 @@ class OnnxRuntime:
     on sessions computing on the calling thread only (one intra-op thread each: no splitting overhead,
     no idle pool threads). A single batch (a query) runs on a session that splits its matrices over up
     to :data:`QUERY_THREADS` cores, with pool threads that spin between operators but stop once the run
-    is over, so the search that follows has the cores: measured in ``benchmarks/speed.py``.
+    is over, so the search that follows has the cores: measured in ``benchmarks/onnx_settings.py``.
     """
 
     def __init__(self, directory: Path, meta: OnnxMeta) -> None:
