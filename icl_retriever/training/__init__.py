@@ -54,6 +54,7 @@ __all__ = [
     "split_tasks",
     "train",
     "triplet_loss",
+    "validate",
 ]
 
 CARD_FILE = "training_card.json"
@@ -294,6 +295,19 @@ def _sources(config: TrainConfig) -> list[_Source]:
     return sources
 
 
+def _held_out(sources: Sequence[_Source], config: TrainConfig) -> list[tuple[str, TaskSet]]:
+    """The validation sets: each train file's held-out tasks, then the ``--val-file`` files (whose groups
+    make their P@1 cross-group)."""
+    held_out = [(src.name, src.val) for src in sources if src.val is not None]
+    return held_out + [(Path(p).stem, load_task_set(p)) for p in config.val_files]
+
+
+def validate(encoder: PIEEncoder, config: TrainConfig) -> dict[str, float]:
+    """The validation ``train`` reports (and selects checkpoints on) for any encoder, on the held-out split of
+    ``config``: to compare a soup or interpolation with the runs it came from on the same tasks."""
+    return _validate(encoder, _held_out(_sources(config), config), config.batch_size)
+
+
 def held_out_sets(config: TrainConfig) -> list[tuple[str, list[str], list[str]]]:
     """``(file name, instructions, task labels)`` of each train file's held-out tasks, instructions only:
     tasks the model never trained on, where its calibrated floor is measured."""
@@ -342,8 +356,7 @@ def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
     set_seed(config.seed)
     # Data: per train file, hold out whole tasks, then sample triplets from the rest.
     sources = _sources(config)
-    held_out = [(src.name, src.val) for src in sources if src.val is not None]
-    held_out += [(Path(p).stem, load_task_set(p)) for p in config.val_files]  # groups make it cross-group
+    held_out = _held_out(sources, config)
     anchors_per_step = config.batch_size * config.grad_accum
     n_anchors = sum(src.sampler.n_anchors for src in sources)
     total = config.steps or max(1, math.ceil((config.epochs or 0) * n_anchors / anchors_per_step))
