@@ -23,7 +23,7 @@ def main() -> None:
 
     config = TrainConfig.model_validate(json.loads(args.card.read_text(encoding="utf-8"))["config"])
     for model in args.models:
-        metrics = validate(PIEEncoder(model, runtime="torch"), config)
+        metrics = validate(PIEEncoder(model), config)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "tiebreak")
         print(f"{model}: {shown}")
 

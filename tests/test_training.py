@@ -383,7 +383,7 @@ def test_mixture_with_distillation_trains_and_records_each_source(tmp_path: Path
     assert {"tiny_ieb.p_at_1", "tiny_sni.cross_group_p_at_1", "score"} <= set(card.validation)
     assert 1 <= card.steps_done <= 4 and len(card.validation_history) == card.steps_done
     # the saved model, validated again on the same split (what scripts/validate.py prints), gives the card's figures
-    again = validate(PIEEncoder(out, runtime="torch"), config)
+    again = validate(PIEEncoder(out), config)  # as users load it (ONNX Runtime on CPU)
     assert again["score"] == pytest.approx(card.validation["score"], abs=1e-9)
     assert again["tiny_sni.cross_group_p_at_1"] == pytest.approx(card.validation["tiny_sni.cross_group_p_at_1"])
     if card.steps_done < 4:  # stopped early: the last `patience` checks were no better than the best

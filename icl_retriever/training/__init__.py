@@ -86,12 +86,15 @@ def _validate(
     A set's P@1 is its cross-group P@1 when it has one (a task recognised across datasets), else
     leave-one-out P@1. The best checkpoint has the highest score; the first set's ARI breaks ties.
     """
-    was_training = encoder.model.training
-    encoder.model.eval()
+    model = encoder.model  # None on ONNX Runtime, which has no training mode
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     try:
         per_set = {name: _validate_set(encoder, tasks, batch_size) for name, tasks in held_out}
     finally:
-        encoder.model.train(was_training)
+        if model is not None:
+            model.train(was_training)
     out = {f"{name}.{k}": v for name, metrics in per_set.items() for k, v in metrics.items()}
     primary = [m.get("cross_group_p_at_1", m["p_at_1"]) for m in per_set.values()]
     out["score"] = float(np.mean(primary))
