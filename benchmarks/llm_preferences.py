@@ -33,15 +33,13 @@ SNI_TRAIN = ROOT.parent / "shared" / "data" / "sni" / "sni_train.json"
 FEATURES = ("pie", "content", "output_words", "instruction_words")
 
 
-def sni_demos(path: Path) -> list[Demo]:
-    """SNI's file (category -> samples) as demos labelled by ``category``: one per task, its positive example."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    records = [
-        {"id": s["task"], "instruction": s["instruction"], "input": s["input"], "output": s["output"],
-         "metadata": {"category": label, "dataset": s["dataset"]}}
-        for label, group in data.items() for s in group["samples"]
-    ]
-    return load_pool(records)
+def labelled_pool(path: Path, label_field: str) -> list[Demo]:
+    """A pool file; an IEB-format file (label -> samples, as SNI's) with each group's label as ``label_field``
+    (its samples' own ``task`` field, SNI's task name, stays metadata)."""
+    data = json.loads(path.read_text(encoding="utf-8")) if path.suffix == ".json" else None
+    if not (isinstance(data, dict) and all(isinstance(g, dict) and "samples" in g for g in data.values())):
+        return load_pool(path)
+    return load_pool([{**s, "metadata": {label_field: label}} for label, group in data.items() for s in group["samples"]])
 
 
 def collect(pool: Sequence[Demo], n_queries: int, n_candidates: int, model: str, seed: int) -> list[dict]:
@@ -152,7 +150,7 @@ def analyse(pool: Sequence[Demo], rows: Sequence[dict], label_field: str) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.llm_preferences", description=__doc__.splitlines()[0])
-    ap.add_argument("--pool", type=Path, default=SNI_TRAIN, help="SNI-format file, or a demo pool with outputs")
+    ap.add_argument("--pool", type=Path, default=SNI_TRAIN, help="IEB/SNI-format file, or a demo pool with outputs")
     ap.add_argument("--label-field", default="category", help="metadata field of a pool's task label")
     ap.add_argument("--queries", type=int, default=150)
     ap.add_argument("--candidates", type=int, default=10, help="best demos by PIE scored per query")
@@ -161,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, help="write the collected preferences here")
     ap.add_argument("--from-json", type=Path, help="analyse preferences collected before (same --pool)")
     args = ap.parse_args(argv)
-    pool = sni_demos(args.pool) if args.pool.suffix == ".json" and args.pool.parent.name == "sni" else load_pool(args.pool)
+    pool = labelled_pool(args.pool, args.label_field)
     if args.from_json:
         rows = json.loads(args.from_json.read_text(encoding="utf-8"))
     else:
