@@ -78,6 +78,10 @@ class TrainConfig(BaseModel):
     )
     device: str | None = None
     freeze_embeddings: bool = Field(True, description="freeze embedding matrices: smaller delta, less overfit")
+    ema: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights (this decay per step) and "
+        "validate, select and save the average instead of the last step: smooths the noise of the final steps",
+    )
     freeze_layers: int = Field(
         0, ge=0, description="also freeze the first N transformer layers: the lower layers keep the start's "
         "general features, only the upper ones learn the task labels (0: train all)",

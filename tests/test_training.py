@@ -369,11 +369,12 @@ def test_batch_shares() -> None:
 
 
 def test_mixture_with_distillation_trains_and_records_each_source(tmp_path: Path) -> None:
-    """Two sources in every batch, a validation file, distillation, early stopping: one tiny real run."""
+    """Two sources in every batch, a validation file, distillation, weight averaging, early stopping: one tiny
+    real run."""
     config = TrainConfig(
         train_files=[TINY_IEB, TINY_SNI], mix=[1, 1], with_input=True, val_files=[TINY_SNI],
         output_dir=tmp_path / "mix", steps=4, batch_size=4, lr=1e-4, eval_every=1, patience=1,
-        distill=1.0, base_model="default-base", val_fraction=0.25,
+        distill=1.0, base_model="default-base", val_fraction=0.25, ema=0.9,
     )
     out = train(config, show_progress_bar=False)
     card = TrainingCard.model_validate_json((out / "training_card.json").read_text(encoding="utf-8"))
@@ -428,3 +429,17 @@ def test_load_tasks_on_the_ieb_train_file() -> None:
     tasks = load_tasks(IEB / "eft_train_silver.json")
     assert len(tasks) == 685
     assert sum(len(v) for v in tasks.values()) == 16_460
+
+
+def test_weight_average_is_what_is_validated_and_saved(tmp_path: Path) -> None:
+    """--ema: the saved model is the moving average of the weights, not the last step (nor the start)."""
+    common = dict(train_file=TINY_IEB, steps=3, batch_size=4, lr=3e-4, val_fraction=0, base_model="default-base")
+    last = load_file(train(TrainConfig(**common, output_dir=tmp_path / "last"), show_progress_bar=False)
+                     / "delta.safetensors")
+    averaged = load_file(train(TrainConfig(**common, output_dir=tmp_path / "ema", ema=0.5), show_progress_bar=False)
+                         / "delta.safetensors")
+    name = next(n for n, d in last.items() if d.abs().max() > 0)
+    moved, moved_avg = last[name].float().abs().max(), averaged[name].float().abs().max()
+    assert 0 < moved_avg < moved  # the average lags the trained weights but has left the start
+    with pytest.raises(ValidationError):
+        TrainConfig(**common, output_dir=tmp_path / "x", ema=1.0)

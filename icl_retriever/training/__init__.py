@@ -14,12 +14,13 @@ holds out whole tasks of the train file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -196,6 +197,41 @@ class _Fit:
     final: dict[str, float] | None
 
 
+class _WeightAverage:
+    """An exponential moving average of the trainable weights (``--ema``), as in Polyak averaging: the model
+    validated and saved is the average over roughly the last ``1 / (1 - decay)`` steps rather than the last
+    step, whose held-out figures swing from one check to the next. The decay ramps up as
+    ``min(decay, (1 + step) / (10 + step))`` so the first steps do not pin the average to the start."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for avg, p in zip(self.average, self.params, strict=True):
+            avg.lerp_(p.detach(), 1 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The average in the model for the block (to validate or copy it), the trained weights after."""
+        trained = [p.detach().clone() for p in self.params]
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, trained, strict=True):
+                    p.copy_(w)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, avg in zip(self.params, self.average, strict=True):
+            p.copy_(avg)
+
+
 def _load_encoder(config: TrainConfig) -> PIEEncoder:
     encoder = PIEEncoder(
         config.base_model,
@@ -229,6 +265,7 @@ def _fit(
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total), total)
     fit = _Fit(losses=[], step_time=0.0, history=[], best_step=None, final=None)
     best: tuple[tuple[float, float], dict[str, torch.Tensor]] | None = None
+    ema = _WeightAverage(encoder.model, config.ema) if config.ema else None
     encoder.model.train(config.dropout)
     bar = tqdm(range(1, total + 1), desc="Training", unit="step", disable=not show_progress_bar)
     for step in bar:
@@ -243,11 +280,15 @@ def _fit(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(step)
         fit.losses.append(step_loss)
         fit.step_time += time.perf_counter() - tick
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if held_out and config.eval_every and (step % config.eval_every == 0 or step == total):
-            metrics = _validate(encoder, held_out, config.batch_size)
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                metrics = _validate(encoder, held_out, config.batch_size)
+                state = {k: v.detach().clone() for k, v in encoder.model.state_dict().items()}
             fit.history.append({"step": step, **metrics})
             logger.info("step %d: validation %s", step, metrics)
             if show_progress_bar:
@@ -255,13 +296,15 @@ def _fit(
                 bar.write(f"step {step}: {shown}", file=sys.stderr)  # stdout is for the report (--json)
             score = (metrics["score"], metrics["tiebreak"])
             if best is None or score > best[0]:
-                best = (score, {k: v.detach().clone() for k, v in encoder.model.state_dict().items()})
+                best = (score, state)
                 fit.best_step, fit.final = step, fit.history[-1]
             elif config.patience and len(fit.history) - fit.history.index(fit.final or {}) > config.patience:
                 logger.info("step %d: no better validation in %d checks; stopping early", step, config.patience)
                 break
     bar.close()
     encoder.model.eval()
+    if ema is not None and best is None:
+        ema.copy_to_model()
     if best is not None:
         encoder.model.load_state_dict(best[1])
     elif held_out:
