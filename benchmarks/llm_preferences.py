@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from icl_retriever.records import Demo, load_pool
+from icl_retriever.records import Demo, is_ieb, load_pool
 from icl_retriever.search.ranking import rerank_order
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def labelled_pool(path: Path, label_field: str) -> list[Demo]:
     """A pool file; an IEB-format file (label -> samples, as SNI's) with each group's label as ``label_field``
     (its samples' own ``task`` field, SNI's task name, stays metadata)."""
     data = json.loads(path.read_text(encoding="utf-8")) if path.suffix == ".json" else None
-    if not (isinstance(data, dict) and all(isinstance(g, dict) and "samples" in g for g in data.values())):
+    if not is_ieb(data):
         return load_pool(path)
     return load_pool([{**s, "metadata": {label_field: label}} for label, group in data.items() for s in group["samples"]])
 
@@ -47,8 +47,7 @@ def collect(pool: Sequence[Demo], n_queries: int, n_candidates: int, model: str,
     import torch
 
     from icl_retriever import PIEEncoder
-    from icl_retriever.downstream import LMScorer, load_causal_lm, sample_queries
-    from icl_retriever.downstream import twin_key
+    from icl_retriever.downstream import LMScorer, load_causal_lm, sample_queries, twin_key
     from icl_retriever.topic import default_topic_encoder, topic_text
 
     torch.set_num_threads(2)
@@ -145,7 +144,7 @@ def analyse(pool: Sequence[Demo], rows: Sequence[dict], label_field: str) -> Non
     for j, name in enumerate(FEATURES):
         corr = [np.corrcoef(X[q][:, j], Y[q])[0, 1] for q in queries if X[q][:, j].std() > 0 and Y[q].std() > 0]
         if corr:
-                print(f"<!-- within-query correlation with NLL, {name}: {np.mean(corr):+.3f} over {len(corr)} queries -->")
+            print(f"<!-- within-query correlation with NLL, {name}: {np.mean(corr):+.3f} over {len(corr)} queries -->")
 
 
 def main(argv: list[str] | None = None) -> None:

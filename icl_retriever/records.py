@@ -165,7 +165,8 @@ def read_text(path: Path) -> str:
     return decode_pool_bytes(path.read_bytes(), str(path))
 
 
-def _is_ieb(data: Any) -> bool:
+def is_ieb(data: Any) -> bool:
+    """Whether parsed JSON has the IEB file shape: ``label -> {"samples": [...]}``."""
     return isinstance(data, dict) and bool(data) and all(isinstance(v, dict) and "samples" in v for v in data.values())
 
 
@@ -253,7 +254,7 @@ def iter_pool_text(text: str, name: str) -> Iterator[tuple[str, Demo]]:
             where = f"{name} (record {i})"
             yield where, demo_from_record(record, path=where)
         return
-    if _is_ieb(whole):
+    if is_ieb(whole):
         for label, group in whole.items():
             samples = group["samples"]
             if not isinstance(samples, list):

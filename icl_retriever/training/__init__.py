@@ -288,15 +288,16 @@ def _fit(
         if held_out and config.eval_every and (step % config.eval_every == 0 or step == total):
             with ema.swapped_in() if ema is not None else contextlib.nullcontext():
                 metrics = _validate(encoder, held_out, config.batch_size)
-                state = {k: v.detach().clone() for k, v in encoder.model.state_dict().items()}
+                score = (metrics["score"], metrics["tiebreak"])
+                improved = best is None or score > best[0]
+                if improved:  # copied while the validated weights (the average, with --ema) are in the model
+                    best = (score, {k: v.detach().clone() for k, v in encoder.model.state_dict().items()})
             fit.history.append({"step": step, **metrics})
             logger.info("step %d: validation %s", step, metrics)
             if show_progress_bar:
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "tiebreak")
                 bar.write(f"step {step}: {shown}", file=sys.stderr)  # stdout is for the report (--json)
-            score = (metrics["score"], metrics["tiebreak"])
-            if best is None or score > best[0]:
-                best = (score, state)
+            if improved:
                 fit.best_step, fit.final = step, fit.history[-1]
             elif config.patience and len(fit.history) - fit.history.index(fit.final or {}) > config.patience:
                 logger.info("step %d: no better validation in %d checks; stopping early", step, config.patience)
