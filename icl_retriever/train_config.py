@@ -29,6 +29,10 @@ class TrainConfig(BaseModel):
     )
     label_field: str | None = Field(None, description="read train files as demo pools labelled by this metadata field")
     with_input: bool = Field(False, description="also train on 'instruction + input' of samples that have an input")
+    lead_sentences: int = Field(
+        0, ge=0, description="also train on the first N sentences of every longer instruction (training tasks only):"
+        " a short request's view of a long task definition (0: off)",
+    )
     val_files: list[Path] = Field(
         default_factory=list, description="extra validation files (IEB format; cross-group P@1 if samples carry dataset)"
     )
@@ -62,11 +66,19 @@ class TrainConfig(BaseModel):
         "anchor's group where there is one: wording shared within a dataset must not decide the task",
     )
     mask_same_task: bool = True
+    mask_shared_noun: bool = Field(
+        False, description="drop in-batch negatives whose verb|noun task shares the anchor's noun: silver labels do "
+        "not merge verb synonyms (write|poem, compose|poem, generate|poem), so these are often the same task",
+    )
     symmetric: bool = False
     # Off by default, measured: 60 steps on eft_train_silver.json, held-out tasks, seeds 0 / 1: dropout off gave
     # P@1 0.993 / 0.982 and ARI 0.891 / 0.914; on (SimCSE's and PIE's setting) 0.993 / 0.979 and 0.869 / 0.816.
     dropout: bool = Field(False, description="train in model.train() mode (dropout on)")
     seed: int = 0
+    split_seed: int | None = Field(
+        None, description="seed of the held-out task split (default: seed); fix it to compare training seeds on "
+        "the same held-out tasks",
+    )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="fraction of train-file TASKS held out")
     eval_every: int | None = Field(
         None, ge=0, description=f"validate every N steps and keep the best; 0: only at the end (default 0; "
@@ -86,6 +98,11 @@ class TrainConfig(BaseModel):
         0, ge=0, description="also freeze the first N transformer layers: the lower layers keep the start's "
         "general features, only the upper ones learn the task labels (0: train all)",
     )
+
+    @property
+    def held_out_seed(self) -> int:
+        """The seed that chooses the held-out tasks."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @model_validator(mode="before")
     @classmethod

@@ -171,6 +171,24 @@ def test_info_nce_masks_same_task_columns() -> None:
     assert masked.item() < unmasked.item()
 
 
+def test_info_nce_masks_related_tasks_but_never_the_target() -> None:
+    from icl_retriever.training.loss import _shares_noun
+
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    keys = torch.tensor([[0.6, 0.8], [0.0, 1.0], [1.0, 0.0], [0.8, 0.6]])
+    tasks = ["write|poem", "compose|poem"]  # each other's positive column is related, yet stays the target
+    key_tasks = ["write|poem", "compose|poem", "generate|poem", "write|story"]
+    related = _shares_noun({t: parse_facets(t) for t in key_tasks})
+    logits = queries @ keys.T / 0.5
+    # Both queries lose the other poem task's columns (1 or 0, and 2); the story column stays a negative.
+    expected_0 = -(logits[0, 0] - torch.logsumexp(logits[0, [0, 3]], 0))
+    expected_1 = -(logits[1, 1] - torch.logsumexp(logits[1, [1, 3]], 0))
+    loss = info_nce(queries, keys, tasks, key_tasks, 0.5, mask_same_task=True, related=related)
+    assert loss.item() == pytest.approx(((expected_0 + expected_1) / 2).item(), rel=1e-6)
+    by_label = info_nce(queries, keys, tasks, key_tasks, 0.5, related=_shares_noun())  # nouns read off the labels
+    assert by_label.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
 def test_info_nce_gradient_is_finite_with_masking() -> None:
     queries = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
     keys = torch.nn.functional.normalize(torch.randn(8, 8), dim=-1)
@@ -307,6 +325,28 @@ def test_groups_and_inputs_are_read() -> None:
     assert with_input.instructions["Title Generation"][1].endswith("discover a new species of frog in the Andes...")
 
 
+def test_lead_views_add_the_first_sentences_of_longer_instructions_in_their_group() -> None:
+    from icl_retriever.training.tasks import lead_sentences, with_lead_views
+
+    assert lead_sentences("You are given a review.  Classify it as good or bad. Answer 'good' or 'bad'.", 2) == (
+        "You are given a review. Classify it as good or bad."
+    )
+    assert lead_sentences("Write a poem. Keep it short.", 2) is None  # no longer than its lead: no new text
+    assert lead_sentences("Compute 3.5 x 2. Show the steps. Then check it.", 1) == "Compute 3.5 x 2."
+    tasks = load_task_set(TINY_SNI)
+    viewed = with_lead_views(tasks, 1)
+    assert with_lead_views(tasks, 0) is tasks
+    added = 0
+    for task, texts in viewed.instructions.items():
+        original = tasks.instructions[task]
+        assert texts[: len(original)] == original  # the originals first, in order
+        for text in texts[len(original):]:
+            source = next(o for o in original if " ".join(o.split()).startswith(text))
+            assert viewed.groups[task][text] == tasks.groups[task][source]
+            added += 1
+    assert added > 0 and viewed.facets == tasks.facets
+
+
 def test_positives_come_from_another_group_when_there_is_one() -> None:
     tasks = load_task_set(TINY_SNI, with_input=True)
     sampler = TripletSampler(tasks.instructions, tasks.facets, seed=0, groups=tasks.groups)
@@ -359,6 +399,20 @@ def test_config_takes_one_file_or_several(tmp_path: Path) -> None:
         TrainConfig(train_file=TINY_IEB, train_files=[TINY_IEB], output_dir=tmp_path)
 
 
+def test_split_seed_fixes_the_held_out_tasks_across_training_seeds(tmp_path: Path) -> None:
+    from icl_retriever.training import _sources
+
+    def held_out(**seeds: int) -> list[str]:
+        config = TrainConfig(train_file=TINY_IEB, output_dir=tmp_path, val_fraction=0.4, **seeds)
+        (source,) = _sources(config)
+        assert source.val is not None
+        return sorted(source.val.instructions)
+
+    assert held_out(seed=1, split_seed=0) == held_out(seed=0)
+    assert TrainConfig(train_file=TINY_IEB, output_dir=tmp_path, seed=3).held_out_seed == 3
+    assert any(held_out(seed=s) != held_out(seed=0) for s in range(1, 6))  # the default follows the seed
+
+
 def test_batch_shares() -> None:
     from icl_retriever.training import _shares
 
@@ -374,7 +428,7 @@ def test_mixture_with_distillation_trains_and_records_each_source(tmp_path: Path
     config = TrainConfig(
         train_files=[TINY_IEB, TINY_SNI], mix=[1, 1], with_input=True, val_files=[TINY_SNI],
         output_dir=tmp_path / "mix", steps=4, batch_size=4, lr=1e-4, eval_every=1, patience=1,
-        distill=1.0, base_model="default-base", val_fraction=0.25, ema=0.9,
+        distill=1.0, base_model="default-base", val_fraction=0.25, ema=0.9, lead_sentences=1, mask_shared_noun=True,
     )
     out = train(config, show_progress_bar=False)
     card = TrainingCard.model_validate_json((out / "training_card.json").read_text(encoding="utf-8"))

@@ -38,7 +38,7 @@ from icl_retriever.evaluation import cross_group_precision, ict_scores, retrieva
 from icl_retriever.train_config import TrainConfig
 from icl_retriever.training.loss import _batch_loss, _Source, _Teacher, info_nce, triplet_loss
 from icl_retriever.training.sampler import Triplet, TripletSampler
-from icl_retriever.training.tasks import TaskSet, load_task_set, load_tasks, parse_facets, split_tasks
+from icl_retriever.training.tasks import TaskSet, load_task_set, load_tasks, parse_facets, split_tasks, with_lead_views
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +331,8 @@ def _sources(config: TrainConfig) -> list[_Source]:
     sources: list[_Source] = []
     for i, (path, count) in enumerate(zip(config.train_files, counts, strict=True)):
         tasks = load_task_set(path, label_field=config.label_field, with_input=config.with_input)
-        train_set, val_set = split_tasks(tasks, config.val_fraction, config.seed)
+        train_set, val_set = split_tasks(tasks, config.val_fraction, config.held_out_seed)
+        train_set = with_lead_views(train_set, config.lead_sentences)
         sampler = TripletSampler(
             train_set.instructions, train_set.facets, seed=config.seed + i,
             share=config.hard_negative_facets, groups=train_set.groups, group_negatives=config.group_negatives,
@@ -361,7 +362,7 @@ def held_out_sets(config: TrainConfig) -> list[tuple[str, list[str], list[str]]]
     sets = []
     for path in config.train_files:
         tasks = load_task_set(path, label_field=config.label_field)
-        _, val = split_tasks(tasks, config.val_fraction, config.seed)
+        _, val = split_tasks(tasks, config.val_fraction, config.held_out_seed)
         if val is not None:
             pairs = [(text, task) for task, texts in val.instructions.items() for text in texts]
             sets.append((Path(path).name, [t for t, _ in pairs], [label for _, label in pairs]))

@@ -4,7 +4,7 @@ distillation term that keeps each text near the starting model."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,7 @@ import torch
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.train_config import TrainConfig
 from icl_retriever.training.sampler import Triplet, TripletSampler
-from icl_retriever.training.tasks import TaskSet
+from icl_retriever.training.tasks import Facets, TaskSet, parse_facets
 
 #: Prompts per forward pass in training. Prompts are length-sorted first, so small chunks pad little: on
 #: 2 CPU cores a batch of 96 prompts (32 triplets) took 1.6 s in chunks of 16, 2.0 s in 32s, 6.5 s at once.
@@ -26,21 +26,24 @@ def info_nce(
     key_tasks: Sequence[str],
     temperature: float,
     mask_same_task: bool = True,
+    related: Callable[[str, str], bool] | None = None,
 ) -> torch.Tensor:
     """InfoNCE where query i's target is key i and every other key is a negative.
 
     With ``mask_same_task``, keys of the query's own task (other than key i) are removed from the
-    softmax: another instruction of the same task is not a negative.
+    softmax: another instruction of the same task is not a negative. Keys of a task ``related(query_task,
+    key_task)`` calls possibly the same are removed too (never key i).
     """
     logits = queries @ keys.T / temperature
     targets = torch.arange(len(queries), device=queries.device)
-    if mask_same_task:
-        ids = {task: i for i, task in enumerate(dict.fromkeys([*query_tasks, *key_tasks]))}
-        q = torch.tensor([ids[t] for t in query_tasks], device=logits.device)
-        k = torch.tensor([ids[t] for t in key_tasks], device=logits.device)
-        same = q[:, None] == k[None, :]
-        same[targets, targets] = False
-        logits = logits.masked_fill(same, float("-inf"))
+    if mask_same_task or related is not None:
+        rows = [
+            [(mask_same_task and q == k) or (related is not None and q != k and related(q, k)) for k in key_tasks]
+            for q in query_tasks
+        ]
+        masked = torch.tensor(rows, dtype=torch.bool, device=logits.device)
+        masked[targets, targets] = False
+        logits = logits.masked_fill(masked, float("-inf"))
     return torch.nn.functional.cross_entropy(logits, targets)
 
 
@@ -59,15 +62,28 @@ def _texts(triplets: Sequence[Triplet], config: TrainConfig) -> list[str]:
     return texts + [t.negative for t in triplets] if config.hard_negatives else texts
 
 
-def _loss_of(emb: torch.Tensor, triplets: Sequence[Triplet], config: TrainConfig) -> torch.Tensor:
+def _shares_noun(facets: Mapping[str, Facets] | None = None) -> Callable[[str, str], bool]:
+    """``related`` for :func:`info_nce`: two tasks with a noun in common (``write|poem``, ``compose|poem``),
+    by their facets, or by their ``verb|noun`` labels for tasks the mapping lacks."""
+
+    def nouns(task: str) -> frozenset[str]:
+        return (facets[task] if facets is not None and task in facets else parse_facets(task))[1]
+
+    return lambda a, b: bool(nouns(a) & nouns(b))
+
+
+def _loss_of(
+    emb: torch.Tensor, triplets: Sequence[Triplet], config: TrainConfig, facets: Mapping[str, Facets] | None = None
+) -> torch.Tensor:
     """InfoNCE over in-batch positives (+ hard negatives) given the rows laid out by :func:`_texts`."""
     n = len(triplets)
     anchors, keys = emb[:n], emb[n:]
     tasks = [t.task for t in triplets]
     key_tasks = tasks + ([t.neg_task for t in triplets] if config.hard_negatives else [])
-    loss = info_nce(anchors, keys, tasks, key_tasks, config.temperature, config.mask_same_task)
+    related = _shares_noun(facets) if config.mask_shared_noun else None
+    loss = info_nce(anchors, keys, tasks, key_tasks, config.temperature, config.mask_same_task, related)
     if config.symmetric:
-        backward = info_nce(keys[:n], anchors, tasks, tasks, config.temperature, config.mask_same_task)
+        backward = info_nce(keys[:n], anchors, tasks, tasks, config.temperature, config.mask_same_task, related)
         loss = (loss + backward) / 2
     return loss
 
@@ -131,7 +147,7 @@ def _batch_loss(
     loss = emb.new_zeros(())
     offset = 0
     for (src, triplets), part in zip(batches, texts, strict=True):
-        loss = loss + src.count * _loss_of(emb[offset : offset + len(part)], triplets, config)
+        loss = loss + src.count * _loss_of(emb[offset : offset + len(part)], triplets, config, src.train.facets)
         offset += len(part)
     loss = loss / sum(src.count for src in sources)
     if teacher is not None and config.distill > 0:

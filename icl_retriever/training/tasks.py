@@ -4,6 +4,7 @@ and groups (source datasets), and the split into training and held-out tasks."""
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,41 @@ def load_task_set(path: str | Path, *, label_field: str | None = None, with_inpu
         {t: (frozenset(verbs[t]), frozenset(nouns[t])) for t in instructions},
         groups,
     )
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+
+
+def lead_sentences(text: str, n: int) -> str | None:
+    """The first ``n`` sentences of ``text``, or None when it has no more than ``n``."""
+    sentences = _SENTENCE_END.split(" ".join(text.split()))
+    return " ".join(sentences[:n]) if len(sentences) > n else None
+
+
+def with_lead_views(tasks: TaskSet, n: int) -> TaskSet:
+    """Add the first ``n`` sentences of every longer instruction as one more text of its task (same group).
+
+    Requests are short; a long task definition (SNI's run to hundreds of tokens) states its task in its first
+    sentences, so its lead is a short request's view of the same task. Applied to training tasks only, so
+    validation stays comparable across runs.
+    """
+    if n <= 0:
+        return tasks
+    instructions: dict[str, list[str]] = {}
+    groups: dict[str, dict[str, str]] = {}
+    for task, texts in tasks.instructions.items():
+        merged = dict.fromkeys(texts)
+        task_groups = dict(tasks.groups.get(task, {}))
+        for text in texts:
+            lead = lead_sentences(text, n)
+            if lead is not None and lead not in merged:
+                merged[lead] = None
+                if text in task_groups:
+                    task_groups[lead] = task_groups[text]
+        instructions[task] = list(merged)
+        if task_groups:
+            groups[task] = task_groups
+    return TaskSet(instructions, dict(tasks.facets), groups)
 
 
 def load_tasks(path: str | Path) -> dict[str, list[str]]:
