@@ -37,11 +37,13 @@ def info_nce(
     logits = queries @ keys.T / temperature
     targets = torch.arange(len(queries), device=queries.device)
     if mask_same_task or related is not None:
-        rows = [
-            [(mask_same_task and q == k) or (related is not None and q != k and related(q, k)) for k in key_tasks]
-            for q in query_tasks
-        ]
-        masked = torch.tensor(rows, dtype=torch.bool, device=logits.device)
+        ids = {task: i for i, task in enumerate(dict.fromkeys([*query_tasks, *key_tasks]))}
+        q = torch.tensor([ids[t] for t in query_tasks], device=logits.device)
+        k = torch.tensor([ids[t] for t in key_tasks], device=logits.device)
+        masked = q[:, None] == k[None, :] if mask_same_task else torch.zeros_like(logits, dtype=torch.bool)
+        if related is not None:  # only where asked: a Python call per (query, key) cell
+            cells = [[a != b and related(a, b) for b in key_tasks] for a in query_tasks]
+            masked |= torch.tensor(cells, dtype=torch.bool, device=logits.device)
         masked[targets, targets] = False
         logits = logits.masked_fill(masked, float("-inf"))
     return torch.nn.functional.cross_entropy(logits, targets)
