@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EvalReport",
     "IEBSample",
+    "cross_group_hits",
     "cross_group_precision",
     "evaluate",
     "ict_scores",
@@ -52,6 +53,8 @@ __all__ = [
     "load_grouped",
     "load_iis",
     "load_pool_labels",
+    "paired_difference",
+    "retrieval_hits",
     "retrieval_precision",
     "twin_count",
 ]
@@ -215,15 +218,26 @@ def retrieval_precision(
     Returns:
         ``{k: P@k}`` for every k in ``ks``.
     """
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive, got {ks}")
+    hits = retrieval_hits(X, labels, texts, max(ks))
+    return {k: float(hits[:, :k].sum(axis=1).mean() / k) for k in ks}
+
+
+def retrieval_hits(X: np.ndarray, labels: Sequence[str], texts: Sequence[str], k: int = 1) -> np.ndarray:
+    """Per query (row) and rank (column, up to ``k``): does the leave-one-out neighbour have its label?
+
+    The per-query form of :func:`retrieval_precision` (same exclusions), for paired comparisons of two models.
+    """
     n = len(X)
     if not n == len(labels) == len(texts):
         raise ValueError(f"lengths differ: {n} embeddings, {len(labels)} labels, {len(texts)} texts")
-    if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be positive, got {ks}")
-    k_max = min(max(ks), n)
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    k_max = min(k, n)
     Xn = _normalise(X)
     label_ids, text_ids = _ids(labels), _ids([t.strip() for t in texts])
-    hits = np.zeros((n, k_max), dtype=bool)
+    hits = np.zeros((n, k), dtype=bool)
     for start in range(0, n, _BLOCK):
         rows = np.arange(start, min(start + _BLOCK, n))
         scores = Xn[rows] @ Xn.T
@@ -232,8 +246,8 @@ def retrieval_precision(
         top_scores = np.take_along_axis(scores, top, axis=1)
         order = np.argsort(-top_scores, axis=1, kind="stable")
         top, top_scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
-        hits[rows] = (label_ids[top] == label_ids[rows, None]) & np.isfinite(top_scores)
-    return {k: float(hits[:, :k].sum(axis=1).mean() / k) for k in ks}
+        hits[rows, :k_max] = (label_ids[top] == label_ids[rows, None]) & np.isfinite(top_scores)
+    return hits
 
 
 def cross_group_precision(X: np.ndarray, labels: Sequence[str], groups: Sequence[str]) -> tuple[float, int]:
@@ -244,24 +258,53 @@ def cross_group_precision(X: np.ndarray, labels: Sequence[str], groups: Sequence
     Returns:
         ``(P@1, number of queries counted)``.
     """
+    hits = cross_group_hits(X, labels, groups)
+    return (float(hits.mean()) if len(hits) else float("nan")), len(hits)
+
+
+def cross_group_hits(X: np.ndarray, labels: Sequence[str], groups: Sequence[str]) -> np.ndarray:
+    """Per counted query, in sample order: is its nearest sample of another group of its label?
+
+    The per-query form of :func:`cross_group_precision`; empty when no label occurs in two groups.
+    """
     n = len(X)
     if not n == len(labels) == len(groups):
         raise ValueError(f"lengths differ: {n} embeddings, {len(labels)} labels, {len(groups)} groups")
     label_ids, group_ids = _ids(labels), _ids(groups)
     pairs = set(zip(label_ids.tolist(), group_ids.tolist(), strict=True))
     groups_per_label = Counter(label for label, _ in pairs)
-    countable = np.array([groups_per_label[label] > 1 for label in label_ids.tolist()])
-    if not countable.any():
-        return float("nan"), 0
-    Xn = _normalise(X)
+    countable = np.array([groups_per_label[label] > 1 for label in label_ids.tolist()], dtype=bool)
     rows = np.flatnonzero(countable)
-    hits = 0
+    hits = np.zeros(len(rows), dtype=bool)
+    Xn = _normalise(X)
     for start in range(0, len(rows), _BLOCK):
         block = rows[start : start + _BLOCK]
         scores = Xn[block] @ Xn.T
         scores[group_ids[block, None] == group_ids[None, :]] = -np.inf  # itself and its group
-        hits += int((label_ids[scores.argmax(axis=1)] == label_ids[block]).sum())
-    return hits / len(rows), len(rows)
+        hits[start : start + len(block)] = label_ids[scores.argmax(axis=1)] == label_ids[block]
+    return hits
+
+
+def paired_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> tuple[float, float]:
+    """Mean over sets of (mean of ``b`` - mean of ``a``) on the same queries, and its standard error.
+
+    ``a`` and ``b`` map each set's name to per-query outcomes (hits as 0/1) of two models on the same
+    queries, so the difference is paired: what moves is only the queries where the two disagree. The score
+    of :func:`icl_retriever.training.validate` is such a mean over sets, so this is the difference of two
+    models' scores and how far it can be trusted.
+    """
+    if a.keys() != b.keys() or not a:
+        raise ValueError(f"the same non-empty sets are needed, got {sorted(a)} and {sorted(b)}")
+    means, variances = [], []
+    for name in a:
+        x, y = np.asarray(a[name], dtype=float), np.asarray(b[name], dtype=float)
+        if x.ndim != 1 or x.shape != y.shape or len(x) == 0:
+            raise ValueError(f"set {name!r}: outcomes of shapes {x.shape} and {y.shape}; one query each is needed")
+        d = y - x
+        means.append(d.mean())
+        variances.append(d.var(ddof=1) / len(d) if len(d) > 1 else 0.0)
+    m = len(means)
+    return float(np.mean(means)), float(np.sqrt(np.sum(variances)) / m)
 
 
 # ------------------------------------------------------------------------------------------ evaluate

@@ -98,6 +98,12 @@ class TrainConfig(BaseModel):
         0, ge=0, description="also freeze the first N transformer layers: the lower layers keep the start's "
         "general features, only the upper ones learn the task labels (0: train all)",
     )
+    lora_rank: int = Field(
+        0, ge=0, description="train low-rank adapters of this rank on every linear layer instead of the full "
+        "weights (needs the 'lora' extra, peft), merged into the saved model: a change of low rank keeps more of "
+        "the start (0: full fine-tuning)",
+    )
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scale numerator (default: 2 x lora_rank)")
 
     @property
     def held_out_seed(self) -> int:
@@ -118,6 +124,10 @@ class TrainConfig(BaseModel):
     def _one_budget(self) -> TrainConfig:
         if self.mix is not None and (len(self.mix) != len(self.train_files) or min(self.mix) <= 0):
             raise ValueError(f"mix needs one positive share per train file ({len(self.train_files)}), got {self.mix}")
+        if self.lora_rank and self.freeze_layers:
+            raise ValueError("lora_rank and freeze_layers both choose what trains; give one")
+        if self.lora_alpha is not None and not self.lora_rank:
+            raise ValueError("lora_alpha needs lora_rank")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")
         if self.steps is None and self.epochs is None:

@@ -13,6 +13,7 @@ from scipy.stats import spearmanr
 from icl_retriever import PIEEncoder, PoolError
 from icl_retriever.evaluation import (
     EvalReport,
+    cross_group_hits,
     cross_group_precision,
     evaluate,
     load_grouped,
@@ -21,6 +22,8 @@ from icl_retriever.evaluation import (
     iis_spearman,
     load_ict,
     load_iis,
+    paired_difference,
+    retrieval_hits,
     retrieval_precision,
     twin_count,
 )
@@ -226,6 +229,30 @@ def test_cross_group_precision_looks_only_at_other_groups() -> None:
     # 0 -> 2 (A) hit; 1 -> 3 (B) miss; 2 -> 0 (A) hit.
     assert p_at_1 == pytest.approx(2 / 3)
     assert cross_group_precision(X[:2], labels[:2], groups[:2]) == (pytest.approx(float("nan"), nan_ok=True), 0)
+
+
+def test_per_query_hits_are_what_the_precisions_average() -> None:
+    X = np.array([[1, 0, 0], [0.5, 0.85, 0], [0.9, 0, 0.4], [0.6, 0.8, 0], [0, 0, 1]], dtype=np.float32)
+    labels, groups = ["A", "A", "A", "B", "C"], ["g1", "g1", "g2", "g2", "g3"]
+    assert cross_group_hits(X, labels, groups).tolist() == [True, False, True]
+    assert cross_group_hits(X[:2], labels[:2], groups[:2]).tolist() == []
+    hits = retrieval_hits(TWIN_X, TWIN_LABELS, TWIN_TEXTS, k=4)
+    assert hits.shape == (len(TWIN_X), 4)
+    assert hits[:, 0].mean() == pytest.approx(retrieval_precision(TWIN_X, TWIN_LABELS, TWIN_TEXTS, ks=(1,))[1])
+    assert hits.sum(axis=1).mean() / 4 == pytest.approx(retrieval_precision(TWIN_X, TWIN_LABELS, TWIN_TEXTS, ks=(4,))[4])
+
+
+def test_paired_difference_counts_only_disagreements() -> None:
+    a = {"x": np.array([1, 1, 0, 0]), "y": np.array([1, 0])}
+    b = {"x": np.array([1, 1, 1, 0]), "y": np.array([1, 0])}
+    diff, se = paired_difference(a, b)
+    assert diff == pytest.approx((0.25 + 0.0) / 2)  # the mean over sets of the per-set mean differences
+    assert se == pytest.approx(np.sqrt(np.var([0, 0, 1, 0], ddof=1) / 4) / 2)
+    assert paired_difference(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same non-empty sets"):
+        paired_difference(a, {"x": b["x"]})
+    with pytest.raises(ValueError, match="set 'y'"):
+        paired_difference(a, {"x": b["x"], "y": np.array([1, 0, 1])})
 
 
 def test_load_grouped_and_pool_labels(tmp_path: Path) -> None:

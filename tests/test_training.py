@@ -27,6 +27,7 @@ from icl_retriever.training import (
     train,
     triplet_loss,
     validate,
+    validation_hits,
 )
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -441,6 +442,10 @@ def test_mixture_with_distillation_trains_and_records_each_source(tmp_path: Path
     again = validate(PIEEncoder(out), config)  # as users load it (ONNX Runtime on CPU)
     assert again["score"] == pytest.approx(card.validation["score"], abs=1e-9)
     assert again["tiny_sni.cross_group_p_at_1"] == pytest.approx(card.validation["tiny_sni.cross_group_p_at_1"])
+    hits = validation_hits(PIEEncoder(out), config)  # the same queries, one by one (scripts/validate.py --against)
+    assert sorted(hits) == ["tiny_ieb", "tiny_sni"]
+    assert hits["tiny_ieb"].mean() == pytest.approx(again["tiny_ieb.p_at_1"])
+    assert hits["tiny_sni"].mean() == pytest.approx(again["tiny_sni.cross_group_p_at_1"])
     if card.steps_done < 4:  # stopped early: the last `patience` checks were no better than the best
         best = max(h["score"] for h in card.validation_history)
         assert all(h["score"] <= best for h in card.validation_history[-1:])
@@ -473,6 +478,26 @@ def test_frozen_layers_stay_as_they_started(tmp_path: Path) -> None:
     assert changed and min(changed) == 4, sorted(changed)
     with pytest.raises(ValueError, match="freeze_layers=7, but the model has 6 layers"):
         train(config.model_copy(update={"freeze_layers": 7, "output_dir": tmp_path / "g"}), show_progress_bar=False)
+
+
+def test_lora_trains_a_low_rank_change_merged_into_plain_weights(tmp_path: Path) -> None:
+    """--lora-rank R: every linear weight moves by a matrix of rank <= R, biases and norms not at all, and the
+    saved model holds plain weights (no adapter keys) that load without peft."""
+    config = TrainConfig(
+        train_file=TINY_IEB, output_dir=tmp_path / "l", steps=2, batch_size=4, lr=1e-2, val_fraction=0,
+        base_model="default-base", lora_rank=2,
+    )
+    out = train(config, show_progress_bar=False)
+    assert not [k for k in load_file(out / "model.safetensors") if "lora" in k]
+    delta = {name: d.float() for name, d in load_file(out / "delta.safetensors").items()}
+    moved = {name: d for name, d in delta.items() if d.abs().max() > 0}
+    assert moved and all(name.endswith("weight") and d.ndim == 2 for name, d in moved.items()), sorted(moved)
+    assert any(".query." in name for name in moved) and any(".intermediate." in name for name in moved)
+    for name, d in moved.items():
+        s = torch.linalg.svdvals(d)
+        assert s[2] < 1e-2 * s[0], (name, s[:4])  # rank 2, up to the float16 rounding of the shipped delta
+    with pytest.raises(ValidationError, match="give one"):
+        TrainConfig(train_file=TINY_IEB, output_dir=tmp_path / "x", lora_rank=2, freeze_layers=2)
 
 
 # ------------------------------------------------------------------------------------- shared data

@@ -20,6 +20,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from icl_retriever import default_model
 from icl_retriever.cache import sha256_file
 from icl_retriever.encoder import PIE_CONFIG_FILE, PIEEncoder
-from icl_retriever.evaluation import cross_group_precision, ict_scores, retrieval_precision
+from icl_retriever.evaluation import cross_group_hits, ict_scores, retrieval_hits
 from icl_retriever.train_config import TrainConfig
 from icl_retriever.training.loss import _batch_loss, _Source, _Teacher, info_nce, triplet_loss
 from icl_retriever.training.sampler import Triplet, TripletSampler
@@ -56,6 +57,7 @@ __all__ = [
     "train",
     "triplet_loss",
     "validate",
+    "validation_hits",
 ]
 
 CARD_FILE = "training_card.json"
@@ -65,18 +67,35 @@ DELTA_FILE = "delta.safetensors"
 # --------------------------------------------------------------------------------------- validation
 
 
-def _validate_set(encoder: PIEEncoder, tasks: TaskSet, batch_size: int) -> dict[str, float]:
-    """P@1 and ARI on held-out tasks (plus cross-group P@1 when the tasks carry groups)."""
+def _validate_set(encoder: PIEEncoder, tasks: TaskSet, batch_size: int) -> tuple[dict[str, float], np.ndarray]:
+    """P@1 and ARI on held-out tasks (plus cross-group P@1 when the tasks carry groups), and the per-query
+    hits of the set's primary P@1 (cross-group where there is one)."""
     texts = [t for v in tasks.instructions.values() for t in v]
     labels = [task for task, v in tasks.instructions.items() for _ in v]
     X = encoder.encode(texts, batch_size=batch_size, show_progress_bar=False)
-    metrics = {"p_at_1": retrieval_precision(X, labels, texts, ks=(1,))[1], "ari": ict_scores(X, labels)["ari"]}
+    primary = retrieval_hits(X, labels, texts)[:, 0]
+    metrics = {"p_at_1": float(primary.mean()), "ari": ict_scores(X, labels)["ari"]}
     if tasks.groups:
         groups = [tasks.groups.get(task, {}).get(t, f"?{task}") for task, v in tasks.instructions.items() for t in v]
-        p_at_1, n = cross_group_precision(X, labels, groups)
-        if n:
-            metrics["cross_group_p_at_1"] = p_at_1
-    return metrics
+        across = cross_group_hits(X, labels, groups)
+        if len(across):
+            metrics["cross_group_p_at_1"], primary = float(across.mean()), across
+    return metrics, primary
+
+
+def _validate_sets(
+    encoder: PIEEncoder, held_out: Sequence[tuple[str, TaskSet]], batch_size: int
+) -> dict[str, tuple[dict[str, float], np.ndarray]]:
+    """:func:`_validate_set` of every set, in eval mode (dropout off) and back."""
+    model = encoder.model  # None on ONNX Runtime, which has no training mode
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
+    try:
+        return {name: _validate_set(encoder, tasks, batch_size) for name, tasks in held_out}
+    finally:
+        if model is not None:
+            model.train(was_training)
 
 
 def _validate(
@@ -87,15 +106,7 @@ def _validate(
     A set's P@1 is its cross-group P@1 when it has one (a task recognised across datasets), else
     leave-one-out P@1. The best checkpoint has the highest score; the first set's ARI breaks ties.
     """
-    model = encoder.model  # None on ONNX Runtime, which has no training mode
-    was_training = model is not None and model.training
-    if model is not None:
-        model.eval()
-    try:
-        per_set = {name: _validate_set(encoder, tasks, batch_size) for name, tasks in held_out}
-    finally:
-        if model is not None:
-            model.train(was_training)
+    per_set = {name: metrics for name, (metrics, _) in _validate_sets(encoder, held_out, batch_size).items()}
     out = {f"{name}.{k}": v for name, metrics in per_set.items() for k, v in metrics.items()}
     primary = [m.get("cross_group_p_at_1", m["p_at_1"]) for m in per_set.values()]
     out["score"] = float(np.mean(primary))
@@ -232,6 +243,28 @@ class _WeightAverage:
             p.copy_(avg)
 
 
+def _add_lora(model: torch.nn.Module, config: TrainConfig) -> Any:
+    """Low-rank adapters (peft's LoRA) on every linear layer of the transformer stack; the rest is frozen.
+
+    The adapters are injected into ``model`` in place, so the encoder trains and validates them as it is;
+    the returned peft model merges them back into plain weights (``merge_and_unload``) before saving."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ImportError("lora_rank needs peft: pip install 'icl-retriever[lora]'") from exc
+    # Leaf names of the linear layers (BERT: query, key, value, dense); the pooler, which pooling skips, is not
+    # adapted.
+    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    if not targets:
+        raise ValueError(f"lora_rank: {type(model).__name__} has no linear layers to adapt")
+    alpha = config.lora_alpha or 2.0 * config.lora_rank
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                      exclude_modules=r".*pooler.*")
+    with warnings.catch_warnings():  # peft asks transformers 5 a question it has renamed; nothing for users to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
+
+
 def _load_encoder(config: TrainConfig) -> PIEEncoder:
     encoder = PIEEncoder(
         config.base_model,
@@ -356,6 +389,14 @@ def validate(encoder: PIEEncoder, config: TrainConfig) -> dict[str, float]:
     return _validate(encoder, _held_out(_sources(config), config), config.batch_size)
 
 
+def validation_hits(encoder: PIEEncoder, config: TrainConfig) -> dict[str, np.ndarray]:
+    """Per held-out query of each validation set, whether it was a hit for :func:`validate`'s score: compare two
+    models query by query (:func:`icl_retriever.evaluation.paired_difference`) rather than by their scores
+    alone, whose differences between recipes are often a few queries."""
+    sets = _validate_sets(encoder, _held_out(_sources(config), config), config.batch_size)
+    return {name: hits for name, (_, hits) in sets.items()}
+
+
 def held_out_sets(config: TrainConfig) -> list[tuple[str, list[str], list[str]]]:
     """``(file name, instructions, task labels)`` of each train file's held-out tasks, instructions only:
     tasks the model never trained on, where its calibrated floor is measured."""
@@ -410,10 +451,13 @@ def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
     total = config.steps or max(1, math.ceil((config.epochs or 0) * n_anchors / anchors_per_step))
     # Model, and every prompt formatted (and truncated, with one warning) up front.
     encoder = _load_encoder(config)
+    adapters = _add_lora(encoder.model, config) if config.lora_rank else None
     texts = list(dict.fromkeys(t for src in sources for v in src.train.instructions.values() for t in v))
     prompts = dict(zip(texts, encoder.format(texts), strict=True))
     before = _validate(encoder, held_out, config.batch_size) if held_out else None
     fit = _fit(encoder, sources, prompts, held_out, config, total, show_progress_bar)
+    if adapters is not None:  # plain weights again (W + B A x scale), so the output loads without peft
+        encoder.model = adapters.merge_and_unload()
     # Outputs: the model directory, the shippable delta, the card.
     out = Path(config.output_dir)
     _save(encoder, out)
