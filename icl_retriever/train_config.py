@@ -13,7 +13,7 @@ from icl_retriever.encoder import Pooling
 #: Optimizer steps when neither ``steps`` nor ``epochs`` is given: about one epoch of eft_train_silver.json.
 DEFAULT_STEPS = 500
 #: Defaults for fitting a labelled demo pool (``label_field``), where no held-out benchmark guards the start.
-POOL_FIT: dict[str, Any] = {"eval_every": 10, "patience": 3, "distill": 5.0}
+POOL_FIT: dict[str, Any] = {"eval_every": 10, "patience": 3, "distill": 20.0}
 
 
 class TrainConfig(BaseModel):
