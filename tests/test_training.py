@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import zlib
 from pathlib import Path
 
@@ -498,6 +499,15 @@ def test_lora_trains_a_low_rank_change_merged_into_plain_weights(tmp_path: Path)
         assert s[2] < 1e-2 * s[0], (name, s[:4])  # rank 2, up to the float16 rounding of the shipped delta
     with pytest.raises(ValidationError, match="give one"):
         TrainConfig(train_file=TINY_IEB, output_dir=tmp_path / "x", lora_rank=2, freeze_layers=2)
+
+
+def test_lora_without_peft_says_which_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed: importing it raises ImportError
+    config = TrainConfig(train_file=TINY_IEB, output_dir=tmp_path / "l", steps=1, batch_size=4, val_fraction=0,
+                         base_model="default-base", lora_rank=2)
+    with pytest.raises(ValueError, match=r"icl-retriever\[lora\]"):
+        train(config, show_progress_bar=False)
+    assert not (tmp_path / "l").exists()  # nothing half-written
 
 
 # ------------------------------------------------------------------------------------- shared data

@@ -15,6 +15,7 @@ holds out whole tasks of the train file.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -248,10 +249,7 @@ def _add_lora(model: torch.nn.Module, config: TrainConfig) -> Any:
 
     The adapters are injected into ``model`` in place, so the encoder trains and validates them as it is;
     the returned peft model merges them back into plain weights (``merge_and_unload``) before saving."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as exc:
-        raise ImportError("lora_rank needs peft: pip install 'icl-retriever[lora]'") from exc
+    from peft import LoraConfig, get_peft_model  # train() checked that it is installed
     # Leaf names of the linear layers (BERT: query, key, value, dense); the pooler, which pooling skips, is not
     # adapted.
     targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
@@ -437,11 +435,14 @@ def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
     Raises:
         PoolError: a train or validation file is missing or malformed.
         ModelLoadError: the base model cannot be loaded.
-        ValueError: the data cannot support training (e.g. too few tasks for the validation split).
+        ValueError: the data cannot support training (e.g. too few tasks for the validation split), or
+            ``lora_rank`` without peft installed.
     """
     from transformers import set_seed
 
     started = time.perf_counter()
+    if config.lora_rank and importlib.util.find_spec("peft") is None:  # before minutes of loading data and model
+        raise ValueError('lora_rank needs peft: pip install "icl-retriever[lora]"')
     set_seed(config.seed)
     # Data: per train file, hold out whole tasks, then sample triplets from the rest.
     sources = _sources(config)
