@@ -48,9 +48,8 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=0, help="fit low-rank adapters instead of all weights")
     args = ap.parse_args()
 
-    from icl_retriever import PIEEncoder
+    from icl_retriever import PIEEncoder, default_model
     from icl_retriever.evaluation import evaluate
-    from icl_retriever import default_model
     from icl_retriever.training import TrainConfig, train, validate
 
     card_config = json.loads((default_model.HERE / "training_card.json").read_text(encoding="utf-8"))["config"]
