@@ -26,16 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from icl_retriever import PIEEncoder
     from icl_retriever.evaluation import paired_difference
-    from icl_retriever.training import TrainConfig, validate, validation_hits
+    from icl_retriever.training import TrainConfig, validation_hits, validation_report
 
     config = TrainConfig.model_validate(json.loads(args.card.read_text(encoding="utf-8"))["config"])
     reference = validation_hits(PIEEncoder(args.against), config) if args.against else None
     for model in args.models:
-        encoder = PIEEncoder(model)
-        metrics = validate(encoder, config)
+        metrics, hits = validation_report(PIEEncoder(model), config)  # one encoding for both
         print(f"{model}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "tiebreak"))
         if reference is not None:
-            hits = validation_hits(encoder, config)
             diff, se = paired_difference(reference, hits)
             changed = ", ".join(f"{name} {int((hits[name] != reference[name]).sum())} of {len(hits[name])}" for name in hits)
             print(f"  score minus {args.against}'s: {diff:+.4f} +- {se:.4f} (paired; queries that differ: {changed})")

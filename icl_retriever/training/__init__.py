@@ -59,6 +59,7 @@ __all__ = [
     "triplet_loss",
     "validate",
     "validation_hits",
+    "validation_report",
 ]
 
 CARD_FILE = "training_card.json"
@@ -107,7 +108,11 @@ def _validate(
     A set's P@1 is its cross-group P@1 when it has one (a task recognised across datasets), else
     leave-one-out P@1. The best checkpoint has the highest score; the first set's ARI breaks ties.
     """
-    per_set = {name: metrics for name, (metrics, _) in _validate_sets(encoder, held_out, batch_size).items()}
+    return _summarise(_validate_sets(encoder, held_out, batch_size))
+
+
+def _summarise(sets: Mapping[str, tuple[dict[str, float], np.ndarray]]) -> dict[str, float]:
+    per_set = {name: metrics for name, (metrics, _) in sets.items()}
     out = {f"{name}.{k}": v for name, metrics in per_set.items() for k, v in metrics.items()}
     primary = [m.get("cross_group_p_at_1", m["p_at_1"]) for m in per_set.values()]
     out["score"] = float(np.mean(primary))
@@ -384,15 +389,20 @@ def _held_out(sources: Sequence[_Source], config: TrainConfig) -> list[tuple[str
 def validate(encoder: PIEEncoder, config: TrainConfig) -> dict[str, float]:
     """The validation ``train`` reports (and selects checkpoints on) for any encoder, on the held-out split of
     ``config``: to compare a soup or interpolation with the runs it came from on the same tasks."""
-    return _validate(encoder, _held_out(_sources(config), config), config.batch_size)
+    return validation_report(encoder, config)[0]
 
 
 def validation_hits(encoder: PIEEncoder, config: TrainConfig) -> dict[str, np.ndarray]:
     """Per held-out query of each validation set, whether it was a hit for :func:`validate`'s score: compare two
     models query by query (:func:`icl_retriever.evaluation.paired_difference`) rather than by their scores
     alone, whose differences between recipes are often a few queries."""
+    return validation_report(encoder, config)[1]
+
+
+def validation_report(encoder: PIEEncoder, config: TrainConfig) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """:func:`validate`'s metrics and :func:`validation_hits`' per-query hits from one encoding of the sets."""
     sets = _validate_sets(encoder, _held_out(_sources(config), config), config.batch_size)
-    return {name: hits for name, (_, hits) in sets.items()}
+    return _summarise(sets), {name: hits for name, (_, hits) in sets.items()}
 
 
 def held_out_sets(config: TrainConfig) -> list[tuple[str, list[str], list[str]]]:
