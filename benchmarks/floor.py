@@ -4,7 +4,9 @@
 For every labelled instruction of each file, the query's whole task is removed from the pool for half the
 queries (seeded): the right answer is then "no demo". For the other half only the query (and demos with its
 exact text) is removed. Per floor it prints how often nothing comes back when the task is absent, how often a
-same-task top-1 demo is kept when it is present, and the precision of the kept top-1 demos.
+same-task top-1 demo is kept when it is present, and the precision of the kept top-1 demos. The last row of a
+file is the floor chosen in hindsight on that file's own outcomes (the lowest cosine whose kept demos reach the
+calibration's target precision there): what no calibration elsewhere can beat at that precision.
 
     python -m benchmarks.floor                       # sni_dev (category labels) and eft_test, default model
     python -m benchmarks.floor --files a.json --label-field task --model runs/my-model --fixed 0.5 0.6
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from icl_retriever import PIEEncoder
-from icl_retriever.calibration import floor_outcomes
+from icl_retriever.calibration import DEFAULT_PRECISION, choose_floor, floor_outcomes
 from icl_retriever.training import load_task_set
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -54,10 +56,17 @@ def main(argv: list[str] | None = None) -> None:
         pairs = [(text, task) for task, texts in tasks.instructions.items() for text in texts]
         texts, labels = [t for t, _ in pairs], [label for _, label in pairs]
         outcomes = floor_outcomes(encoder.encode(texts, show_progress_bar=False), labels, texts, seed=args.seed)
-        for name, floor in floors:
+        try:
+            hindsight: float | None = choose_floor(outcomes, DEFAULT_PRECISION)[0]
+        except ValueError:  # no cosine reaches the precision on this file
+            hindsight = None
+        rows = floors if hindsight is None else [*floors, (f"hindsight ({hindsight:.3f})", hindsight)]
+        for name, floor in rows:
             r = outcomes.rates(floor)
             print(f"| {path.name} | {len(texts)} | {name} | {r['empty_when_absent']:.3f} | {r['kept_when_present']:.3f} "
                   f"| {r['precision']:.3f} |")
+        if hindsight is None:
+            print(f"| {path.name} | {len(texts)} | hindsight: no floor reaches precision {DEFAULT_PRECISION:g} | | | |")
         print(f"<!-- {path.name}: {time.perf_counter() - start:.0f} s -->")
 
 
