@@ -5,6 +5,7 @@ from icl_retriever.encoder import EncoderConfig, PIEEncoder
 from icl_retriever.errors import (
     EncoderMismatchError,
     ICLRetrieverError,
+    IndexBusyError,
     IndexExistsError,
     IndexFormatError,
     IndexWriteError,
@@ -21,6 +22,7 @@ __all__ = [
     "EncoderConfig",
     "EncoderMismatchError",
     "ICLRetrieverError",
+    "IndexBusyError",
     "IndexExistsError",
     "IndexFormatError",
     "IndexParams",

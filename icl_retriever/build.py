@@ -31,6 +31,7 @@ from icl_retriever.store import (
     IndexParams,
     IndexType,
     MappedDemos,
+    build_lock,
     check_index_fits,
     check_target,
     map_demos,
@@ -123,11 +124,14 @@ def build_index(
     resume: bool = True,
     topic: TopicKind = True,
     show_progress_bar: bool | None = None,
+    wait: float | None = 0.0,
 ) -> Retriever:
     """Validate a pool, embed its instructions and write an index directory.
 
     The pool is fully validated and the target checked before any embedding work, and the index
-    is written atomically, so a failure leaves any existing index at ``out`` untouched.
+    is written atomically, so a failure leaves any existing index at ``out`` untouched. The build
+    holds ``out``'s build lock (:func:`~icl_retriever.store.build_lock`) from the target check to the
+    last write: two builds of one directory never share their checkpoints or staging.
 
     Args:
         pool: a pool file (JSONL, JSON list, IEB), a list of them (or, with Ray, glob patterns), or an
@@ -157,6 +161,9 @@ def build_index(
             (the default model only; builds about twice as fast, the LLM slightly worse downstream);
             ``False``: none.
         show_progress_bar: ``None`` shows progress when logging is at INFO or lower.
+        wait: seconds to wait while another process builds into ``out`` (``0``, the default: refuse at
+            once; ``None``: as long as it takes). After the wait, ``out`` holds that build's index, so
+            without ``force`` this build then stops with :class:`IndexExistsError`.
 
     Returns:
         A :class:`Retriever` over the new index; ``retriever.manifest.recall_at_10`` holds the
@@ -165,6 +172,7 @@ def build_index(
     Raises:
         PoolError: the pool is empty or malformed.
         IndexExistsError: ``out`` exists and ``force`` is not set.
+        IndexBusyError: another process is building into ``out`` (and ``wait`` ran out).
         ValueError: a parameter of another index type, a bad size, or a topic kind the model has not.
     """
     out = Path(out)
@@ -173,6 +181,30 @@ def build_index(
     check_topic_kind(topic)
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    with build_lock(out, wait):
+        check_target(out, force=force)  # again: a build we waited for may have made it
+        return _build(pool, out, encoder=encoder, engine=engine, ray=ray, index_type=index_type, index=index,
+                      batch_size=batch_size, chunk_size=chunk_size, force=force, resume=resume, topic=topic,
+                      show_progress_bar=show_progress_bar)
+
+
+def _build(
+    pool: str | Path | Sequence[str | Path] | Iterable[Demo | Mapping[str, Any]],
+    out: Path,
+    *,
+    encoder: PIEEncoder | None,
+    engine: Literal["local", "ray"],
+    ray: RayOptions | None,
+    index_type: IndexType | Literal["auto"],
+    index: IndexParams | None,
+    batch_size: int | None,
+    chunk_size: int,
+    force: bool,
+    resume: bool,
+    topic: TopicKind,
+    show_progress_bar: bool | None,
+) -> Retriever:
+    """:func:`build_index`'s work, under the build lock, once its arguments and target are checked."""
     if show_progress_bar is None:
         show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
     files = _as_files(pool)

@@ -13,7 +13,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 DIGESTS_FILE = "digests.json"
+#: A digest update waits this long for another process's (a few milliseconds' work), then is skipped.
+_LOCK_WAIT_S = 10.0
 
 
 def cache_dir() -> Path:
@@ -38,24 +42,37 @@ def remembered_sha256(path: Path) -> str:
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     store = cache_dir() / DIGESTS_FILE
-    try:
-        known = json.loads(store.read_text(encoding="utf-8"))
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
-    digest = known.get(key)
+    digest = _read_digests(store).get(key)
     if isinstance(digest, str) and len(digest) == 64:
         return digest
     digest = sha256_file(path)
-    known = {k: v for k, v in known.items() if not k.startswith(f"{path}|")}
-    known[key] = digest
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".digests-", dir=store.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(known, fh)
-        os.replace(tmp, store)
-    except OSError:
+        # read, merge and replace under a lock, so that processes starting at once keep each other's entries
+        with FileLock(str(store.parent / f".{DIGESTS_FILE}.lock"), timeout=_LOCK_WAIT_S):
+            known = {k: v for k, v in _read_digests(store).items() if not k.startswith(f"{path}|")}
+            known[key] = digest
+            _replace_json(store, known)
+    except (OSError, Timeout):  # Timeout: another process is stuck holding the lock; remember it next time
         pass
     return digest
+
+
+def _read_digests(store: Path) -> dict[str, object]:
+    try:
+        known = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _replace_json(store: Path, data: dict[str, object]) -> None:
+    """Write ``store`` whole or not at all: a private temporary file renamed over it (removed on failure)."""
+    fd, tmp = tempfile.mkstemp(prefix=".digests-", dir=store.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, store)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

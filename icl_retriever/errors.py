@@ -35,6 +35,10 @@ class IndexWriteError(ICLRetrieverError, OSError):
     """Writing a new version of an index failed (full disk, permissions, ...); the index is unchanged."""
 
 
+class IndexBusyError(ICLRetrieverError, TimeoutError):
+    """Another process holds the index's lock (it is building or writing that directory); nothing was changed."""
+
+
 class EncoderMismatchError(IndexFormatError):
     """The encoder that would embed queries is not the one the index was built with."""
 

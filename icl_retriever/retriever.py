@@ -30,6 +30,21 @@ from icl_retriever.updates import LiveIndex
 
 logger = logging.getLogger(__name__)
 
+def check_queries(queries: Sequence[str]) -> None:
+    """The rule every query meets before it is embedded: a non-empty ``str`` of valid text.
+
+    Raises:
+        TypeError: a query is not a string.
+        ValueError: a query is empty or blank, or holds text that cannot be encoded (named by position).
+    """
+    for i, q in enumerate(queries):
+        if not isinstance(q, str):
+            raise TypeError(f"query {i} is {type(q).__name__}, expected str")
+        if not q.strip():
+            raise ValueError(f"query {i} is empty")
+        check_text(q, f"query {i} ({q[:40]!r})")
+
+
 class Retriever:
     """Return, for a request, the k demonstrations that show the same kind of task.
 
@@ -316,12 +331,7 @@ class Retriever:
         if isinstance(queries, str):
             raise TypeError("get_demos_batch takes a sequence of queries; use get_demos for one")
         queries = list(queries)
-        for i, q in enumerate(queries):
-            if not isinstance(q, str):
-                raise TypeError(f"query {i} is {type(q).__name__}, expected str")
-            if not q.strip():
-                raise ValueError(f"query {i} is empty")
-            check_text(q, f"query {i} ({q[:40]!r})")
+        check_queries(queries)
         state = self.snapshot  # one version for the whole batch
         ctl = self._controls(SearchControls.parse(k=k, **controls), has_topic=state.topic is not None)
         counter = resolve_tokenizer(ctl.tokenizer, self.encoder.tokenizer) if ctl.max_tokens is not None else None

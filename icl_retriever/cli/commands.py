@@ -28,7 +28,7 @@ def _ray_options(args: argparse.Namespace) -> Any:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from icl_retriever.encoder import PIEEncoder
-    from icl_retriever.store import check_target
+    from icl_retriever.store import build_lock, check_target
     from icl_retriever.records import load_pools
     from icl_retriever.build import build_index, check_build_params, index_params
 
@@ -36,18 +36,21 @@ def cmd_build(args: argparse.Namespace) -> int:
                           nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m)
     check_build_params(args.index_type, params, batch_size=args.batch_size, chunk_size=args.chunk_size)
     ray = _ray_options(args)
-    check_target(Path(args.out), force=args.force)
+    out = Path(args.out)
+    check_target(out, force=args.force)
     # a local build validates everything before loading a model; Ray validates in its read tasks
     demos = load_pools(args.pool) if args.engine == "local" else None
-    encoder = PIEEncoder(args.model, quantize=args.quantize, runtime=args.runtime)
     start = time.perf_counter()
     try:
-        retriever = build_index(
-            demos if demos is not None else args.pool, args.out, encoder=encoder, engine=args.engine, ray=ray,
-            index_type=args.index_type, index=params, batch_size=args.batch_size, chunk_size=args.chunk_size,
-            force=args.force, resume=not args.no_resume, show_progress_bar=True,
-            topic={"auto": True, "none": False}.get(args.topic, args.topic),
-        )
+        # held from here (build_index takes it again): another build into --out is refused before a model loads
+        with build_lock(out, timeout=0):
+            encoder = PIEEncoder(args.model, quantize=args.quantize, runtime=args.runtime)
+            retriever = build_index(
+                demos if demos is not None else args.pool, out, encoder=encoder, engine=args.engine, ray=ray,
+                index_type=args.index_type, index=params, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                force=args.force, resume=not args.no_resume, show_progress_bar=True,
+                topic={"auto": True, "none": False}.get(args.topic, args.topic),
+            )
     except KeyboardInterrupt:
         print("icl-retriever: interrupted; finished chunks are kept: run the same command again to resume",
               file=sys.stderr)
@@ -110,7 +113,7 @@ def _parse_filters(items: Sequence[str] | None) -> dict[str, object] | None:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from icl_retriever.search.controls import SearchControls
-    from icl_retriever.retriever import Retriever
+    from icl_retriever.retriever import Retriever, check_queries
 
     controls = dict(
         diversity=args.diversity,
@@ -127,6 +130,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         min_score=_min_score(args.min_score),
     )
     SearchControls.parse(k=args.k, **controls)  # a bad flag fails before the model loads
+    check_queries([args.text])
     retriever = Retriever.from_index(args.index, model=args.model, verify=not args.no_verify, runtime=args.runtime,
                                      mmap=args.mmap)
     demos = retriever.get_demos(args.text, k=args.k, **controls)
@@ -164,38 +168,27 @@ def demo_cache_dir() -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import hashlib
+    from icl_retriever.demo_cache import open_demo_index
+    from icl_retriever.retriever import check_queries
+    from icl_retriever.search.controls import SearchControls
 
-    from icl_retriever.build import build_index
-    from icl_retriever.encoder import PIEEncoder
-    from icl_retriever.errors import IndexFormatError
-    from icl_retriever.records import default_pool_path
-    from icl_retriever.retriever import Retriever
+    queries = args.queries or list(DEMO_QUERIES)
+    SearchControls.parse(k=args.k)  # bad arguments fail before any model loads or index is built
+    check_queries(queries)
 
-    pool = default_pool_path()
-    digest = hashlib.sha256(pool.read_bytes()).hexdigest()[:12]
-    cached = args.index is None
-    out = demo_cache_dir() / f"default-pool-{__version__}-{digest}" if cached else Path(args.index)
-    retriever = None
-    if out.exists() and not args.rebuild:
-        try:
-            retriever = Retriever.from_index(out, runtime=args.runtime)
-        except IndexFormatError as exc:  # also EncoderMismatchError: made by another model
-            if not cached:
-                raise
-            print(f"icl-retriever: the cached demo index is unusable ({printable(exc)}); rebuilding", file=sys.stderr)
-    if retriever is None:
-        print(f"Building the packaged pool ({pool.name}, shipped with the package) into {out}", file=sys.stderr)
-        encoder = PIEEncoder(runtime=args.runtime)
-        retriever = build_index(pool, out, encoder=encoder, force=out.exists(), show_progress_bar=True)
+    def tell(line: str) -> None:
+        print(line if line[:1].isupper() else f"icl-retriever: {line}", file=sys.stderr)
+
+    retriever = open_demo_index(args.index, rebuild=args.rebuild, runtime=args.runtime, notify=tell)
+    out = retriever.path
     if args.json:
         print_json({"index": str(out), "demos": len(retriever), "answers": [
             {"query": text, "demos": [d.model_dump() for d in retriever.get_demos(text, k=args.k)]}
-            for text in args.queries or DEMO_QUERIES
+            for text in queries
         ]})
         return 0
     print(f"Index {out}: {len(retriever)} demos")
-    for text in args.queries or DEMO_QUERIES:
+    for text in queries:
         print(f"\n> {shorten(text)}")
         print_demos(retriever.get_demos(text, k=args.k))
     return 0

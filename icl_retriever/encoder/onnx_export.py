@@ -9,9 +9,10 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from icl_retriever.encoder.onnx import (
     FORMAT,
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: How long a process waits for another one exporting the same model (an export takes a minute or two).
+EXPORT_WAIT_S = 1800.0
 #: Largest absolute difference, per vector component, allowed between the float ONNX copy and torch.
 TOLERANCE = 1e-4
 #: Smallest cosine allowed between an int8 ONNX copy's vectors and torch's float vectors on the probes.
@@ -66,6 +69,21 @@ def export(encoder: PIEEncoder, *, int8: bool = False) -> tuple[Path, OnnxMeta]:
     source = [_stat(p) for p in files]
 
     where.parent.mkdir(parents=True, exist_ok=True)
+    # one export of an entry at a time, across processes: the others wait, then use the one it made
+    try:
+        with FileLock(str(where.parent / f".{where.name}.lock"), timeout=EXPORT_WAIT_S):
+            found = find(config.model, config.pooling, config.normalize, int8=int8)
+            if found is not None:
+                return found
+            return _export_into(encoder, where, tok, source, int8=int8)
+    except Timeout:
+        raise ValueError(f"{config.model!r}: another process has been exporting it for {EXPORT_WAIT_S:g} s") from None
+
+
+def _export_into(encoder: PIEEncoder, where: Path, tok: Any, source: list[Any], *, int8: bool) -> tuple[Path, OnnxMeta]:
+    """:func:`export`'s work, under the entry's lock: export into a private temporary directory, check,
+    then rename it into place."""
+    config = encoder.config
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=where.parent))
     try:
         # float: eager attention, so ONNX Runtime's optimizer can fuse each layer into a few kernels; int8
@@ -98,7 +116,7 @@ def export(encoder: PIEEncoder, *, int8: bool = False) -> tuple[Path, OnnxMeta]:
         (tmp / META_FILE).write_text(meta.model_dump_json(indent=2), encoding="utf-8")
         if where.exists():
             found = find(config.model, config.pooling, config.normalize, int8=int8)
-            if found is not None:  # a concurrent export of the same model won; theirs is as good
+            if found is not None:  # an export that took no lock (an older version) won; theirs is as good
                 shutil.rmtree(tmp, ignore_errors=True)
                 return found
             stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=where.parent))

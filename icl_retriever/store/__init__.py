@@ -49,7 +49,7 @@ from icl_retriever.store.reader import (
     trusted_model,
 )
 from icl_retriever.store.recall import TARGET_RECALL, measure_recall
-from icl_retriever.store.writer import check_target, replace_file, save_index, write_lock, write_version
+from icl_retriever.store.writer import build_lock, check_target, replace_file, save_index, write_lock, write_version
 
 __all__ = [
     "AUTO_HNSW_FROM",
@@ -73,6 +73,7 @@ __all__ = [
     "MappedDemos",
     "TopicInfo",
     "all_vectors",
+    "build_lock",
     "check_index_fits",
     "check_rebuildable",
     "check_target",

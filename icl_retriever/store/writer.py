@@ -5,7 +5,9 @@ names (``index.<token>.faiss``, ``demos.<token>.jsonl``, ``offsets.<token>.u64``
 the old ones, then switches ``manifest.json`` with one atomic rename (:func:`replace_file`), then deletes
 what the manifest no longer names. A process killed at any moment leaves the old or the new version,
 both loadable. A new index is assembled in a temporary sibling directory and renamed into place. Writers
-are serialised with a file lock (:func:`write_lock`); readers need none.
+are serialised with a file lock (:func:`write_lock`); readers need none. A whole build (embedding included)
+holds a second lock, :func:`build_lock`, so that two builds of one directory never share their staging
+(checkpoints, temporary directory): the second waits or is refused, never half-runs.
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 import faiss
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from icl_retriever.encoder import EncoderConfig
-from icl_retriever.errors import IndexExistsError, IndexWriteError
+from icl_retriever.errors import IndexBusyError, IndexExistsError, IndexWriteError
 from icl_retriever.records import Demo
 from icl_retriever.store.demo_file import offset_table, record_line
 from icl_retriever.store.faiss_index import describe_index, non_unit_vector
@@ -50,10 +52,61 @@ logger = logging.getLogger(__name__)
 
 @contextmanager
 def write_lock(path: Path, timeout: float = 600.0) -> Iterator[None]:
-    """Serialise writers of one index (the lock file sits beside the directory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.parent / f".{path.name}.lock"), timeout=timeout):
+    """Serialise writers of one index (the lock file sits beside the directory).
+
+    Raises:
+        IndexBusyError: another writer held it for ``timeout`` seconds.
+    """
+    with _held(_lock_file(path, "lock"), timeout, what="writing", path=path):
         yield
+
+
+@contextmanager
+def build_lock(path: Path, timeout: float | None = 0.0, *, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold ``path``'s build lock: one build (or repair) of a directory at a time, across processes.
+
+    Re-entrant in the process that holds it, so a caller may take it before :func:`~icl_retriever.build_index`
+    takes it again. The lock is the operating system's (``flock``): a process that dies lets go of it.
+
+    Args:
+        timeout: seconds to wait for another process's build (``0``: refuse at once; ``None``: as long as it takes).
+        on_wait: called once, before waiting, when another process holds the lock (to tell the user why).
+
+    Raises:
+        IndexBusyError: another process held it for ``timeout`` seconds.
+    """
+    lock = _lock_file(path, "build.lock")
+    if on_wait is not None and timeout != 0:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            on_wait()
+        else:
+            lock.release()  # free: taken again below (a race with another process just means waiting)
+    with _held(lock, timeout, what="building an index", path=path):
+        yield
+
+
+def _lock_file(path: Path, suffix: str) -> FileLock:
+    """The process-wide (re-entrant) lock object of ``.<name>.<suffix>`` beside ``path``."""
+    path = Path(os.path.abspath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path.parent / f".{path.name}.{suffix}"), is_singleton=True)
+
+
+@contextmanager
+def _held(lock: FileLock, timeout: float | None, *, what: str, path: Path) -> Iterator[None]:
+    try:
+        lock.acquire(timeout=-1 if timeout is None else timeout)
+    except Timeout:
+        waited = f" (waited {timeout:g} s)" if timeout else ""
+        raise IndexBusyError(
+            f"{path}: another process is {what} there{waited}; wait for it to finish, or use another directory"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_target(path: Path, *, force: bool) -> None:
