@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import ValidationError
 
-from icl_retriever.embed import embed_demos, embed_pool, remove_abandoned_checkpoints, resume_dir
+from icl_retriever.embed import check_batch_size, embed_demos, embed_pool, remove_abandoned_checkpoints, resume_dir
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.errors import first_validation_error
 from icl_retriever.ray_engine import RayOptions
@@ -72,26 +72,38 @@ def check_build_params(
     *,
     batch_size: int | None = None,
     chunk_size: int = 10_000,
+    count: int | None = None,
 ) -> None:
     """Validate :func:`build_index`'s index type, parameters and sizes, before any pool is read or model loaded.
+
+    A parameter the index will not use is an error, never ignored: with ``"auto"``, IVF and IVF-PQ
+    parameters always are (auto builds flat or HNSW), and HNSW ones are once ``count`` (the pool's size)
+    shows that auto builds a flat index.
+
+    Args:
+        count: the pool's size, when known (resolves ``"auto"``).
 
     Raises:
         ValueError: one line naming the argument (a parameter of another index type, or out of range).
     """
-    for name, size in (("batch_size", batch_size), ("chunk_size", chunk_size)):
-        if size is None and name == "batch_size":
-            continue  # the encoder's default
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
+    check_batch_size(batch_size)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     if index is not None and not isinstance(index, IndexParams):
         raise TypeError(f"index must be an IndexParams, got {type(index).__name__}")
+    kind = resolve_index_type(index_type, count) if count is not None or index_type != "auto" else None
+    given = [] if index is None else [name for name, value in index if value is not None]
+    usable = PARAMS_OF[kind] if kind is not None else PARAMS_OF["flat"] + PARAMS_OF["hnsw"]
+    wrong = [name for name in given if name not in usable]
+    if not wrong:
+        return
+    owner = next(t for t, names in PARAMS_OF.items() if wrong[0] in names)
     if index_type != "auto":
-        resolve_index_type(index_type, 0)  # validates the name
-        given = [] if index is None else [name for name, value in index if value is not None]
-        wrong = [name for name in given if name not in PARAMS_OF[index_type]]
-        if wrong:
-            owner = next(t for t, names in PARAMS_OF.items() if wrong[0] in names)
-            raise ValueError(f"{', '.join(wrong)} apply to {owner} indexes, not {index_type}")
+        raise ValueError(f"{', '.join(wrong)} apply to {owner} indexes, not {index_type}")
+    builds = (f"a {kind} index for {count} demos" if kind is not None
+              else f"flat below {AUTO_HNSW_FROM:,} demos, hnsw from there")
+    raise ValueError(f"{', '.join(wrong)} apply to {owner} indexes; index_type 'auto' builds {builds}: name the "
+                     f"type (--index-type {owner}) to use {', '.join(FLAG_OF[n] for n in wrong)}")
 
 
 def _complete(kind: IndexType, given: IndexParams) -> tuple[IndexParams, bool]:
@@ -178,9 +190,12 @@ def build_index(
     out = Path(out)
     check_build_params(index_type, index, batch_size=batch_size, chunk_size=chunk_size)
     check_target(out, force=force)
-    check_topic_kind(topic)
+    check_topic_kind(topic, encoder.config.model if encoder is not None else "default")
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if engine == "ray" and (batch_size is not None or not resume):
+        raise ValueError('batch_size and resume apply to a local build; engine="ray" batches on its actors and '
+                         "keeps no checkpoints")
     with build_lock(out, wait):
         check_target(out, force=force)  # again: a build we waited for may have made it
         return _build(pool, out, encoder=encoder, engine=engine, ray=ray, index_type=index_type, index=index,
@@ -220,6 +235,7 @@ def _build(
             return _index_and_write(*embedded, encoder, out, index_type, index, force=force, checkpoints=[],
                                     progress=show_progress_bar)
     demos = load_pools(files) if files is not None else load_pool(pool)  # type: ignore[arg-type]
+    check_build_params(index_type, index, batch_size=batch_size, chunk_size=chunk_size, count=len(demos))
     encoder = encoder or PIEEncoder(runtime="auto")
     check_index_fits(resolve_index_type(index_type, len(demos)), index, len(demos), encoder.dim)
 
@@ -270,6 +286,7 @@ def _index_and_write(
     progress: bool,
 ) -> Retriever:
     """Index embedded demos, tune recall, write the directory atomically, then drop the checkpoints."""
+    check_build_params(index_type, index, count=len(demos))  # a Ray build learns the count only now
     kind = resolve_index_type(index_type, len(demos))
     params, tune = _complete(kind, index or IndexParams())
     vector_index = new_index(vectors, kind, params, dim=encoder.dim, progress=progress)

@@ -53,6 +53,16 @@ Embed = Callable[..., np.ndarray]
 Embedded = tuple[np.ndarray, faiss.Index | None, TopicInfo | None, TopicEncoder | None]
 
 
+def check_batch_size(batch_size: int | None) -> None:
+    """Refuse a batch size before any model loads (``None``: the encoder's default).
+
+    Raises:
+        ValueError: not an integer >= 1.
+    """
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
 def embed_demos(
     demos: Sequence[Demo], encoder: PIEEncoder, *, topic: TopicKind, embed: Embed
 ) -> Embedded:
@@ -132,7 +142,9 @@ def embed_pool(
     """Embed instructions chunk by chunk, checkpointing each finished chunk in ``resume_dir``.
 
     Args:
-        resume_dir: directory for the chunks (``chunk-000000.npy``, ...); ``None`` keeps nothing.
+        resume_dir: directory for the chunks (``chunk-000000.npy``, ...); ``None`` keeps nothing. One
+            process at a time may use it (its leftovers are cleared here): :func:`~icl_retriever.build_index`
+            holds the target's build lock (:func:`~icl_retriever.store.build_lock`) while it embeds.
         batch_size: prompts per forward pass (``None``: the encoder's ``default_batch_size``).
         resume: reuse valid chunks already in ``resume_dir``.
 

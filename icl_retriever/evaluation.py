@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -315,7 +315,7 @@ def _finite(value: float) -> float | None:
 
 
 def evaluate(
-    encoder: PIEEncoder,
+    encoder: PIEEncoder | Callable[[], PIEEncoder],
     ict_path: str | Path | None = None,
     iis_path: str | Path | None = None,
     *,
@@ -329,7 +329,8 @@ def evaluate(
     a grouped file (cross-group P@1) and a labelled demo pool (leave-one-out P@k).
 
     Args:
-        encoder: the encoder to score; its template, pooling and max length are used as configured.
+        encoder: the encoder to score (its template, pooling and max length are used as configured), or a
+            function that makes it, called once every file has been read and checked.
         ict_path: IEB-format file such as ``eft_test.json``.
         iis_path: pair file such as ``intention_similarity_test.json``.
         cross_group_path: IEB-format file whose samples carry ``dataset``, such as ``sni_dev.json``.
@@ -345,13 +346,23 @@ def evaluate(
     paths = {"ict": ict_path, "iis": iis_path, "cross_group": cross_group_path, "pool": pool_path}
     if all(p is None for p in paths.values()):
         raise ValueError("give at least one of ict_path, iis_path, cross_group_path, pool_path")
+    from icl_retriever.embed import check_batch_size
+
+    check_batch_size(batch_size)
+    # every file is read and checked before the model loads or anything is embedded
+    ict = load_ict(ict_path) if ict_path is not None else None
+    pairs = load_iis(iis_path) if iis_path is not None else None
+    grouped = load_grouped(cross_group_path) if cross_group_path is not None else None
+    pool = load_pool_labels(pool_path, label_field) if pool_path is not None else None
+    if not hasattr(encoder, "encode"):  # a factory: the model loads now
+        encoder = encoder()
     report: dict[str, Any] = {
         "model": encoder.config.model,
         "files": {name: str(p) for name, p in paths.items() if p is not None},
     }
     encode_kw: dict[str, Any] = {"batch_size": batch_size, "show_progress_bar": show_progress_bar}
-    if ict_path is not None:
-        texts, labels = load_ict(ict_path)
+    if ict is not None:
+        texts, labels = ict
         X = encoder.encode(texts, **encode_kw)
         precision = retrieval_precision(X, labels, texts, ks=(1, 4))
         report |= ict_scores(X, labels) | {
@@ -361,8 +372,7 @@ def evaluate(
             "p_at_4": precision[4],
             "n_twins_excluded": twin_count(texts),
         }
-    if iis_path is not None:
-        pairs = load_iis(iis_path)
+    if pairs is not None:
         unique = sorted({t for first, second, _ in pairs for t in (first, second)})
         row = {text: i for i, text in enumerate(unique)}
         X = encoder.encode(unique, **encode_kw)
@@ -373,13 +383,13 @@ def evaluate(
             "n_pairs": len(pairs),
             "iis_ceiling": iis_ceiling(labels),
         }
-    if cross_group_path is not None:
-        texts, labels, groups = load_grouped(cross_group_path)
+    if grouped is not None:
+        texts, labels, groups = grouped
         p_at_1, n_queries = cross_group_precision(encoder.encode(texts, **encode_kw), labels, groups)
         report |= {"cross_group_p_at_1": _finite(p_at_1), "n_cross_group_queries": n_queries,
                    "n_groups": len(set(groups))}
-    if pool_path is not None:
-        texts, labels = load_pool_labels(pool_path, label_field)
+    if pool is not None:
+        texts, labels = pool
         precision = retrieval_precision(encoder.encode(texts, **encode_kw), labels, texts, ks=(1, 4))
         report |= {"pool_p_at_1": precision[1], "pool_p_at_4": precision[4], "n_pool": len(texts),
                    "n_pool_labels": len(set(labels))}

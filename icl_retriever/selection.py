@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +24,7 @@ import faiss
 import numpy as np
 from pydantic import BaseModel, Field
 
+from icl_retriever.embed import check_batch_size
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.ray_engine import RayOptions
 from icl_retriever.records import Demo, load_pool
@@ -56,21 +57,7 @@ def select_diverse(
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if x.ndim != 2 or not len(x):
         raise ValueError(f"vectors must be a non-empty (rows, dim) array, got shape {x.shape}")
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= len(x):
-        raise ValueError(f"n must be an integer from 1 to the {len(x)} instructions, got {n!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if per_task_cap is not None:
-        if labels is None:
-            raise ValueError("per_task_cap needs labels (a label field of the pool)")
-        if not isinstance(per_task_cap, int) or isinstance(per_task_cap, bool) or per_task_cap < 1:
-            raise ValueError(f"per_task_cap must be an integer >= 1, got {per_task_cap!r}")
-        counts = Counter(labels)
-        room = sum(c if label is None else min(c, per_task_cap) for label, c in counts.items())
-        if room < n:
-            raise ValueError(f"per_task_cap {per_task_cap} leaves {room} instructions to pick from, fewer than n={n}")
-    if labels is not None and len(labels) != len(x):
-        raise ValueError(f"{len(labels)} labels for {len(x)} vectors")
+    check_selection(n, method=method, per_task_cap=per_task_cap, rows=len(x), labels=labels)
     cap = _Cap(labels, per_task_cap, len(x))
     if method == "random":
         order = np.random.default_rng(seed).permutation(len(x))
@@ -78,6 +65,43 @@ def select_diverse(
     if method == "kcenter":
         return _kcenter(x, n, cap)
     return _kmeans(x, n, cap, seed)
+
+
+def check_selection(
+    n: int,
+    *,
+    method: str = "kmeans",
+    per_task_cap: int | None = None,
+    rows: int | None = None,
+    labels: Sequence[str | None] | None = None,
+) -> None:
+    """Validate a selection's arguments: what can be checked without the pool first, the rest once its
+    size (``rows``) and ``labels`` are known, so a bad argument never waits for an embedding.
+
+    Raises:
+        ValueError: ``n`` is not an integer from 1 to ``rows``, an unknown method, a bad cap, a cap
+            without labels, or one that leaves fewer than ``n`` rows to pick from.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or (rows is not None and n > rows):
+        upto = f"from 1 to the {rows} instructions" if rows is not None else ">= 1"
+        raise ValueError(f"n must be an integer {upto}, got {n!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if per_task_cap is not None and (
+        not isinstance(per_task_cap, int) or isinstance(per_task_cap, bool) or per_task_cap < 1
+    ):
+        raise ValueError(f"per_task_cap must be an integer >= 1, got {per_task_cap!r}")
+    if rows is None:
+        return
+    if labels is not None and len(labels) != rows:
+        raise ValueError(f"{len(labels)} labels for {rows} vectors")
+    if per_task_cap is not None:
+        if labels is None:
+            raise ValueError("per_task_cap needs labels (a label field of the pool)")
+        counts = Counter(labels)
+        room = sum(c if label is None else min(c, per_task_cap) for label, c in counts.items())
+        if room < n:
+            raise ValueError(f"per_task_cap {per_task_cap} leaves {room} instructions to pick from, fewer than n={n}")
 
 
 class _Cap:
@@ -176,7 +200,7 @@ def select_pool(
     method: Method = "kmeans",
     label_field: str = "task",
     per_task_cap: int | None = None,
-    encoder: PIEEncoder | None = None,
+    encoder: PIEEncoder | Callable[[], PIEEncoder] | None = None,
     batch_size: int | None = None,
     seed: int = 0,
     show_progress_bar: bool = False,
@@ -189,38 +213,68 @@ def select_pool(
     with ``encoder`` (default: the embedded PIE default), here or, with ``engine="ray"``, on a Ray cluster
     (:mod:`icl_retriever.ray_engine`; ``source`` may then be a glob pattern). Labels come from each demo's
     ``label_field`` metadata (IEB files store their label as ``task``); they are only needed by
-    ``per_task_cap``.
+    ``per_task_cap``. Every argument is checked before a model loads or anything is embedded: ``n``
+    against the pool's size once the pool is read (an index's manifest; a Ray run learns it last).
+
+    Args:
+        encoder: the encoder, or a function that makes it (called only once the arguments and the pool
+            passed their checks), or ``None`` (the default model; an index directory's own).
+        batch_size: instructions per forward pass of a pool file's local embedding (an index's vectors are
+            stored; Ray batches on its actors).
 
     Raises:
         PoolError / IndexFormatError: the source cannot be read.
-        ValueError: see :func:`select_diverse`.
+        ValueError: see :func:`check_selection`; ``engine="ray"`` or ``batch_size`` with an index
+            directory, whose vectors are not embedded again.
     """
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    check_selection(n, method=method, per_task_cap=per_task_cap)
+    check_batch_size(batch_size)
+    if engine == "ray" and batch_size is not None:
+        raise ValueError('batch_size applies to a local run; engine="ray" batches on its actors')
     started = time.perf_counter()
     path = Path(source)
     if path.is_dir():
         from icl_retriever.retriever import Retriever
-        from icl_retriever.store import all_vectors
+        from icl_retriever.store import all_vectors, load_manifest
 
-        retriever = Retriever.from_index(path, encoder=encoder)
+        if engine != "local" or batch_size is not None:  # nothing is embedded: these would be ignored
+            raise ValueError(f"{source}: an index directory's stored vectors are used as they are; engine='ray' "
+                             "and batch_size apply to a pool file, which is embedded")
+        check_selection(n, method=method, rows=load_manifest(path).count)  # the cap: once its labels are read
+        retriever = Retriever.from_index(path, encoder=_made(encoder) if encoder is not None else None)
         demos, vectors = retriever.demos, all_vectors(retriever.index)
     elif engine == "ray":
         import tempfile
 
         from icl_retriever import ray_engine
 
-        encoder = encoder or PIEEncoder(runtime="auto")
-        with ray_engine.read_and_embed([source], encoder, topic=False, options=ray or RayOptions(),
+        with ray_engine.read_and_embed([source], _made(encoder), topic=False, options=ray or RayOptions(),
                                        staging=Path(tempfile.gettempdir()) / ".icl-retriever-select-") as embedded:
             return _select(str(source), embedded.demos, embedded.vectors, n, method, label_field, per_task_cap, seed,
                            started)
     else:
         demos = load_pool(path)
-        encoder = encoder or PIEEncoder(runtime="auto")
-        vectors = encoder.encode([d.instruction for d in demos], batch_size=batch_size,
-                                 show_progress_bar=show_progress_bar)
+        check_selection(n, method=method, per_task_cap=per_task_cap, rows=len(demos),
+                        labels=_labels(demos, label_field))
+        vectors = _made(encoder).encode([d.instruction for d in demos], batch_size=batch_size,
+                                        show_progress_bar=show_progress_bar)
     return _select(str(source), demos, vectors, n, method, label_field, per_task_cap, seed, started)
+
+
+def _made(encoder: PIEEncoder | Callable[[], PIEEncoder] | None) -> PIEEncoder:
+    """The encoder itself, made by its factory, or the default one."""
+    if encoder is None:
+        return PIEEncoder(runtime="auto")
+    return encoder if isinstance(encoder, PIEEncoder) else encoder()
+
+
+def _labels(demos: Sequence[Demo], label_field: str) -> list[str | None] | None:
+    """Each demo's label (``None``: unlabelled), or None when no demo carries one."""
+    raw = [d.metadata.get(label_field) for d in demos]
+    labels = [None if v is None else str(v) for v in raw]
+    return labels if any(label is not None for label in labels) else None
 
 
 def _select(
@@ -228,15 +282,12 @@ def _select(
     per_task_cap: int | None, seed: int, started: float,
 ) -> Selection:
     """Pick from embedded demos (:func:`select_diverse`) and report."""
-    raw = [d.metadata.get(label_field) for d in demos]
-    labels = [None if v is None else str(v) for v in raw]
-    labelled = any(label is not None for label in labels)
-    rows = select_diverse(vectors, n, method=method, labels=labels if labelled else None,
-                          per_task_cap=per_task_cap, seed=seed)
+    labels = _labels(demos, label_field)
+    rows = select_diverse(vectors, n, method=method, labels=labels, per_task_cap=per_task_cap, seed=seed)
     picked = [demos[int(r)] for r in rows]
     return Selection(
         source=source, method=method, n=n, demos=picked, pool_size=len(demos),
-        labels_in_pool=len({x for x in labels if x is not None}) if labelled else None,
-        labels_covered=len({labels[int(r)] for r in rows} - {None}) if labelled else None,
+        labels_in_pool=len({x for x in labels if x is not None}) if labels is not None else None,
+        labels_covered=len({labels[int(r)] for r in rows} - {None}) if labels is not None else None,
         seconds=round(time.perf_counter() - started, 3),
     )

@@ -45,15 +45,21 @@ def shared_static_embedder() -> StaticEmbedder:
 TopicKind = bool | Literal["static", "contextual"]
 
 
-def check_topic_kind(topic: Any) -> TopicKind:
-    """``topic`` if it is a :data:`TopicKind`.
+def check_topic_kind(topic: Any, model: str | None = None) -> TopicKind:
+    """``topic`` if it is a :data:`TopicKind` (one ``model`` can make, when given: a model name is enough,
+    so the check runs before the model loads).
 
     Raises:
-        ValueError: anything else.
+        ValueError: anything else, or ``"static"`` for a model other than the embedded default.
     """
-    if isinstance(topic, bool) or (isinstance(topic, str) and topic in ("static", "contextual")):
-        return topic  # type: ignore[return-value]
-    raise ValueError(f"topic must be True, False, 'static' or 'contextual', got {topic!r}")
+    if not (isinstance(topic, bool) or (isinstance(topic, str) and topic in ("static", "contextual"))):
+        raise ValueError(f"topic must be True, False, 'static' or 'contextual', got {topic!r}")
+    if topic == "static" and model is not None and model != "default":
+        raise ValueError(
+            f"static topic vectors are made for the embedded default model only, not {model!r}; "
+            "use topic='contextual' (or True)"
+        )
+    return topic  # type: ignore[return-value]
 
 
 def default_topic_encoder(encoder: PIEEncoder, kind: TopicKind = True) -> tuple[TopicEncoder, TopicSource]:
@@ -62,15 +68,10 @@ def default_topic_encoder(encoder: PIEEncoder, kind: TopicKind = True) -> tuple[
     Raises:
         ValueError: ``kind`` is ``"static"`` for a model other than the embedded default, or not a kind.
     """
-    kind = check_topic_kind(kind)
+    kind = check_topic_kind(kind, encoder.config.model)
     if kind is False:
         raise ValueError("no topic encoder for topic=False")
     default = encoder.config.model == "default"
-    if kind == "static" and not default:
-        raise ValueError(
-            f"static topic vectors are made for the embedded default model only, not {encoder.config.model!r}; "
-            "use topic='contextual' (or True)"
-        )
     if default and kind == "static":
         return shared_static_embedder(), "base_static"
     if default:

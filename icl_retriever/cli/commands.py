@@ -31,15 +31,24 @@ def cmd_build(args: argparse.Namespace) -> int:
     from icl_retriever.store import build_lock, check_target
     from icl_retriever.records import load_pools
     from icl_retriever.build import build_index, check_build_params, index_params
+    from icl_retriever.topic import check_topic_kind
 
     params = index_params(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
                           nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m)
-    check_build_params(args.index_type, params, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    if args.engine == "ray" and (args.chunk_size is not None or args.no_resume or args.batch_size is not None):
+        raise ValueError("--chunk-size, --no-resume and --batch-size apply to a local build; --engine ray batches "
+                         "on its actors and keeps no checkpoints")
+    chunk_size = 10_000 if args.chunk_size is None else args.chunk_size
+    check_build_params(args.index_type, params, batch_size=args.batch_size, chunk_size=chunk_size)
+    topic = check_topic_kind({"auto": True, "none": False}.get(args.topic, args.topic), args.model or "default")
     ray = _ray_options(args)
     out = Path(args.out)
     check_target(out, force=args.force)
     # a local build validates everything before loading a model; Ray validates in its read tasks
     demos = load_pools(args.pool) if args.engine == "local" else None
+    if demos is not None:  # auto's index type is known now: a flag it would ignore is refused
+        check_build_params(args.index_type, params, batch_size=args.batch_size, chunk_size=chunk_size,
+                           count=len(demos))
     start = time.perf_counter()
     try:
         # held from here (build_index takes it again): another build into --out is refused before a model loads
@@ -47,9 +56,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             encoder = PIEEncoder(args.model, quantize=args.quantize, runtime=args.runtime)
             retriever = build_index(
                 demos if demos is not None else args.pool, out, encoder=encoder, engine=args.engine, ray=ray,
-                index_type=args.index_type, index=params, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                force=args.force, resume=not args.no_resume, show_progress_bar=True,
-                topic={"auto": True, "none": False}.get(args.topic, args.topic),
+                index_type=args.index_type, index=params, batch_size=args.batch_size, chunk_size=chunk_size,
+                force=args.force, resume=not args.no_resume, show_progress_bar=True, topic=topic,
             )
     except KeyboardInterrupt:
         print("icl-retriever: interrupted; finished chunks are kept: run the same command again to resume",
@@ -195,9 +203,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    from icl_retriever.embed import check_batch_size
     from icl_retriever.records import load_pool
     from icl_retriever.retriever import Retriever
 
+    check_batch_size(args.batch_size)
     demos = load_pool(args.pool)  # validate everything before loading a model
     retriever = Retriever.from_index(args.index, model=args.model, runtime=args.runtime)
     ids = retriever.add(demos, upsert=args.upsert, batch_size=args.batch_size, persist=True)
@@ -268,7 +278,9 @@ def cmd_select(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise ValueError(f"--out {out}: exists; pass --force to replace it")
     ray = _ray_options(args)
-    encoder = None if Path(args.source).is_dir() and args.model is None else PIEEncoder(args.model, runtime=args.runtime)
+    # the model loads only once select_pool has checked --n and the rest against the pool
+    encoder = None if Path(args.source).is_dir() and args.model is None else (
+        lambda: PIEEncoder(args.model, runtime=args.runtime))
     result = select_pool(
         args.source, args.n, method=args.method, label_field=args.label_field, per_task_cap=args.per_task_cap,
         encoder=encoder, batch_size=args.batch_size, seed=args.seed, show_progress_bar=True, engine=args.engine,
@@ -312,11 +324,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.ict is None and args.iis is None and args.cross_group is None and args.pool is None:
         raise ValueError("give at least one of --ict, --iis, --cross-group, --pool")
-    encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime,
-                         quantize=args.quantize)
+    if args.label_field is not None and args.pool is None:
+        raise ValueError("--label-field names the label of a --pool's demos; give --pool")
+
+    def encoder() -> PIEEncoder:  # loaded by evaluate once every file is read and checked
+        return PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime,
+                          quantize=args.quantize)
+
     report = evaluate(
         encoder, args.ict, args.iis, cross_group_path=args.cross_group, pool_path=args.pool,
-        label_field=args.label_field, batch_size=args.batch_size, show_progress_bar=not args.json,
+        label_field=args.label_field or "task", batch_size=args.batch_size, show_progress_bar=not args.json,
     )
     print(report.model_dump_json(indent=2) if args.json else report.table())
     return 0

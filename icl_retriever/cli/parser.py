@@ -135,10 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IVF clusters searched (default: tuned from 32 until recall@10 >= 0.95)")
     p.add_argument("--pq-m", type=int, default=None, metavar="M",
                    help="IVF-PQ sub-quantisers = bytes per demo; must divide the dimension (default 96 for 384: one byte per 4 dimensions)")
-    p.add_argument("--chunk-size", type=int, default=10_000, metavar="N",
+    p.add_argument("--chunk-size", type=int, default=None, metavar="N",
                    help="instructions embedded and checkpointed at a time; an interrupted build resumes from the "
-                        "last finished chunk (default 10000)")
-    p.add_argument("--no-resume", action="store_true", help="embed everything again, ignoring finished chunks")
+                        "last finished chunk (default 10000; local builds)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="embed everything again, ignoring finished chunks (local builds)")
     _add_ray(p)
     _add_quantize(p)
     _add_runtime(p)
@@ -226,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "neighbour from another dataset")
     p.add_argument("--pool", type=Path, default=None, metavar="FILE",
                    help="demo pool (e.g. examples/demos.jsonl): leave-one-out P@k by --label-field")
-    p.add_argument("--label-field", default="task", metavar="FIELD", help="metadata field holding a pool demo's task")
+    p.add_argument("--label-field", default=None, metavar="FIELD",
+                   help="metadata field holding a --pool demo's task (default task)")
     p.add_argument("--template", default=None, help="override the model's template")
     p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None)
     p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
