@@ -231,9 +231,10 @@ class SearchControls(BaseModel):
         for name in ("tokenizer", "demo_format"):
             if getattr(self, name) is not None and self.max_tokens is None:
                 raise ValueError(f"{name} is only used with max_tokens")
-        if "rerank_margin" in self.model_fields_set and self.rerank not in ("auto", "task_then_topic"):
+        # (a default value passed along, by an adapter that forwards every control, changes nothing: allowed)
+        if self.rerank_margin != DEFAULT_RERANK_MARGIN and self.rerank not in ("auto", "task_then_topic"):
             raise ValueError(f"rerank_margin is only used with rerank='task_then_topic' (or 'auto'), not {self.rerank!r}")
-        if "rerank_weight" in self.model_fields_set and self.rerank != "hybrid":
+        if self.rerank_weight != DEFAULT_HYBRID_WEIGHT and self.rerank != "hybrid":
             raise ValueError(f"rerank_weight is only used with rerank='hybrid', not {self.rerank!r}")
         return self
 
