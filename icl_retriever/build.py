@@ -196,19 +196,26 @@ def build_index(
     if engine == "ray" and (batch_size is not None or not resume):
         raise ValueError('batch_size and resume apply to a local build; engine="ray" batches on its actors and '
                          "keeps no checkpoints")
+    files = _as_files(pool)
+    if engine == "ray" and files is None:
+        raise ValueError('engine="ray" reads pool files: give a path, glob pattern or list of them')
+    # a local pool is read and checked whole before the lock is taken: a bad pool leaves nothing behind
+    demos = None if engine == "ray" else load_pools(files) if files is not None else load_pool(pool)  # type: ignore[arg-type]
+    if demos is not None:
+        check_build_params(index_type, index, batch_size=batch_size, chunk_size=chunk_size, count=len(demos))
     with build_lock(out, wait):
         check_target(out, force=force)  # again: a build we waited for may have made it
-        return _build(pool, out, encoder=encoder, engine=engine, ray=ray, index_type=index_type, index=index,
+        return _build(demos, files, out, encoder=encoder, ray=ray, index_type=index_type, index=index,
                       batch_size=batch_size, chunk_size=chunk_size, force=force, resume=resume, topic=topic,
                       show_progress_bar=show_progress_bar)
 
 
 def _build(
-    pool: str | Path | Sequence[str | Path] | Iterable[Demo | Mapping[str, Any]],
+    demos: list[Demo] | None,
+    files: list[str | Path] | None,
     out: Path,
     *,
     encoder: PIEEncoder | None,
-    engine: Literal["local", "ray"],
     ray: RayOptions | None,
     index_type: IndexType | Literal["auto"],
     index: IndexParams | None,
@@ -219,23 +226,20 @@ def _build(
     topic: TopicKind,
     show_progress_bar: bool | None,
 ) -> Retriever:
-    """:func:`build_index`'s work, under the build lock, once its arguments and target are checked."""
+    """:func:`build_index`'s work, under the build lock, once its arguments, target and (local) ``demos``
+    are checked; ``demos`` is None for a Ray build, which reads ``files`` on the cluster."""
     if show_progress_bar is None:
         show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
-    files = _as_files(pool)
-    if engine == "ray":
+    if demos is None:
         from icl_retriever import ray_engine
 
-        if files is None:
-            raise ValueError('engine="ray" reads pool files: give a path, glob pattern or list of them')
+        assert files is not None
         encoder = encoder or PIEEncoder(runtime="auto")
         # records are staged beside the target, named like checkpoints (an abandoned one is removed later)
         with ray_engine.read_and_embed(files, encoder, topic=topic, options=ray or RayOptions(),
                                        staging=out.parent / f".{out.name}.build-ray-") as embedded:
             return _index_and_write(*embedded, encoder, out, index_type, index, force=force, checkpoints=[],
                                     progress=show_progress_bar)
-    demos = load_pools(files) if files is not None else load_pool(pool)  # type: ignore[arg-type]
-    check_build_params(index_type, index, batch_size=batch_size, chunk_size=chunk_size, count=len(demos))
     encoder = encoder or PIEEncoder(runtime="auto")
     check_index_fits(resolve_index_type(index_type, len(demos)), index, len(demos), encoder.dim)
 
