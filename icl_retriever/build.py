@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import nullcontext
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -141,9 +142,10 @@ def build_index(
     """Validate a pool, embed its instructions and write an index directory.
 
     The pool is fully validated and the target checked before any embedding work, and the index
-    is written atomically, so a failure leaves any existing index at ``out`` untouched. The build
+    is written atomically, so a failure leaves any existing index at ``out`` untouched. A local build
     holds ``out``'s build lock (:func:`~icl_retriever.store.build_lock`) from the target check to the
-    last write: two builds of one directory never share their checkpoints or staging.
+    last write: two builds of one directory never share their checkpoints or staging. (A Ray build stages
+    in a private directory; of two at once, the second to write meets the first's index.)
 
     Args:
         pool: a pool file (JSONL, JSON list, IEB), a list of them (or, with Ray, glob patterns), or an
@@ -173,8 +175,8 @@ def build_index(
             (the default model only; builds about twice as fast, the LLM slightly worse downstream);
             ``False``: none.
         show_progress_bar: ``None`` shows progress when logging is at INFO or lower.
-        wait: seconds to wait while another process builds into ``out`` (``0``, the default: refuse at
-            once; ``None``: as long as it takes). After the wait, ``out`` holds that build's index, so
+        wait: seconds a local build waits while another process builds into ``out`` (``0``, the default:
+            refuse at once; ``None``: as long as it takes). After the wait, ``out`` holds that build's index, so
             without ``force`` this build then stops with :class:`IndexExistsError`.
 
     Returns:
@@ -193,9 +195,9 @@ def build_index(
     check_topic_kind(topic, encoder.config.model if encoder is not None else "default")
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
-    if engine == "ray" and (batch_size is not None or not resume):
-        raise ValueError('batch_size and resume apply to a local build; engine="ray" batches on its actors and '
-                         "keeps no checkpoints")
+    if engine == "ray" and (batch_size is not None or not resume or wait != 0):
+        raise ValueError('batch_size, resume and wait apply to a local build; engine="ray" batches on its actors '
+                         "and keeps no checkpoints")
     files = _as_files(pool)
     if engine == "ray" and files is None:
         raise ValueError('engine="ray" reads pool files: give a path, glob pattern or list of them')
@@ -203,7 +205,9 @@ def build_index(
     demos = None if engine == "ray" else load_pools(files) if files is not None else load_pool(pool)  # type: ignore[arg-type]
     if demos is not None:
         check_build_params(index_type, index, batch_size=batch_size, chunk_size=chunk_size, count=len(demos))
-    with build_lock(out, wait):
+    # a local build's checkpoints are named by its pool, so they are one process's under the build lock; a Ray
+    # build stages in a private directory and meets a concurrent one only at the write (the write lock)
+    with build_lock(out, wait) if demos is not None else nullcontext():
         check_target(out, force=force)  # again: a build we waited for may have made it
         return _build(demos, files, out, encoder=encoder, ray=ray, index_type=index_type, index=index,
                       batch_size=batch_size, chunk_size=chunk_size, force=force, resume=resume, topic=topic,

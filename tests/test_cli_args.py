@@ -66,7 +66,7 @@ def test_build_index_refuses_parameters_auto_would_ignore(tmp_path: Path, encode
         build_index(POOL, tmp_path / "a", encoder=encoder, index=IndexParams(nlist=4))
     with pytest.raises(ValueError, match="M apply to hnsw indexes; index_type 'auto' builds a flat index for 10"):
         build_index(POOL, tmp_path / "b", encoder=encoder, index=IndexParams(M=8))
-    with pytest.raises(ValueError, match="batch_size and resume apply to a local build"):
+    with pytest.raises(ValueError, match="batch_size, resume and wait apply to a local build"):
         build_index(POOL, tmp_path / "c", encoder=encoder, engine="ray", resume=False)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []  # only lock files
 
