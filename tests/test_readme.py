@@ -108,6 +108,7 @@ def readme_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_readme_blocks_run(
     tmp_path: Path, readme_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, default_index: Path
 ) -> None:
