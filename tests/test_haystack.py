@@ -305,3 +305,21 @@ def test_docs_example_runs_as_written(
     assert [float(line.split()[0]) for line in lines[:2]] == pytest.approx([d.score for d in demos], abs=2e-3)
     prompt = expected_prompt(query, demos).replace("Follow the examples.", "Answer the request the way the examples do.")
     assert "\n".join(lines[2:]) == prompt
+
+
+# the module ------------------------------------------------------------------------------------
+
+
+def test_all_and_the_import_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    from icl_retriever.integrations import haystack
+
+    assert set(haystack.__all__) == {"PIEDemoRetriever", "check_filters", "demo_to_document"}
+    assert all(hasattr(haystack, name) for name in haystack.__all__)
+    # without haystack-ai the import says which extra to install
+    monkeypatch.setitem(sys.modules, "haystack.utils.filters", None)
+    monkeypatch.delitem(sys.modules, MODULE)
+    with pytest.raises(ImportError, match=r'pip install "icl-retriever\[haystack\]"'):
+        importlib.import_module(MODULE)

@@ -255,3 +255,46 @@ def test_docs_example_runs_as_written(
     hits = default_retriever.get_demos("Write a haiku about the rain.", k=2)
     assert out.startswith("".join(f"{d.score:.3f} {d.metadata['task']} -> {d.output}\n" for d in hits))
     assert [d.metadata["task"] for d in hits] == ["haiku_writing"] * 2
+
+
+# the module ------------------------------------------------------------------------------------
+
+
+def test_all_and_the_import_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    from icl_retriever.integrations import llama_index
+
+    assert set(llama_index.__all__) == {"PIEDemoRetriever", "demo_to_node", "few_shot_fn"}
+    assert all(hasattr(llama_index, name) for name in llama_index.__all__)
+    # without llama-index-core the import says which extra to install
+    monkeypatch.setitem(sys.modules, "llama_index.core.retrievers", None)
+    monkeypatch.delitem(sys.modules, "icl_retriever.integrations.llama_index")
+    with pytest.raises(ImportError, match=r'pip install "icl-retriever\[llamaindex\]"'):
+        importlib.import_module("icl_retriever.integrations.llama_index")
+
+
+def test_in_a_response_synthesizer(pie: PIEDemoRetriever, default_retriever: Retriever) -> None:
+    """The documented LlamaIndex pattern: a QA template with a few-shot function, inside a synthesizer.
+
+    MockLLM (max_tokens None) answers with the prompt it got, so the response is the rendered prompt.
+    The synthesizer first formats the template with every variable empty to size it: no request, no examples.
+    """
+    from llama_index.core import get_response_synthesizer
+    from llama_index.core.llms import MockLLM
+    from llama_index.core.prompts.prompt_utils import get_empty_prompt_txt
+
+    qa = PromptTemplate(
+        "Context:\n{context_str}\n\nExamples:\n{few_shot_examples}\n\nQuery: {query_str}\nAnswer: ",
+        function_mappings={"few_shot_examples": few_shot_fn(pie, max_tokens=200)},
+    )
+    assert get_empty_prompt_txt(qa) == "Context:\n\n\nExamples:\n\n\nQuery: \nAnswer: "
+    synthesizer = get_response_synthesizer(llm=MockLLM(), text_qa_template=qa, response_mode="compact")
+    query = "Give me a slogan for a coffee shop."
+    context = NodeWithScore(node=TextNode(text="The shop sells fair-trade beans."))
+    response = synthesizer.synthesize(query, nodes=[context])
+    demos = default_retriever.get_demos(query, k=2, max_tokens=200)
+    examples = "\n\n".join(map(format_demo, demos))
+    assert [d.metadata["task"] for d in demos] == ["slogan_writing"] * 2
+    assert str(response) == f"Context:\nThe shop sells fair-trade beans.\n\nExamples:\n{examples}\n\nQuery: {query}\nAnswer: "

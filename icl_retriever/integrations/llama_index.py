@@ -179,7 +179,9 @@ def few_shot_fn(
     """A function for ``PromptTemplate(function_mappings={"few_shot_examples": few_shot_fn(...)})``.
 
     LlamaIndex calls it with the prompt's variables when the prompt is formatted; it retrieves the demos
-    for the ``query_var`` variable and returns them formatted, joined by ``separator``.
+    for the ``query_var`` variable and returns them formatted, joined by ``separator``. An empty request
+    gives ``""``: LlamaIndex's response synthesizers format each prompt once with every variable empty to
+    measure its fixed size, so that size leaves the examples out; bound them with ``max_tokens``.
 
     Args:
         retriever_or_path: a :class:`PIEDemoRetriever` (its ``k`` and controls are the defaults here), a
@@ -223,7 +225,12 @@ def few_shot_fn(
                 f"few_shot_fn: the prompt has no variable {query_var!r} to retrieve demos for (it has "
                 f"{sorted(variables)}); pass query_var= the variable that holds the request"
             )
-        demos = retriever.get_demos(str(variables[query_var]), k=count, **merged)
+        query = str(variables[query_var])
+        if not query.strip():
+            # LlamaIndex formats a prompt with every variable empty to measure its fixed part
+            # (prompt_utils.get_empty_prompt_txt): no request, no task, no examples.
+            return ""
+        demos = retriever.get_demos(query, k=count, **merged)
         return separator.join(format_demo(d, text_format) for d in demos)
 
     return few_shot_examples
