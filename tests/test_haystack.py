@@ -182,8 +182,10 @@ def test_bad_controls_give_get_demos_errors(bad: dict[str, Any], default_retriev
     with pytest.raises(ValueError) as by_from_retriever:
         PIEDemoRetriever.from_retriever(default_retriever, top_k=2, **bad)
     assert str(by_from_retriever.value) == str(by_get_demos.value)
-    with pytest.raises(ValueError, match="runtime must be"):
+    with pytest.raises(ValueError, match="runtime must be one of"):
         PIEDemoRetriever(tmp_path, runtime="gpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Unknown FilterPolicy type 'both'"):
+        PIEDemoRetriever(tmp_path, filter_policy="both")
 
 
 # pipelines -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, get_args
 
 try:
     from haystack import Document, component
@@ -50,6 +50,7 @@ try:
 except ImportError as exc:  # the [haystack] extra is not installed
     raise ImportError('icl_retriever.integrations.haystack needs haystack-ai: pip install "icl-retriever[haystack]"') from exc
 
+from icl_retriever.encoder.config import Runtime
 from icl_retriever.records import Demo, demo_fields
 from icl_retriever.retriever import Retriever
 from icl_retriever.search.budget import DemoFormat, format_demo
@@ -140,7 +141,7 @@ class PIEDemoRetriever:
         *,
         model: str | None = None,
         verify: bool = True,
-        runtime: Literal["auto", "torch", "onnx"] = "auto",
+        runtime: Runtime = "auto",
         **controls: Any,
     ) -> None:
         """Configure the component; the index is opened by :meth:`warm_up`, so making one is cheap.
@@ -165,8 +166,8 @@ class PIEDemoRetriever:
         """
         SearchControls.parse(k=top_k, **controls)
         check_filters(filters)
-        if runtime not in ("auto", "torch", "onnx"):
-            raise ValueError(f"runtime must be 'auto', 'torch' or 'onnx', got {runtime!r}")
+        if runtime not in get_args(Runtime):
+            raise ValueError(f"runtime must be one of {get_args(Runtime)}, got {runtime!r}")
         self.index_path = str(index_path)
         self.top_k = top_k
         self.filters = filters
