@@ -18,7 +18,7 @@ from icl_retriever.cli.parser import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-HOOK = DOCS / "_hooks" / "cli_reference.py"
+HOOKS = DOCS / "_hooks"
 
 #: The integration classes and functions the API reference renders beside ``icl_retriever.__all__``.
 INTEGRATION_NAMES = [
@@ -32,8 +32,8 @@ INTEGRATION_NAMES = [
 ]
 
 
-def _hook():
-    spec = importlib.util.spec_from_file_location("cli_reference", HOOK)
+def _hook(name: str = "cli_reference"):
+    spec = importlib.util.spec_from_file_location(name, HOOKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -78,11 +78,26 @@ def test_cli_reference_follows_the_parser() -> None:
     assert "`--brand-new-flag X`" in text and "a flag the docs never heard of" in text
 
 
-def test_cli_page_has_the_marker_and_the_hook_is_configured() -> None:
-    hook = _hook()
+@pytest.mark.parametrize("name", ["cli_reference", "search_controls"])
+def test_generated_pages_have_their_marker_and_hook(name: str) -> None:
+    hook = _hook(name)
     assert hook.MARKER in (DOCS / hook.PAGE).read_text(encoding="utf-8")
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
-    assert "docs/_hooks/cli_reference.py" in config["hooks"]
+    assert f"docs/_hooks/{name}.py" in config["hooks"]
+
+
+def test_search_controls_table_has_every_control_and_its_flag() -> None:
+    """One row per SearchControls field, with the ``query`` flag of the same destination."""
+    from icl_retriever.search.controls import SearchControls
+
+    parser = build_parser()
+    rows = _hook("search_controls").render_controls_table(SearchControls, parser).splitlines()[2:]
+    names = [re.match(r"\| `(\w+)=", row).group(1) for row in rows]
+    assert names == [name for name in SearchControls.model_fields if name != "k"]
+    query = _subcommands(parser)["query"]
+    for name, row in zip(names, rows):
+        [action] = [a for a in query._actions if a.dest == name]
+        assert f"`{action.option_strings[-1]}" in row, name
 
 
 def _api_directives() -> set[str]:
