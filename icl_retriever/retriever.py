@@ -47,11 +47,19 @@ class Retriever:
         encoder: the PIE encoder of the index.
         index: FAISS index of the demos' instruction embeddings (row i is ``demos[i]``).
         demos: the demos.
+        path: the index directory the data was loaded from, which :meth:`add` / :meth:`remove` write
+            back to (``None``: in memory only).
+        manifest: the manifest of the version at ``path``.
         topic_index: optional flat index of the demos' topic vectors (row i is ``demos[i]``), used by
             ``rerank="task_then_topic"`` and ``dedup``; ``topic`` says which encoder made them.
+        topic: which encoder made the topic vectors (with ``topic_index``, or neither).
         topic_encoder: that encoder, if already loaded (else loaded on first use).
         cache_size: query embeddings kept in an LRU cache (per embedding kind); 0 disables it.
         mmap: ``index`` was loaded memory-mapped from ``path``; :meth:`reload` maps newer versions too.
+
+    Raises:
+        ValueError: the index and the demos differ in number, or ``cache_size`` is negative.
+        EncoderMismatchError: the index's vectors are not of the encoder's dimension.
     """
 
     def __init__(

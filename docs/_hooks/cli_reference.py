@@ -45,7 +45,7 @@ def _names(action: argparse.Action) -> str:
     if action.nargs == 0:
         return ", ".join(f"`{flag}`" for flag in action.option_strings)
     if action.choices is not None and action.metavar is None:
-        value = "{" + ",".join(str(c) for c in action.choices) + "}"
+        value = "{" + ", ".join(str(c) for c in action.choices) + "}"
     else:
         value = action.metavar or action.dest.upper()
     value = f"[{value}]" if action.nargs == "?" else value
@@ -80,6 +80,13 @@ def _arguments(parser: argparse.ArgumentParser, prog: str) -> list[str]:
     return rows
 
 
+def _usage(parser: argparse.ArgumentParser, width: int = 100) -> str:
+    """The usage line as ``--help`` prints it, wrapped at ``width`` whatever the terminal."""
+    formatter = argparse.HelpFormatter(parser.prog, width=width)
+    formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups, prefix="")
+    return formatter.format_help().strip("\n")
+
+
 def render_cli_reference(parser: argparse.ArgumentParser) -> str:
     """The Markdown reference of a parser: its global flags, then one section per sub-command with its
     usage line and a table of every argument.
@@ -96,8 +103,7 @@ def render_cli_reference(parser: argparse.ArgumentParser) -> str:
     lines += [f"- [`{name}`](#{prog}-{name}): {_cell(help_)}" for name, help_, _ in subcommands]
     lines += ["", "Global flags:", "", *_arguments(parser, prog), ""]
     for name, help_, sub in subcommands:
-        usage = " ".join(sub.format_usage().split())
-        usage = usage.removeprefix("usage: ")
+        usage = _usage(sub)
         lines += [f"## {prog} {name}", "", help_[:1].upper() + help_[1:] + ".", "", "```text", usage, "```", ""]
         lines += [*_arguments(sub, sub.prog), ""]
     return "\n".join(lines)

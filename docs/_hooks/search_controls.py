@@ -27,7 +27,7 @@ def _query_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
             continue
         flag = action.option_strings[-1]
         if action.nargs != 0:
-            value = action.metavar or "{" + ",".join(map(str, action.choices or [])) + "}"
+            value = action.metavar or "{" + ", ".join(map(str, action.choices or [])) + "}"
             flag += f" [{value}]" if action.nargs == "?" else f" {value}"
         flags[action.dest] = flag
     return flags
@@ -51,7 +51,7 @@ def render_controls_table(controls: Any, parser: argparse.ArgumentParser) -> str
         default = field.get_default(call_default_factory=True)
         flag = f"`{flags[name]}`" if name in flags else "(Python only)"
         text = " ".join((field.description or "").split()).replace("|", "\\|")
-        rows.append(f"| `{name}={default!r}` | {flag.replace('|', chr(92) + '|')} | {text} |")
+        rows.append(f"| `{name}={default!r}` | {flag} | {text} |")  # a pipe inside a code span is text
     return "\n".join(rows)
 
 

@@ -141,10 +141,10 @@ class PIERetriever(BaseRetriever):
         ```
 
     Fields:
-        retriever: the :class:`~icl_retriever.retriever.Retriever` searched.
-        k: how many demos per query (default 4).
-        search_kwargs: further keyword controls for ``Retriever.get_demos``, checked against its
-            signature when the retriever is built. ``from_index(path, **controls)`` fills it.
+        - ``retriever``: the :class:`~icl_retriever.retriever.Retriever` searched.
+        - ``k``: how many demos per query (default 4).
+        - ``search_kwargs``: further keyword controls for ``Retriever.get_demos``, checked against its
+          signature when the retriever is built. ``from_index(path, **controls)`` fills it.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
@@ -271,12 +271,12 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
         whichever selector picked them. ``FewShotChatMessagePromptTemplate`` inserts them verbatim.
 
     Fields:
-        retriever: the :class:`~icl_retriever.retriever.Retriever` searched.
-        k: how many examples per prompt (default 4).
-        input_keys: the prompt variables whose values, in this order, form the query. Default: the
-            prompt's only variable (with several variables, set it).
-        example_keys: the fields each example keeps (default: all of them).
-        search_kwargs: further keyword controls for ``Retriever.get_demos``, checked at construction.
+        - ``retriever``: the :class:`~icl_retriever.retriever.Retriever` searched.
+        - ``k``: how many examples per prompt (default 4).
+        - ``input_keys``: the prompt variables whose values, in this order, form the query. Default: the
+          prompt's only variable (with several variables, set it).
+        - ``example_keys``: the fields each example keeps (default: all of them).
+        - ``search_kwargs``: further keyword controls for ``Retriever.get_demos``, checked at construction.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
