@@ -281,7 +281,11 @@ def iter_pool_text(text: str, name: str) -> Iterator[tuple[str, Demo]]:
 
 def default_pool_path() -> Path:
     """The demo pool shipped in the package (385 demos of 77 tasks; ``examples/demos.jsonl`` in the
-    repository), so ``icl-retriever demo`` works right after ``pip install``."""
+    repository), so ``icl-retriever demo`` works right after ``pip install``.
+
+    Returns:
+        The path of the packaged JSONL pool, ready for :func:`build_index` or :func:`load_pool`.
+    """
     return Path(str(resources.files("icl_retriever") / "data" / "demos.jsonl"))
 
 
