@@ -102,7 +102,7 @@ def test_search_controls_table_has_every_control_and_its_flag() -> None:
 
 def _api_directives() -> set[str]:
     found: set[str] = set()
-    for page in (DOCS / "reference" / "api").glob("*.md"):
+    for page in (DOCS / "reference").rglob("*.md"):
         found.update(re.findall(r"^::: (\S+)$", page.read_text(encoding="utf-8"), flags=re.M))
     return found
 
