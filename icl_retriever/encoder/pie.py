@@ -50,10 +50,11 @@ logger = logging.getLogger(__name__)
 class PIEEncoder:
     """Embed instructions by task with a prompt-based instruction embedding.
 
-    >>> enc = PIEEncoder()                      # the embedded, PIE-trained default; offline
-    >>> X = enc.encode(["Summarize the article below."])
-    >>> X.shape, X.dtype                        # rows are L2-normalised
-    ((1, 384), dtype('float32'))
+    Examples:
+        >>> enc = PIEEncoder()                      # the embedded, PIE-trained default; offline
+        >>> X = enc.encode(["Summarize the article below."])
+        >>> X.shape, X.dtype                        # rows are L2-normalised
+        ((1, 384), dtype('float32'))
 
     Args:
         model: ``None``/``"default"`` for the packaged default, a local model directory or a
