@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
+from icl_retriever.calibration import floor_for
 from icl_retriever.encoder.config import (
     TEMPLATES,
     EncoderConfig,
@@ -49,10 +50,11 @@ logger = logging.getLogger(__name__)
 class PIEEncoder:
     """Embed instructions by task with a prompt-based instruction embedding.
 
-    >>> enc = PIEEncoder()                      # the embedded, PIE-trained default; offline
-    >>> X = enc.encode(["Summarize the article below."])
-    >>> X.shape, X.dtype                        # rows are L2-normalised
-    ((1, 384), dtype('float32'))
+    Examples:
+        >>> enc = PIEEncoder()                      # the embedded, PIE-trained default; offline
+        >>> X = enc.encode(["Summarize the article below."])
+        >>> X.shape, X.dtype                        # rows are L2-normalised
+        ((1, 384), dtype('float32'))
 
     Args:
         model: ``None``/``"default"`` for the packaged default, a local model directory or a
@@ -270,9 +272,7 @@ class PIEEncoder:
         Raises:
             ValueError: the model carries no calibration, or one made for other weights or settings.
         """
-        from icl_retriever import calibration
-
-        return calibration.floor_for(self.config.model, self.fingerprint)
+        return floor_for(self.config.model, self.fingerprint)
 
     @property
     def dim(self) -> int:
