@@ -107,7 +107,7 @@ def test_select_from_an_index_checks_n_against_its_manifest(
         (["demo", "-k", "0"], r"k must be a positive integer, got 0"),
         (["demo", "   "], r"query 0 is empty"),
         (["query", "IDX", " "], r"query 0 is empty"),
-        (["query", "IDX", "Write a poem.", "--demo-format", "{output}"], r"demo_format is only used with max_tokens"),
+        (["query", "IDX", "Write a poem.", "--demo-format", "{output}"], r"--demo-format is only used with --max-tokens"),
         (["query", "IDX", "Write a poem.", "--rerank", "none", "--rerank-weight", "0.3"],
          r"rerank_weight is only used with rerank='hybrid'"),
         (["query", "IDX", "Write a poem.", "--rerank", "hybrid", "--rerank-margin", "0.3"],

@@ -137,6 +137,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         **({"rerank_weight": args.rerank_weight} if args.rerank_weight is not None else {}),
         min_score=_min_score(args.min_score),
     )
+    if args.demo_format is not None and args.max_tokens is None:  # query prints demos whole: it would be ignored
+        raise ValueError("--demo-format is only used with --max-tokens")
     SearchControls.parse(k=args.k, **controls)  # a bad flag fails before the model loads
     check_queries([args.text])
     retriever = Retriever.from_index(args.index, model=args.model, verify=not args.no_verify, runtime=args.runtime,

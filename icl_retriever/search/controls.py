@@ -227,10 +227,10 @@ class SearchControls(BaseModel):
             raise ValueError(f"fetch_k ({self.fetch_k}) must be at least k ({self.k})")
         if self.rerank not in (None, "auto") and self.diversity > 0:
             raise ValueError("diversity and rerank both decide the order of the demos; use one of them")
-        # a control that would be ignored is an error, never silently dropped
-        for name in ("tokenizer", "demo_format"):
-            if getattr(self, name) is not None and self.max_tokens is None:
-                raise ValueError(f"{name} is only used with max_tokens")
+        # a control that would be ignored is an error, never silently dropped (demo_format is not: the
+        # framework adapters also write each document's text with it)
+        if self.tokenizer is not None and self.max_tokens is None:
+            raise ValueError("tokenizer is only used with max_tokens")
         # (a default value passed along, by an adapter that forwards every control, changes nothing: allowed)
         if self.rerank_margin != DEFAULT_RERANK_MARGIN and self.rerank not in ("auto", "task_then_topic"):
             raise ValueError(f"rerank_margin is only used with rerank='task_then_topic' (or 'auto'), not {self.rerank!r}")
