@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 from pydantic import ValidationError
 
+from icl_retriever import presets
 from icl_retriever.errors import IndexFormatError, ModelLoadError
 from icl_retriever.records import Demo, check_text
 from icl_retriever.store.demo_file import OFFSET_DTYPE, MappedDemos
@@ -96,17 +97,17 @@ def load_manifest(path: str | Path) -> Manifest:
 def trusted_model(path: str | Path, model: str) -> str:
     """The model a manifest names, if it may be loaded on the manifest's word alone.
 
-    That is the embedded default (``"default"``, ``"default-base"``) or a directory that exists inside the
+    That is a packaged preset (:mod:`icl_retriever.presets`: ``"default"``, ``"ieb"``, ...) or a directory that exists inside the
     index directory (a path relative to it, or an absolute one that resolves inside it). A manifest can name
     any other local path or Hugging Face id; loading that is the caller's decision, not the index's.
 
     Returns:
-        The model to load: the default's name, or the absolute path of the directory inside the index.
+        The model to load: the preset's name, or the absolute path of the directory inside the index.
 
     Raises:
         ModelLoadError: any other model, with how to pass it explicitly.
     """
-    if model in ("default", "default-base"):
+    if presets.find(model) is not None:
         return model
     root = Path(path).resolve()
     try:
@@ -116,7 +117,7 @@ def trusted_model(path: str | Path, model: str) -> str:
     if candidate != root and candidate.is_relative_to(root) and candidate.is_dir():
         return str(candidate)
     raise ModelLoadError(
-        f"{path}: the manifest names model {model!r}, which is neither the embedded default nor a directory inside "
+        f"{path}: the manifest names model {model!r}, which is neither a packaged preset nor a directory inside "
         "the index, so it is not loaded on the manifest's word; if you trust it, pass it: "
         "Retriever.from_index(path, model=...) (or encoder=...), or --model on the command line"
     )
