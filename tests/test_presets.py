@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from icl_retriever import PIEEncoder, Retriever, build_index, default_model, presets
 from icl_retriever.calibration import load as load_calibration
@@ -162,3 +163,25 @@ def test_an_index_built_with_a_preset_reloads_with_it(
     assert main(["info", str(out)]) == 0
     shown = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model"))
     assert f" {name} (preset: {presets.get(name).description})" in shown
+
+
+def test_training_starts_from_a_preset(tmp_path: Path, encoder: PIEEncoder, ieb: PIEEncoder) -> None:
+    """``train --base-model ieb`` fits from the ieb weights and still writes a delta to the packaged base."""
+    from icl_retriever.cache import sha256_file
+    from icl_retriever.training import train
+
+    config = TrainConfig(train_file=FIXTURES / "tiny_tasks.jsonl", output_dir=tmp_path / "m", steps=1, batch_size=4,
+                         val_fraction=0, base_model="ieb", lr=1e-6)
+    out = train(config, show_progress_bar=False)
+    card = json.loads((out / "training_card.json").read_text(encoding="utf-8"))
+    ieb_delta = presets.get("ieb").delta_file
+    assert ieb_delta is not None
+    assert card["base_model"] == "ieb" and card["base_delta_sha256"] == sha256_file(ieb_delta)
+    assert card["base_weights_sha256"] == default_model.BASE_SHA256
+    texts = ["Write a poem about the sea.", "Summarize the article below."]
+    fitted = PIEEncoder(out, runtime="torch").encode(texts)
+    assert float(np.abs(fitted - ieb.encode(texts)).max()) < float(np.abs(fitted - encoder.encode(texts)).max())
+    _, rebuilt = default_model.load_base(out / "delta.safetensors")  # the shippable delta is to the packaged base
+    trained = load_file(out / "model.safetensors")
+    params = rebuilt.state_dict()
+    assert max(float((params[k].float() - trained[k].float()).abs().max()) for k in trained if k in params) <= 1e-2
