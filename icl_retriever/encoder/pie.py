@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from icl_retriever import presets
+from icl_retriever.calibration import floor_for
 from icl_retriever.encoder.config import (
     TEMPLATES,
     EncoderConfig,
@@ -272,9 +273,7 @@ class PIEEncoder:
         Raises:
             ValueError: the model carries no calibration, or one made for other weights or settings.
         """
-        from icl_retriever import calibration
-
-        return calibration.floor_for(self.config.model, self.fingerprint)
+        return floor_for(self.config.model, self.fingerprint)
 
     @property
     def dim(self) -> int:
