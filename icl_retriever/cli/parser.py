@@ -22,6 +22,7 @@ from icl_retriever.cli.commands import (
     cmd_train,
 )
 
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
