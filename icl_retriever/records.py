@@ -34,12 +34,16 @@ class Demo(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str
-    instruction: str
-    input: str = ""
-    output: str = ""
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    score: float | None = None
+    id: str = Field(description="unique within a pool; a content hash of instruction, input and output when the "
+                    "pool gives none")
+    instruction: str = Field(description="what the LLM is asked to do; the only field embedded (it carries the task)")
+    input: str = Field("", description="what the instruction works on (may be empty)")
+    output: str = Field("", description="a good answer: what the demo shows the LLM")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="every other field of the record (e.g. ``task``, ``domain``), for filters and your prompts",
+    )
+    score: float | None = Field(None, description="set on retrieved demos: the PIE (task) cosine to the query")
 
     def record(self) -> dict[str, Any]:
         """The stored form: everything but the retrieval score."""
@@ -277,7 +281,11 @@ def iter_pool_text(text: str, name: str) -> Iterator[tuple[str, Demo]]:
 
 def default_pool_path() -> Path:
     """The demo pool shipped in the package (385 demos of 77 tasks; ``examples/demos.jsonl`` in the
-    repository), so ``icl-retriever demo`` works right after ``pip install``."""
+    repository), so ``icl-retriever demo`` works right after ``pip install``.
+
+    Returns:
+        The path of the packaged JSONL pool, ready for :func:`build_index` or :func:`load_pool`.
+    """
     return Path(str(resources.files("icl_retriever") / "data" / "demos.jsonl"))
 
 

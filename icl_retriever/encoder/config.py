@@ -36,10 +36,10 @@ class EncoderConfig(BaseModel):
 
     model: str = Field(description='"default", a local model directory or a Hugging Face id')
     template: str = Field(description="prompt with an {instruction} placeholder")
-    pooling: Pooling = "mean"
+    pooling: Pooling = Field("mean", description="token states to one vector: mean, cls or last (token)")
     max_length: int = Field(256, ge=8, description="token budget per prompt, template included")
     add_period: bool = Field(False, description='append "." to instructions not ending in . ? " or \'')
-    normalize: bool = True
+    normalize: bool = Field(True, description="L2-normalise every vector, so dot products are cosines")
     quantize: bool = Field(False, description="dynamic int8 quantisation of the Linear layers (CPU only)")
     quantize_scheme: Literal["torch", "onnx"] = Field(
         "torch",

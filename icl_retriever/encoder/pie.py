@@ -51,11 +51,12 @@ logger = logging.getLogger(__name__)
 class PIEEncoder:
     """Embed instructions by task with a prompt-based instruction embedding.
 
-    >>> enc = PIEEncoder()                      # the embedded, PIE-trained default; offline
-    >>> fine = PIEEncoder("ieb")                # the preset of the PIE paper's fine-grained tasks
-    >>> X = enc.encode(["Summarize the article below."])
-    >>> X.shape, X.dtype                        # rows are L2-normalised
-    ((1, 384), dtype('float32'))
+    Examples:
+        >>> enc = PIEEncoder()                      # the embedded, PIE-trained default; offline
+        >>> fine = PIEEncoder("ieb")                # the preset of the PIE paper's fine-grained tasks
+        >>> X = enc.encode(["Summarize the article below."])
+        >>> X.shape, X.dtype                        # rows are L2-normalised
+        ((1, 384), dtype('float32'))
 
     Args:
         model: a packaged preset (:mod:`icl_retriever.presets`): ``None``/``"default"`` for the default,
