@@ -132,7 +132,7 @@ def get(name: str) -> Preset:
     if found is None:
         raise ModelLoadError(
             f"unknown model {name!r}: not a preset ({', '.join(names())}) nor an existing directory; "
-            "a Hugging Face id is owner/name"
+            "a Hugging Face id is owner/name (e.g. google-bert/bert-base-uncased for bert-base-uncased)"
         )
     return found
 
