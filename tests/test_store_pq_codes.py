@@ -10,6 +10,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from helpers import resync
 
 from icl_retriever import IndexFormatError, PIEEncoder, Retriever
 from icl_retriever.encoder import EncoderConfig
@@ -29,8 +30,6 @@ from icl_retriever.store import (
     stored_vectors,
 )
 from icl_retriever.store.pq_codes import reconstruction_norms
-
-from helpers import resync
 
 CFG = EncoderConfig(model="m", template="{instruction}")
 PARAMS = {

@@ -30,7 +30,6 @@ from icl_retriever.errors import IndexFormatError, ModelLoadError
 from icl_retriever.records import Demo, check_text
 from icl_retriever.store.demo_file import OFFSET_DTYPE, MappedDemos
 from icl_retriever.store.faiss_index import centroid_problem, configure_index, describe_index, non_unit_vector
-from icl_retriever.store.pq_codes import PQ_NORM_RANGE
 from icl_retriever.store.layout import check_flat_header, check_layout, index_kind
 from icl_retriever.store.manifest import (
     DEMOS,
@@ -43,6 +42,7 @@ from icl_retriever.store.manifest import (
     Manifest,
     manifest_problem,
 )
+from icl_retriever.store.pq_codes import PQ_NORM_RANGE
 
 _LOAD_RETRIES = 5
 #: A manifest is a few KB; a far larger file is not one (and is not read into memory).
