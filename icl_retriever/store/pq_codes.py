@@ -24,6 +24,7 @@ import numpy as np
 #: the range a code would lend its demo weight in the approximate search; at zero it has no direction.
 PQ_NORM_RANGE = (0.1, 1.25)
 _CODE_ROWS = 8192  # codes per block of the check (a transposed copy of pq_m bytes each: 0.75 MiB at pq_m = 96)
+_TABLE_LISTS = 64  # clusters whose tables are computed at once (64 x pq_m x 256 floats: 12 MiB at pq_m = 96)
 
 
 def reconstruction_norms(index: faiss.IndexIVFPQ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -39,21 +40,25 @@ def reconstruction_norms(index: faiss.IndexIVFPQ) -> Iterator[tuple[np.ndarray, 
     lists = index.invlists
     with np.errstate(all="ignore"):
         squared = np.einsum("mkd,mkd->mk", centroids, centroids)
-        for list_no in range(index.nlist):
-            size = lists.list_size(list_no)
-            if not size:
-                continue
-            coarse = quantizer.reconstruct(list_no).astype(np.float64)
-            table = squared + 2 * np.einsum("mkd,md->mk", centroids, coarse.reshape(m, dsub))
-            base = float(coarse @ coarse)
-            codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * m).reshape(size, m)
-            ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size)
-            for start in range(0, size, _CODE_ROWS):
-                columns = codes[start : start + _CODE_ROWS].T.copy()  # one row of codes per sub-quantiser
-                total = np.full(len(columns[0]), base)
-                for part, column in zip(table, columns, strict=True):
-                    total += part.take(column)  # 256-entry look-ups: cheaper than one fancy index of all
-                yield ids[start : start + _CODE_ROWS], np.sqrt(np.maximum(total, 0.0))
+        for first in range(0, index.nlist, _TABLE_LISTS):
+            chunk = range(first, min(first + _TABLE_LISTS, index.nlist))
+            coarse = quantizer.reconstruct_n(first, len(chunk)).astype(np.float64)  # (lists, d)
+            # tables[l, i, j] = |r_ij|^2 + 2 <c_l piece i, r_ij>, for a chunk of clusters in one batched product
+            pieces = coarse.reshape(len(chunk), m, dsub).transpose(1, 2, 0)  # (m, dsub, lists)
+            tables = np.ascontiguousarray((2 * (centroids @ pieces)).transpose(2, 0, 1)) + squared
+            bases = np.einsum("ld,ld->l", coarse, coarse)
+            for list_no, table, base in zip(chunk, tables, bases, strict=True):
+                size = lists.list_size(list_no)
+                if not size:
+                    continue
+                codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * m).reshape(size, m)
+                ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size)
+                for start in range(0, size, _CODE_ROWS):
+                    columns = codes[start : start + _CODE_ROWS].T.copy()  # one row of codes per sub-quantiser
+                    total = np.full(len(columns[0]), base)
+                    for part, column in zip(table, columns, strict=True):
+                        total += part.take(column)  # 256-entry look-ups: cheaper than one fancy index of all
+                    yield ids[start : start + _CODE_ROWS], np.sqrt(np.maximum(total, 0.0))
 
 
 def pq_out_of_range(index: faiss.IndexIVFPQ) -> tuple[int, float] | None:
