@@ -16,7 +16,7 @@ import numpy as np
 from icl_retriever.search.controls import SearchControls
 from icl_retriever.search.filters import as_predicate, is_query_itself
 from icl_retriever.search.snapshot import Snapshot
-from icl_retriever.store import search
+from icl_retriever.store import cosines, search
 
 #: A metadata filter matching at most this many demos is searched exactly over just those demos.
 EXACT_FILTER_MAX = 4096
@@ -54,7 +54,7 @@ def exact(
     state: Snapshot, rows: np.ndarray, vector: np.ndarray, need: int, excluded: Callable[[int], bool]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact search over the given rows only (their stored vectors read back from the index)."""
-    scores = state.index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64)) @ vector
+    scores = cosines(state.index, rows, vector)
     order = np.argsort(-scores, kind="stable")
     keep_rows: list[int] = []
     keep_scores: list[float] = []
