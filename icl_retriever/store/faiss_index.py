@@ -48,10 +48,15 @@ def new_flat_index(vectors: np.ndarray, dim: int | None = None) -> faiss.Index:
 
 
 def all_vectors(index: faiss.Index) -> np.ndarray:
-    """Every stored vector, in id order."""
+    """Every stored vector, in id order, as the unit vectors scores are cosines against (IVF-PQ: its
+    reconstructions, normalised, as :func:`stored_vectors` gives them): what selection, updates and recall read."""
     if index.ntotal == 0:
         return np.empty((0, index.d), dtype=np.float32)
-    return index.reconstruct_n(0, index.ntotal)
+    x = index.reconstruct_n(0, index.ntotal)
+    if isinstance(index, faiss.IndexIVFPQ):
+        with np.errstate(all="ignore"):
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
 
 
 def default_nlist(n: int) -> int:
