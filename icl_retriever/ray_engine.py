@@ -37,10 +37,10 @@ from icl_retriever.records import (
     decode_pool_bytes,
     UniqueIds,
     is_parquet,
-    iter_parquet_bytes,
     iter_pool_text,
     pool_files,
 )
+from icl_retriever.pool_parquet import iter_parquet
 from icl_retriever.store import MappedDemos, TopicInfo, new_flat_index
 from icl_retriever.store.demo_file import offset_table, record_line
 from icl_retriever.topic import (
@@ -81,7 +81,7 @@ def _parse(row: dict[str, Any], order: dict[str, int]) -> list[dict[str, Any]]:
     path = str(row["path"])
     name = next((given for given in order if Path(given).resolve() == Path(path).resolve()), path)
     data = bytes(row["bytes"])
-    records = iter_parquet_bytes(data, name) if is_parquet(name) else iter_pool_text(decode_pool_bytes(data, name), name)
+    records = iter_parquet(data, name) if is_parquet(name) else iter_pool_text(decode_pool_bytes(data, name), name)
     return [
         {"file": order[name], "pos": pos, "where": where, "demo": demo.model_dump_json()}
         for pos, (where, demo) in enumerate(records)
