@@ -147,3 +147,21 @@ def test_a_build_with_a_huge_instruction_keeps_it_whole(
     assert retriever.demos[-1].instruction == HUGE  # stored as given; only the embedding reads the head
     reopened = Retriever.from_index(tmp_path / "idx", encoder=encoder)
     assert reopened.demos[-1].instruction == HUGE
+
+
+def test_max_tokens_counts_a_huge_demo_only_as_far_as_the_budget_needs(encoder: PIEEncoder) -> None:
+    from icl_retriever.search.budget import count_within, pack_by_tokens, token_counter
+
+    counter = token_counter(encoder.tokenizer)
+    seen: list[int] = []
+
+    def spy(texts: list[str]) -> list[int]:
+        seen.extend(len(t) for t in texts)
+        return counter(texts)
+
+    texts = ["Add 2 and 3.\n5", HUGE, SENTENCE * 3, "x" * 50_000]
+    counts = count_within(spy, texts, 200)
+    assert counts[0] == counter([texts[0]])[0] and counts[2] == counter([texts[2]])[0]
+    assert counts[1] > 200 and max(seen[:4]) <= char_budget(200)  # the huge one: its head, over the budget
+    assert counts[3] == counter([texts[3]])[0]  # no blank in its head: counted whole, as before
+    assert pack_by_tokens(counts, 200, 4) == pack_by_tokens(counter(texts), 200, 4) == [0, 2, 3]
