@@ -78,16 +78,15 @@ def _ray() -> Any:
     return ray
 
 
-def _parse(row: dict[str, Any], order: dict[str, int]) -> list[dict[str, Any]]:
-    """One pool file's bytes -> its records (validated), each with the file's place and its own."""
+def _parse(row: dict[str, Any], order: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """One pool file's bytes -> its records (validated), each with the file's place and its own; yielded as
+    they are read, so Ray streams them into blocks instead of holding the whole file's."""
     path = str(row["path"])
     name = next((given for given in order if Path(given).resolve() == Path(path).resolve()), path)
     data = bytes(row["bytes"])
     records = iter_parquet(data, name) if is_parquet(name) else iter_pool_text(decode_pool_bytes(data, name), name)
-    return [
-        {"file": order[name], "pos": pos, "where": where, "demo": demo.model_dump_json()}
-        for pos, (where, demo) in enumerate(records)
-    ]
+    for pos, (where, demo) in enumerate(records):
+        yield {"file": order[name], "pos": pos, "where": where, "demo": demo.model_dump_json()}
 
 
 class _Embedder:

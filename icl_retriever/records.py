@@ -318,7 +318,7 @@ def iter_pool_text(text: str, name: str) -> Iterator[tuple[str, Demo]]:
                 where = f"{name} (task {label!r}, sample {i})"
                 yield where, demo_from_record(record, path=where, task=label)
         return
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    for lineno, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -328,6 +328,16 @@ def iter_pool_text(text: str, name: str) -> Iterator[tuple[str, Demo]]:
         except RecursionError as exc:
             raise PoolError("JSON nested too deeply", path=name, line=lineno) from exc
         yield f"{name}:{lineno}", demo_from_record(record, path=name, line=lineno)
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` one at a time (``str.split`` would copy the whole file at once)."""
+    start = 0
+    while start <= len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        yield text[start:end]
+        start = end + 1
 
 
 def default_pool_path() -> Path:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import POOL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,8 +22,6 @@ from icl_retriever.encoder.config import char_budget, cut_to_budget
 from icl_retriever.encoder.static import StaticEmbedder
 from icl_retriever.query_vectors import QueryVectors
 from icl_retriever.search.filters import query_matcher
-
-from helpers import POOL
 
 SENTENCE = "The committee met again on Tuesday and postponed the decision about the harbour. "
 #: A query of about 5 MB.
