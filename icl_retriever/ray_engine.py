@@ -7,7 +7,9 @@ instructions: one :class:`PIEEncoder` per actor, on CPU (ONNX Runtime, the cache
 ``gpus_per_actor`` GPUs (torch). The driver gathers the rows in pool order as they stream in (records and
 vectors go to staging files beside the target, read back one at a time and memory-mapped), checks ids across
 files, and indexes and writes the directory exactly as a local build does (manifest, sha256 of every file,
-atomic switch): nothing is written until every record is read and embedded.
+atomic switch): nothing is written until every record is read and embedded. A bad record reaches the user
+as the one-line PoolError a local build gives; Ray's own console output (execution plans, task stacks, the
+core's start-up notes) is kept off the terminal, its logs still under the session directory.
 
 What it does not do (yet): the driver holds every id, the index is filled by the driver (not in parallel
 tasks), and there are no checkpoints to resume from.

@@ -1,7 +1,10 @@
 """Demonstration records and the pool formats they are read from.
 
 A pool is validated completely before any embedding work starts, so a bad line at the end of a large
-file fails in seconds, and every error names the file and the line (or record) at fault.
+file fails in seconds, and every error is one line naming the file, the line (or record, or row) and the
+field at fault. Pool files are validated in a first pass that keeps nothing (:func:`check_pool_files`), so
+memory is bounded by a file's text or a batch of Parquet rows (:mod:`icl_retriever.pool_parquet`) until
+the pool is known to be good.
 """
 
 from __future__ import annotations
