@@ -27,6 +27,7 @@ from icl_retriever.encoder.config import (
     Pooling,
     Runtime,
     apply_template,
+    char_budget,
     cut_to_budget,
     resolve_template,
 )
@@ -280,6 +281,12 @@ class PIEEncoder:
     def dim(self) -> int:
         """Embedding dimension."""
         return self._dim
+
+    @property
+    def text_limit(self) -> int:
+        """Leading characters of a text that decide its embedding: text past them is never read (a text
+        longer than this is cut to its first tokens within them; see :func:`.config.cut_to_budget`)."""
+        return char_budget(self._instruction_budget)
 
     def _token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of prompts as the model sees them: special tokens added, cut to ``max_length``."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from icl_retriever.search.controls import SearchControls
-from icl_retriever.search.filters import as_predicate, is_query_itself
+from icl_retriever.search.filters import as_predicate, query_matcher
 from icl_retriever.search.snapshot import Snapshot
 from icl_retriever.store import cosines, search
 
@@ -28,8 +28,9 @@ def find_candidates(
     """The ``need`` best demos passing ``filter`` / ``exclude_query``, filtered during the search."""
     n = len(state.demos)
     spec = ctl.filter
+    is_query = query_matcher(query) if ctl.exclude_query else None
     excluded: Callable[[int], bool] = (
-        (lambda row: is_query_itself(state.demos[row], query)) if ctl.exclude_query else (lambda row: False)
+        (lambda row: is_query(state.demos[row])) if is_query is not None else (lambda row: False)
     )
     if spec is not None and not callable(spec):
         allowed = state.meta.rows(spec)

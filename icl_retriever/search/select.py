@@ -9,7 +9,7 @@ import numpy as np
 from icl_retriever.search.candidates import find_candidates
 from icl_retriever.search.controls import SearchControls
 from icl_retriever.search.ranking import dedup_keep, mmr_order, rerank_order
-from icl_retriever.search.budget import format_demo, pack_by_tokens
+from icl_retriever.search.budget import count_within, format_demo, pack_by_tokens
 from icl_retriever.records import Demo
 from icl_retriever.search.snapshot import Snapshot
 from icl_retriever.store import cosines, search, stored_vectors
@@ -72,7 +72,7 @@ def select(
     if ctl.max_tokens is not None:
         assert counter is not None
         texts = [format_demo(state.demos[int(rows[j])], ctl.demo_format) for j in order]
-        order = [order[j] for j in pack_by_tokens(counter(texts), ctl.max_tokens, ctl.k)]
+        order = [order[j] for j in pack_by_tokens(count_within(counter, texts, ctl.max_tokens), ctl.max_tokens, ctl.k)]
     else:
         order = order[: ctl.k]
     return state.scored([rows[j] for j in order], [scores[j] for j in order])
