@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from icl_retriever import default_model
+from icl_retriever import presets
 from icl_retriever.errors import ModelLoadError
 
 
@@ -195,7 +195,8 @@ def floor_for(model: str, fingerprint: str) -> float:
     Raises:
         ValueError: the model carries no calibration, or one made for other weights or settings.
     """
-    directory = default_model.HERE if model == "default" else Path(model) if Path(model).is_dir() else None
+    preset = presets.find(model)
+    directory = preset.directory if preset is not None else Path(model) if Path(model).is_dir() else None
     path = None if directory is None else (directory / CALIBRATION_FILE).resolve()
     info = path.stat() if path is not None and path.is_file() else None
     found = _stored(path, info.st_size, info.st_mtime_ns) if path is not None and info is not None else None

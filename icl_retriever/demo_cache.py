@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from icl_retriever import presets
 from icl_retriever._version import __version__
 from icl_retriever.build import build_index
 from icl_retriever.cache import cache_dir
@@ -38,15 +39,22 @@ DEMO_WAIT_S = 1800.0
 Notify = Callable[[str], None]
 
 
-def demo_index_dir() -> Path:
-    """The cache entry of the packaged pool's index: ``<cache>/default-pool-<version>-<pool digest>``."""
+class _OtherModelError(ValueError):
+    """The index holds another preset's vectors (for the cache: rebuilt; for a named directory: an error)."""
+
+
+def demo_index_dir(model: str = presets.DEFAULT) -> Path:
+    """The cache entry of the packaged pool's index by a preset: ``<cache>/default-pool-<version>-<pool
+    digest>`` for the default, with ``-<preset>`` after it for another (one cached index per preset)."""
     digest = hashlib.sha256(default_pool_path().read_bytes()).hexdigest()[:12]
-    return cache_dir() / f"default-pool-{__version__}-{digest}"
+    suffix = "" if model == presets.DEFAULT else f"-{model}"
+    return cache_dir() / f"default-pool-{__version__}-{digest}{suffix}"
 
 
 def open_demo_index(
     index: str | Path | None = None,
     *,
+    model: str = presets.DEFAULT,
     rebuild: bool = False,
     runtime: Runtime = "auto",
     wait: float | None = DEMO_WAIT_S,
@@ -55,7 +63,8 @@ def open_demo_index(
     """Open the packaged pool's index, building it first when it is not there (or ``rebuild``).
 
     Args:
-        index: the index directory (default: the cache entry, :func:`demo_index_dir`).
+        index: the index directory (default: the preset's cache entry, :func:`demo_index_dir`).
+        model: the preset that embeds the pool and the requests.
         rebuild: build it again even if it opens.
         runtime: where vectors are computed (:class:`~icl_retriever.PIEEncoder`).
         wait: seconds to wait for another process building the same directory (``None``: no limit).
@@ -68,14 +77,15 @@ def open_demo_index(
     Raises:
         IndexFormatError: a directory the caller named cannot be opened (it is not rebuilt unasked).
         IndexExistsError: it is not an index (a file, a directory of other files): never overwritten.
+        ValueError: it is an index of another model (``rebuild`` replaces it).
         IndexBusyError: another process kept building the same directory for ``wait`` seconds.
     """
     tell: Notify = notify or logger.info
     cached = index is None
-    out = demo_index_dir() if index is None else Path(index)
+    out = demo_index_dir(model) if index is None else Path(index)
     if not rebuild:
         # the common case, no lock: a complete index is there (an index's commit is one atomic rename)
-        retriever = _open(out, runtime, quiet=cached)
+        retriever = _open(out, model, runtime, quiet=cached)
         if retriever is not None:
             return retriever
 
@@ -84,27 +94,32 @@ def open_demo_index(
 
     with build_lock(out, wait, on_wait=waiting):
         if not rebuild:  # again, under the lock: a process we waited for may have built it
-            retriever = _open(out, runtime, quiet=False, tell=tell if cached else None)
+            retriever = _open(out, model, runtime, quiet=False, tell=tell if cached else None)
             if retriever is not None:
                 return retriever
         if cached:
             _discard_if_not_an_index(out, tell)
         pool = default_pool_path()
-        tell(f"Building the packaged pool ({pool.name}, shipped with the package) into {out}")
-        encoder = PIEEncoder(runtime=runtime)
+        tell(f"Building the packaged pool ({pool.name}, shipped with the package) with model {model} into {out}")
+        encoder = PIEEncoder(model, runtime=runtime)
         return build_index(pool, out, encoder=encoder, force=out.exists(), show_progress_bar=True)
 
 
-def _open(out: Path, runtime: Runtime, *, quiet: bool, tell: Notify | None = None) -> Retriever | None:
-    """The index at ``out``, or None if there is none or (``quiet`` / ``tell``) it cannot be opened.
+def _open(out: Path, model: str, runtime: Runtime, *, quiet: bool, tell: Notify | None = None) -> Retriever | None:
+    """The index of ``model`` at ``out``, or None if there is none or (``quiet`` / ``tell``) it cannot be
+    opened or holds another model's vectors.
 
     Without ``quiet`` or ``tell`` an unusable index is the caller's error and raises.
     """
     if not os.path.lexists(out):
         return None
     try:
-        return Retriever.from_index(out, runtime=runtime)
-    except IndexFormatError as exc:  # also EncoderMismatchError: made by another model
+        retriever = Retriever.from_index(out, runtime=runtime)
+        made_by = retriever.manifest.encoder.model if retriever.manifest is not None else model
+        if made_by != model:
+            raise _OtherModelError(f"{out}: an index of model {made_by!r}, not {model!r}; pass --rebuild to replace it")
+        return retriever
+    except (IndexFormatError, _OtherModelError) as exc:  # also EncoderMismatchError: made by another model
         if quiet:
             return None
         if tell is None:

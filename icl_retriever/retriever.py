@@ -157,8 +157,8 @@ class Retriever:
     ) -> Retriever:
         """Open an index directory with the encoder it was built with.
 
-        The manifest's model is loaded on its word only if it is the embedded default or a directory
-        inside the index directory (:func:`~icl_retriever.store.trusted_model`); any other model
+        The manifest's model is loaded on its word only if it is a packaged preset (``"default"``, ``"ieb"``,
+        ...) or a directory inside the index directory (:func:`~icl_retriever.store.trusted_model`); any other model
         (a local path, a Hugging Face id) must be named by the caller, with ``model`` or ``encoder``.
 
         Args:

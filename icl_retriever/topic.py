@@ -16,6 +16,7 @@ from pathlib import Path
 import threading
 from typing import Any, Literal
 
+from icl_retriever import presets
 from icl_retriever.encoder import EncoderConfig, PIEEncoder, Runtime
 from icl_retriever.encoder.static import StaticEmbedder
 from icl_retriever.records import Demo
@@ -50,31 +51,37 @@ def check_topic_kind(topic: Any, model: str | None = None) -> TopicKind:
     so the check runs before the model loads).
 
     Raises:
-        ValueError: anything else, or ``"static"`` for a model other than the embedded default.
+        ValueError: anything else, or ``"static"`` for a model other than a trained preset.
     """
     if not (isinstance(topic, bool) or (isinstance(topic, str) and topic in ("static", "contextual"))):
         raise ValueError(f"topic must be True, False, 'static' or 'contextual', got {topic!r}")
-    if topic == "static" and model is not None and model != "default":
+    preset = presets.find(model)
+    if topic == "static" and model is not None and not (preset is not None and preset.trained):
         raise ValueError(
-            f"static topic vectors are made for the embedded default model only, not {model!r}; "
-            "use topic='contextual' (or True)"
+            f"static topic vectors are made for the trained presets ({', '.join(_trained_presets())}) only, not "
+            f"{model!r}; use topic='contextual' (or True)"
         )
     return topic  # type: ignore[return-value]
+
+
+def _trained_presets() -> list[str]:
+    return [p.name for p in presets.PRESETS.values() if p.trained]
 
 
 def default_topic_encoder(encoder: PIEEncoder, kind: TopicKind = True) -> tuple[TopicEncoder, TopicSource]:
     """The encoder of topic vectors for an index of ``encoder``, and which kind it is.
 
     Raises:
-        ValueError: ``kind`` is ``"static"`` for a model other than the embedded default, or not a kind.
+        ValueError: ``kind`` is ``"static"`` for a model other than a trained preset, or not a kind.
     """
     kind = check_topic_kind(kind, encoder.config.model)
     if kind is False:
         raise ValueError("no topic encoder for topic=False")
-    default = encoder.config.model == "default"
-    if default and kind == "static":
+    preset = presets.find(encoder.config.model)
+    packaged = preset is not None and preset.trained  # a trained preset: its base is the packaged base
+    if packaged and kind == "static":
         return shared_static_embedder(), "base_static"
-    if default:
+    if packaged:
         return shared_base_encoder(str(encoder.device), encoder.runtime), "base_model"
     return encoder.with_template("plain"), "same_model_plain"
 

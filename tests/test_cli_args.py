@@ -8,13 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import POOL
 
 from icl_retriever import PIEEncoder, build_index
 from icl_retriever.cli import main
 from icl_retriever.evaluation import evaluate
 from icl_retriever.selection import select_pool
-
-from helpers import POOL
 
 
 @pytest.fixture()
@@ -45,7 +44,7 @@ def _refused(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) 
         (["--pq-m", "8"], r"pq_m apply to ivfpq indexes; index_type 'auto'"),
         (["--hnsw-m", "8"], r"M apply to hnsw indexes; index_type 'auto' builds a flat index for 10 demos.*--hnsw-m"),
         (["--ef-search", "40"], r"ef_search apply to hnsw indexes; index_type 'auto' builds a flat index"),
-        (["--topic", "static", "--model", "some/model"], r"static topic vectors are made for the embedded default"),
+        (["--topic", "static", "--model", "some/model"], r"static topic vectors are made for the trained presets"),
         (["--engine", "ray", "--chunk-size", "5"], r"--chunk-size, --no-resume and --batch-size apply to a local build"),
         (["--engine", "ray", "--no-resume"], r"apply to a local build"),
         (["--engine", "ray", "--batch-size", "8"], r"apply to a local build"),

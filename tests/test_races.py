@@ -13,12 +13,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-from icl_retriever import IndexBusyError, IndexExistsError, IndexFormatError, PIEEncoder, Retriever, build_index
-from icl_retriever import demo_cache
-from icl_retriever.store import MANIFEST_FILE
-
 from helpers import POOL
+
+from icl_retriever import (
+    IndexBusyError,
+    IndexExistsError,
+    IndexFormatError,
+    PIEEncoder,
+    Retriever,
+    build_index,
+    demo_cache,
+)
+from icl_retriever.store import MANIFEST_FILE
 
 _ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from icl_retriever._version import __version__
+from icl_retriever import presets
 from icl_retriever.cli.output import print_demos, print_json, printable, shorten
 
 
@@ -187,17 +187,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     check_queries(queries)
 
     def tell(line: str) -> None:
-        print(line if line[:1].isupper() else f"icl-retriever: {line}", file=sys.stderr)
+        print(line if line[:1].isupper() else f"icl-retriever: {printable(line)}", file=sys.stderr)
 
-    retriever = open_demo_index(args.index, rebuild=args.rebuild, runtime=args.runtime, notify=tell)
+    retriever = open_demo_index(args.index, model=args.model, rebuild=args.rebuild, runtime=args.runtime,
+                                notify=tell)
     out = retriever.path
     if args.json:
-        print_json({"index": str(out), "demos": len(retriever), "answers": [
+        print_json({"index": str(out), "model": args.model, "demos": len(retriever), "answers": [
             {"query": text, "demos": [d.model_dump() for d in retriever.get_demos(text, k=args.k)]}
             for text in queries
         ]})
         return 0
-    print(f"Index {out}: {len(retriever)} demos")
+    print(f"Index {out}: {len(retriever)} demos, model {args.model}")
     for text in queries:
         print(f"\n> {shorten(text)}")
         print_demos(retriever.get_demos(text, k=args.k))
@@ -250,7 +251,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("index type", f"{manifest.index_type} ({manifest.metric})"
          + "".join(f", {k} {v}" for k, v in manifest.index_params.model_dump(exclude_none=True).items())
          + (f", recall@10 {manifest.recall_at_10:.3f}" if manifest.recall_at_10 is not None else "")),
-        ("model", enc.model),
+        ("model", enc.model + (f" (preset: {preset.description})" if (preset := presets.find(enc.model)) else "")),
         ("pooling", enc.pooling),
         ("max length", str(enc.max_length)),
         ("template", json.dumps(enc.template)),

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic_core import PydanticUndefined
 
+from icl_retriever import presets
 from icl_retriever._version import __version__
 from icl_retriever.cli.commands import (
     cmd_add,
@@ -20,6 +21,7 @@ from icl_retriever.cli.commands import (
     cmd_select,
     cmd_train,
 )
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -70,6 +72,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, **kw)
 
 
+_MODEL_HELP = (
+    f"a preset: {', '.join(presets.names())} (default: {presets.DEFAULT}; see docs/models.md, 'Which model?'), "
+    "a model directory or a Hugging Face id owner/name"
+)
 BATCH_HELP = "instructions per forward pass (default: 16 on ONNX Runtime, 32 on torch)"
 _RUNTIME_HELP = (
     "where vectors are computed: auto (default): ONNX Runtime on CPU, exported from the model once and cached "
@@ -144,14 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pool file(s) or glob pattern(s): JSONL, JSON list of records, IEB format, or Parquet "
                         "(.parquet / .pq, one record per row)")
     p.add_argument("--out", required=True, help="index directory to create")
-    p.add_argument("--model", default=None, help="model directory or Hugging Face id (default: the embedded PIE model)")
+    p.add_argument("--model", default=None, help=_MODEL_HELP)
     p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing index at --out")
     p.add_argument("--topic", choices=["auto", "static", "contextual", "none"], default="auto",
                    help="topic vectors (content of instruction + input) for the default ranking: auto / "
                         "contextual (default): the plain embedding of the base model (of another model: itself "
                         "without template), a second forward pass; static: IDF-weighted word-piece vectors, "
-                        "nearly free (default model only; builds ~2x faster, LLM slightly worse downstream); "
+                        "nearly free (trained presets only; builds ~2x faster, LLM slightly worse downstream); "
                         "none: no topic vectors (task order)")
     p.add_argument("--no-topic", dest="topic", action="store_const", const="none", help="the same as --topic none")
     p.add_argument("--index-type", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"], default="auto",
@@ -217,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "larger than RAM; pages are read on demand)")
     p.add_argument("--model", default=None,
                    help="the model to load, if the index names one outside its directory that you trust "
-                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
+                        "(default: the one the manifest names, if it is a packaged preset or inside the index)")
     _add_runtime(p)
     p.set_defaults(func=cmd_query)
 
@@ -228,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--model", default=None,
                    help="the model to load, if the index names one outside its directory that you trust "
-                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
+                        "(default: the one the manifest names, if it is a packaged preset or inside the index)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_runtime(p)
     p.set_defaults(func=cmd_add)
@@ -238,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", nargs="+", required=True, help="ids of the demos to remove")
     p.add_argument("--model", default=None,
                    help="the model to load, if the index names one outside its directory that you trust "
-                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
+                        "(default: the one the manifest names, if it is a packaged preset or inside the index)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_remove)
 
@@ -252,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="ICT clustering, IIS similarity, cross-group and pool retrieval P@k of a model; "
                                     "with --downstream LLM, what its demos do for that LLM")
-    p.add_argument("--model", default=None, help="model directory, Hugging Face id, or the default")
+    p.add_argument("--model", default=None, help=_MODEL_HELP)
     p.add_argument("--ict", type=Path, default=None, help="IEB-format file (e.g. eft_test.json)")
     p.add_argument("--iis", type=Path, default=None, help="pair file (e.g. intention_similarity_test.json)")
     p.add_argument("--cross-group", type=Path, default=None, metavar="FILE",
@@ -278,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index directory to build or reuse (default: a cache directory, $ICL_RETRIEVER_CACHE or "
                         "~/.cache/icl-retriever)")
     p.add_argument("--rebuild", action="store_true", help="build the index again even if it exists")
+    p.add_argument("--model", choices=presets.names(), default=presets.DEFAULT,
+                   help=f"the preset that embeds the pool and the requests (default {presets.DEFAULT}; each has its "
+                        "own cached index)")
     _add_runtime(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_demo)
@@ -294,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metadata field holding a record's task, for --per-task-cap and the coverage report "
                         "(default task; IEB files store their label there)")
     p.add_argument("--model", default=None,
-                   help="model for a pool file (default: the embedded PIE model); for an index directory, a model "
-                        "outside it that you trust")
+                   help="model for a pool file (default: the default preset; or another preset, a model directory or "
+                        "a Hugging Face id); for an index directory, a model outside it that you trust")
     p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--seed", type=int, default=0, help="k-means initialisation and the random sample (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")

@@ -50,7 +50,8 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from icl_retriever.encoder import PIEEncoder
-from icl_retriever.records import Demo, demo_fields, join_fields
+from icl_retriever.errors import PoolError
+from icl_retriever.records import Demo, demo_fields, join_fields, not_plain_json
 from icl_retriever.search.controls import check_search_kwargs
 from icl_retriever.retriever import Retriever
 
@@ -88,13 +89,21 @@ def demo_to_example(demo: Demo) -> dict[str, Any]:
     return {"id": demo.id, **demo_fields(demo)}
 
 
-def _example_to_record(example: Mapping[str, Any], input_keys: Sequence[str] | None) -> dict[str, Any]:
+def _example_to_record(example: Mapping[str, Any], input_keys: Sequence[str] | None, number: int = 1) -> dict[str, Any]:
     """Turn a LangChain example dict into a pool record.
 
     Records with an ``instruction`` are used as they are. For others the instruction (the text PIE
     embeds) is made from the ``input_keys`` fields, or, without them, from every field in key order
     (as ``SemanticSimilarityExampleSelector`` does); all fields are kept, so selection returns them.
+
+    Raises:
+        PoolError: the example is not a dict, or has a key that is not a string (``record number:``).
     """
+    if not isinstance(example, Mapping):
+        raise PoolError(f"expected a dict, got {type(example).__name__}", line=number)
+    problem = not_plain_json({key: None for key in example}, "example")
+    if problem:
+        raise PoolError(problem, line=number)
     if "instruction" in example:
         return dict(example)
     keys = list(input_keys) if input_keys else sorted(example)
@@ -363,7 +372,7 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
         if isinstance(examples, (str, Path)):
             pool: Any = examples
         else:
-            pool = [_example_to_record(example, input_keys) for example in examples]
+            pool = [_example_to_record(example, input_keys, i) for i, example in enumerate(examples, start=1)]
         retriever = Retriever.from_demos(pool, encoder=encoder, batch_size=batch_size)
         return cls(retriever=retriever, k=k, input_keys=input_keys, example_keys=example_keys, search_kwargs=controls)
 
