@@ -133,7 +133,7 @@ def create_app(retriever: Retriever, settings: ServeSettings | None = None, *, t
             Middleware(_Arrivals, batcher=batcher),
         ],
     )
-    install_error_handlers(app)
+    install_error_handlers(app, _explain)
     secured = [Security(HTTPBearer(auto_error=False))]  # documents the scheme; AuthMiddleware enforces it
     v1 = APIRouter(prefix="/v1", dependencies=secured, responses=_ERRORS)
 
@@ -243,6 +243,17 @@ def _controls(request: BaseModel) -> SearchControls:
         cause = (err.get("ctx") or {}).get("error")
         message = str(cause) if cause is not None else str(err["msg"])
         raise RequestError(422, message, field_of(err.get("loc", ())) or _control_named(message)) from None
+
+
+def _explain(field: str, value: Any) -> str | None:
+    """The library's message for an invalid control value (``min_score must be a cosine ...``)."""
+    if field not in SearchControls.model_fields or field == "k":
+        return None
+    try:
+        SearchControls.parse(k=1, **{field: value})
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _control_named(message: str) -> str | None:

@@ -21,6 +21,8 @@ class BearerToken:
     def __init__(self, token: str | None) -> None:
         if token is not None and not token.strip():
             raise ValueError("the API token is empty")
+        if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
+            raise ValueError("the API token must be printable ASCII without spaces (it travels in an HTTP header)")
         self._digest = None if token is None else hashlib.sha256(token.encode("utf-8")).digest()
 
     @property
@@ -36,7 +38,7 @@ class BearerToken:
         if scheme.lower() != "bearer":
             return False
         # digests of equal length: the comparison's time does not depend on the token or the guess
-        return hmac.compare_digest(hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).digest(), self._digest)
+        return hmac.compare_digest(hashlib.sha256(given.strip().encode("latin-1", "replace")).digest(), self._digest)
 
     def __repr__(self) -> str:
         return f"BearerToken(configured={self.configured})"  # never the token

@@ -4,6 +4,7 @@ no stack trace reaches a client; server errors are logged with theirs."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -43,9 +44,13 @@ def error_response(status: int, message: str, field: str | None = None, headers:
 
 
 def field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    """A pydantic error location as a dotted request field (without the leading ``body``)."""
-    parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) or None
+    """A pydantic error location as a dotted request field: without the leading ``body`` and without the
+    union branch pydantic adds (``min_score.float`` is ``min_score``); list positions stay (``queries.3``)."""
+    parts = [p for p in loc if p != "body"]
+    if not parts:
+        return None
+    keep = [str(parts[0])] + [str(p) for p in parts[1:] if isinstance(p, int)]
+    return ".".join(keep)
 
 
 def _validation_message(err: dict[str, Any]) -> str:
@@ -55,8 +60,13 @@ def _validation_message(err: dict[str, Any]) -> str:
     return str(err["msg"])
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Answer every refusal and failure with :class:`ErrorBody`."""
+def install_error_handlers(app: FastAPI, explain: Callable[[str, Any], str | None] | None = None) -> None:
+    """Answer every refusal and failure with :class:`ErrorBody`.
+
+    Args:
+        explain: ``(field, value) -> message`` for an invalid field, where the library says it better
+            than pydantic's type error (the search controls' own validators).
+    """
 
     @app.exception_handler(RequestError)
     async def _refused(_: Request, exc: RequestError) -> Response:
@@ -69,7 +79,9 @@ def install_error_handlers(app: FastAPI) -> None:
             where = err["loc"][-1] if len(err.get("loc", ())) > 1 else "?"
             reason = (err.get("ctx") or {}).get("error", err["msg"])
             return error_response(422, f"the body is not valid JSON (character {where}: {reason})", "body")
-        return error_response(422, _validation_message(err), field_of(err.get("loc", ())))
+        field = field_of(err.get("loc", ()))
+        better = explain(field, err.get("input")) if explain is not None and field is not None else None
+        return error_response(422, better or _validation_message(err), field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
