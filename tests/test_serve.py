@@ -69,7 +69,7 @@ def _free_port() -> int:
 
 def _cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "icl_retriever.cli", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=300)
+                          text=True, env={**os.environ, **(env or {})}, timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def _same(http: list[dict[str, Any]], lib: list[Any]) -> None:
 
 
 def test_demos_equal_get_demos_for_20_queries_and_several_control_sets(served: tuple[str, Path], reference: Retriever) -> None:
-    url, index = served
+    url, _ = served
     assert httpx.get(f"{url}/v1/index", headers=AUTH).json()["generation"] == reference.manifest.generation
     jobs = [(q, controls) for controls in CONTROL_SETS for q in QUERIES]
     with httpx.Client(base_url=url, headers=AUTH, timeout=120) as client, ThreadPoolExecutor(8) as pool:
@@ -187,6 +187,8 @@ def test_token_is_required_everywhere_but_healthz(served: tuple[str, Path]) -> N
         ({"query": "Write a poem.", "k": 3, "fetch_k": 2}, 422, "fetch_k"),
         ({"query": "Write a poem.", "tokenizer": "gpt2"}, 422, "tokenizer"),
         ({"query": "Write a poem.", "demo_format": "{0.__class__}"}, 422, "demo_format"),
+        ({"query": "Write a poem.", "max_tokens": 50, "demo_format": "{output:>99999999}"}, 422, "demo_format"),
+        ({"query": "Write a poem.", "max_tokens": 50, "demo_format": "{no_such_field}"}, 422, "demo_format"),
         ({"query": "Write a poem.", "k": "4"}, 422, "k"),
         ({"query": "   "}, 422, "query"),
         ({"query": "Write a poem.", "min_score": "high"}, 422, "min_score"),
@@ -283,7 +285,17 @@ def client(default_retriever: Retriever) -> Iterator[Any]:
     from icl_retriever.serve import ServeSettings, create_app
 
     with TestClient(create_app(default_retriever, ServeSettings(reload_interval_s=0, max_k=10))) as c:
+        _wait_ready(c)
         yield c
+
+
+def _wait_ready(c: Any) -> None:
+    """Poll /readyz (the warm-up query runs after start-up; /healthz answers meanwhile), at most 120 s."""
+    deadline = time.monotonic() + 120
+    while c.get("/readyz").status_code != 200:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert time.monotonic() < deadline, "not ready within 120 s"
+        time.sleep(0.05)
 
 
 def test_request_controls_are_the_search_controls(client: Any) -> None:
@@ -321,17 +333,15 @@ def test_server_errors_are_logged_not_leaked(default_retriever: Retriever, caplo
     from icl_retriever.serve import ServeSettings, create_app
 
     class Broken(Retriever):
-        calls = 0
-
         def get_demos_grouped(self, groups: Any) -> Any:
-            Broken.calls += 1
-            if Broken.calls > 1:  # the warm-up passes
+            if any("Write a poem." in queries for queries, _ in groups):  # the warm-up query passes
                 raise RuntimeError("secret internal detail")
             return super().get_demos_grouped(groups)
 
     broken = Broken(default_retriever.encoder, default_retriever.index, default_retriever.demos,
                     topic_index=default_retriever.topic_index, topic=default_retriever.topic)
     with TestClient(create_app(broken, ServeSettings(reload_interval_s=0)), raise_server_exceptions=False) as c:
+        _wait_ready(c)
         answer = c.post("/v1/demos", json={"query": "Write a poem."})
     assert answer.status_code == 500
     assert "secret" not in answer.text and "Traceback" not in answer.text

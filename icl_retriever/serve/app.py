@@ -31,7 +31,7 @@ from icl_retriever.search import SearchControls
 from icl_retriever.serve.auth import AuthMiddleware, BearerToken
 from icl_retriever.serve.batching import MicroBatcher
 from icl_retriever.serve.errors import ErrorBody, RequestError, field_of, install_error_handlers
-from icl_retriever.serve.limits import BodyLimitMiddleware, check_queries, check_sizes
+from icl_retriever.serve.limits import BodyLimitMiddleware, check_demo_format, check_queries, check_sizes
 from icl_retriever.serve.metrics import MetricsMiddleware, ServeMetrics
 from icl_retriever.serve.models import (
     AddRequest,
@@ -96,7 +96,7 @@ def create_app(retriever: Retriever, settings: ServeSettings | None = None, *, t
 
     Returns:
         The app; run it with uvicorn, or test it with ``starlette.testclient.TestClient`` (which runs its
-        lifespan: the batcher, the warm-up query and the index watcher).
+        lifespan: the batcher, the index watcher and a warm-up query, after which ``/readyz`` says ok).
     """
     settings = settings or ServeSettings()
     bearer = BearerToken(token)
@@ -107,18 +107,27 @@ def create_app(retriever: Retriever, settings: ServeSettings | None = None, *, t
     state = {"ready": False}
     paths: set[str] = set()  # the routes' paths, for the metrics' endpoint label (filled below)
 
+    async def warm_up() -> None:
+        # the first query loads the ONNX sessions and the topic model: paid before /readyz says ok
+        try:
+            await batcher.run(["Warm up the encoder."], SearchControls.parse(k=1))
+        except Exception:
+            logger.exception("the warm-up query failed; /readyz stays 503")
+            return
+        state["ready"] = True
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
-        # the first query loads the ONNX sessions and the topic model: pay it before saying ready
-        await batcher.run(["Warm up the encoder."], SearchControls.parse(k=1))
+        warming = asyncio.create_task(warm_up(), name="icl-serve-warm-up")  # /healthz answers meanwhile
         if watcher is not None:
             watcher.start()
-        state["ready"] = True
         try:
             yield
         finally:
             state["ready"] = False
+            warming.cancel()
+            await asyncio.gather(warming, return_exceptions=True)
             if watcher is not None:
                 watcher.stop()
             await batcher.stop()
@@ -147,6 +156,7 @@ def create_app(retriever: Retriever, settings: ServeSettings | None = None, *, t
         check_queries(queries, settings, field)
         ctl = _controls(request)
         check_sizes(ctl.k, ctl.fetch_k, len(queries) if field == "queries" else None, settings)
+        check_demo_format(ctl.demo_format, settings)
         _arrived(http, batcher)
         try:
             return await batcher.run(queries, ctl)

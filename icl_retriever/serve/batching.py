@@ -139,13 +139,13 @@ class MicroBatcher:
             self._on_batch(sum(len(job.queries) for job in batch))
         try:
             return list(self._retriever.get_demos_grouped([(job.queries, job.controls) for job in batch]))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (whatever it is, it goes to the job(s) that caused it)
             if len(batch) == 1:
                 return [exc]
         outcomes: list[list[list[Demo]] | BaseException] = []
         for job in batch:
             try:
                 outcomes.append(self._retriever.get_demos_grouped([(job.queries, job.controls)])[0])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (handed to this job's request)
                 outcomes.append(exc)
         return outcomes

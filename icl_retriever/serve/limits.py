@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 
 from starlette.datastructures import Headers
@@ -88,3 +89,23 @@ def check_sizes(k: int, fetch_k: int | None, batch: int | None, settings: ServeS
         raise RequestError(422, f"{batch} queries; the limit is {settings.max_batch} a request", "queries")
     if batch == 0:
         raise RequestError(422, "no queries", "queries")
+
+
+def check_demo_format(demo_format: str | None, settings: ServeSettings) -> None:
+    """A template of plain ``{field}`` replacements, no longer than a query.
+
+    A format spec or conversion (``{output:>99999999}``, ``{input!r}``) is refused: a width alone would make
+    the server build a huge string for every candidate demo.
+
+    Raises:
+        RequestError: 422 naming ``demo_format``.
+    """
+    if demo_format is None:
+        return
+    if len(demo_format) > settings.max_query_chars:
+        raise RequestError(422, f"demo_format has {len(demo_format)} characters; the limit is {settings.max_query_chars}",
+                           "demo_format")
+    for _, name, spec, conversion in string.Formatter().parse(demo_format):  # parsed by SearchControls already
+        if name is not None and (spec or conversion):
+            raise RequestError(422, f"demo_format field {{{name}}}: the server takes plain {{field}} replacements, "
+                                    "without a format spec or conversion", "demo_format")

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from icl_retriever.search import SearchControls
-from icl_retriever.store import Manifest
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -26,7 +25,7 @@ def _json_filter(spec: dict[str, Any] | None) -> dict[str, Any] | None:
         for item in values:
             if not isinstance(item, _SCALARS):
                 kind = "an object" if isinstance(item, dict) else "a list inside a list" if isinstance(item, list) else type(item).__name__
-                raise ValueError(
+                raise ValueError(  # noqa: TRY004 (pydantic turns ValueError into a validation error)
                     f"filter {key!r}: a value is a string, number, true, false, null or a list of them, got {kind}"
                 )
     return spec
@@ -190,7 +189,22 @@ class Health(BaseModel):
 
 
 __all__ = [
-    "JSON_TYPES", "NOT_IN_JSON", "AddRequest", "ChatMessage", "AddResponse", "BatchItem", "BatchRequest", "BatchResponse",
-    "DemoIn", "DemoOut", "DemosRequest", "DemosResponse", "Health", "IndexRef", "Manifest", "RemoveRequest",
-    "RemoveResponse", "SearchOptions", "ValidationError", "controls_of",
+    "JSON_TYPES",
+    "NOT_IN_JSON",
+    "AddRequest",
+    "AddResponse",
+    "BatchItem",
+    "BatchRequest",
+    "BatchResponse",
+    "ChatMessage",
+    "DemoIn",
+    "DemoOut",
+    "DemosRequest",
+    "DemosResponse",
+    "Health",
+    "IndexRef",
+    "RemoveRequest",
+    "RemoveResponse",
+    "SearchOptions",
+    "controls_of",
 ]
