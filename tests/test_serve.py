@@ -349,6 +349,14 @@ def test_server_errors_are_logged_not_leaked(default_retriever: Retriever, caplo
     assert "secret internal detail" in caplog.text
 
 
+def test_serve_package_exports() -> None:
+    import icl_retriever.serve as serve
+
+    assert set(serve.__all__) == {"ServeSettings", "create_app", "require_serve_extra", "serve"}
+    for name in serve.__all__:
+        assert callable(getattr(serve, name)), name
+
+
 def test_serve_flags_are_the_settings() -> None:
     from icl_retriever.cli import build_parser
     from icl_retriever.serve import ServeSettings

@@ -23,7 +23,9 @@ class ServeSettings(BaseModel):
         description="how long a query may wait for others to share its encoder call; it waits only while more "
         "are expected (as many as the last batch held, or requests still being read); 0: never wait",
     )
-    max_encoder_batch: int = Field(64, ge=1, description="most queries embedded in one encoder call")
+    max_encoder_batch: int = Field(
+        64, ge=1, description="most queries gathered into one encoder call (a larger batch request is a call of its own)"
+    )
     worker_threads: int = Field(
         1, ge=1, le=64, description="encoder batches run at once (1 suits a CPU: the next batch gathers meanwhile)"
     )
