@@ -275,6 +275,23 @@ def test_cli_adds_are_served_under_traffic_without_a_failed_request(served: tupl
     assert (removed["removed"], removed["not_found"]) == (["served-add-0"], ["no-such-id"])
 
 
+def test_a_forced_rebuild_into_the_served_directory_is_served(served: tuple[str, Path], tmp_path: Path) -> None:
+    url, index = served
+    before = httpx.get(f"{url}/v1/index", headers=AUTH).json()["generation"]
+    pool = tmp_path / "small.jsonl"
+    records = [{"id": f"small-{i}", "instruction": text, "output": "ok", "task": "small"} for i, text in
+               enumerate(["Write a poem about rain.", "Translate 'hello' into Italian.", "Sort these numbers."])]
+    pool.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    done = _cli("build", pool, "--out", index, "--force")
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/v1/index", headers=AUTH).json()["generation"] <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    answer = httpx.post(f"{url}/v1/demos", json={"query": "Write a poem about snow.", "k": 10}, headers=AUTH).json()
+    assert sorted(d["id"] for d in answer["demos"]) == ["small-0", "small-1", "small-2"]
+    assert answer["index"]["demos"] == 3 and answer["index"]["version"] > before
+
+
 # in process: the schema, and refusals that need no query run ---------------------------------------
 
 
@@ -350,7 +367,7 @@ def test_server_errors_are_logged_not_leaked(default_retriever: Retriever, caplo
 
 
 def test_serve_package_exports() -> None:
-    import icl_retriever.serve as serve
+    from icl_retriever import serve
 
     assert set(serve.__all__) == {"ServeSettings", "create_app", "require_serve_extra", "serve"}
     for name in serve.__all__:
