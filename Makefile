@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/icl-retriever
 
-.PHONY: install demo test clean
+.PHONY: install demo test docs docs-serve clean
 
 install: $(VENV)/.installed
 
@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,dspy,ray,serve]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,dspy,ray,llamaindex,haystack,docs,serve]"
 	touch $@
 
 demo: install
@@ -21,5 +21,12 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The documentation site into site/ (warnings are errors), and a local preview with live reload.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
 clean:
-	rm -rf $(VENV) indexes/default .pytest_cache
+	rm -rf $(VENV) indexes/default .pytest_cache site

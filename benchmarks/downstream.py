@@ -92,10 +92,7 @@ def main(
     except (ICLRetrieverError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"model {report.model}, pool {report.pool} ({report.n_pool} demos), {report.n_queries} queries")
-    print(report.table())
-    print(f"NLL: mean gold-output NLL per token; Δ: paired difference to {config.reference} (± standard error); "
-          f"accuracy: option {config.option_score} log-likelihood on closed-label queries (n)")
+    print(report.summary())
     if args.json:
         args.json.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
     print(f"wall time {time.perf_counter() - started:.1f} s")

@@ -15,6 +15,7 @@ on a quiet machine; a smoke run: ``python -m benchmarks.load_time --n 2000 --rou
 
     python -m benchmarks.load_time --n 100000 --rounds 7 --before 1d2a97b
     python -m benchmarks.load_time --n 100000 --index-type hnsw
+    python -m benchmarks.load_time --n 100000 --index-type ivfpq --mmap   # every code's reconstruction measured
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def loader_of(rev: str) -> Callable[..., object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000, help="demos in the index (default 1e5)")
-    parser.add_argument("--index-type", choices=["flat", "hnsw", "ivf"], default="flat")
+    parser.add_argument("--index-type", choices=["flat", "hnsw", "ivf", "ivfpq"], default="flat")
+    parser.add_argument("--mmap", action="store_true", help="load memory-mapped (load_version(..., mmap=True))")
     parser.add_argument("--rounds", type=int, default=5, help="loads per variant (median reported)")
     parser.add_argument("--before", default=None, metavar="REV", help="also time the loader of this git revision")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "icl-retriever-load-time")
@@ -112,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         build(out, args.n, args.index_type)
         print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
-    variants: dict[str, Callable[[], object]] = {"checks on": lambda: load_version(out)}
+    variants: dict[str, Callable[[], object]] = {"checks on": lambda: load_version(out, mmap=args.mmap)}
 
     def off() -> object:
         with checks_off():
-            return load_version(out)
+            return load_version(out, mmap=args.mmap)
 
     variants["checks off"] = off
     if args.before:
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             variants[name]()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"{args.n} demos, {args.index_type}, topic vectors, sha256 verified, {args.rounds} rounds (median s):")
+    mapped = ", memory-mapped" if args.mmap else ""
+    print(f"{args.n} demos, {args.index_type}{mapped}, topic vectors, sha256 verified, {args.rounds} rounds (median s):")
     for name, seconds in median.items():
         print(f"  {name:<24} {seconds:8.3f}")
     print(f"  checks on / checks off   {median['checks on'] / median['checks off']:8.3f}")

@@ -16,16 +16,24 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from icl_retriever import default_model
+from icl_retriever import presets
 from icl_retriever.errors import ModelLoadError
 
-if TYPE_CHECKING:
-    from icl_retriever.encoder import PIEEncoder
+
+class CalibratedEncoder(Protocol):
+    """What :func:`calibrate` needs of an encoder (a :class:`~icl_retriever.PIEEncoder` is one). A protocol, so
+    this module does not import the encoder, which imports it for ``min_score="auto"``."""
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def encode(self, texts: list[str], *, batch_size: int, show_progress_bar: bool) -> np.ndarray: ...
+
 
 #: The file beside a model's weights that holds its floor.
 CALIBRATION_FILE = "calibration.json"
@@ -126,7 +134,7 @@ def choose_floor(outcomes: FloorOutcomes, precision: float = DEFAULT_PRECISION) 
 
 
 def calibrate(
-    encoder: PIEEncoder,
+    encoder: CalibratedEncoder,
     sets: Sequence[tuple[str, Sequence[str], Sequence[str]]],
     *,
     precision: float = DEFAULT_PRECISION,
@@ -187,7 +195,8 @@ def floor_for(model: str, fingerprint: str) -> float:
     Raises:
         ValueError: the model carries no calibration, or one made for other weights or settings.
     """
-    directory = default_model.HERE if model == "default" else Path(model) if Path(model).is_dir() else None
+    preset = presets.find(model)
+    directory = preset.directory if preset is not None else Path(model) if Path(model).is_dir() else None
     path = None if directory is None else (directory / CALIBRATION_FILE).resolve()
     info = path.stat() if path is not None and path.is_file() else None
     found = _stored(path, info.st_size, info.st_mtime_ns) if path is not None and info is not None else None

@@ -76,10 +76,15 @@ class QueryVectors:
             return self._locks.setdefault(key, threading.Lock())
 
     def embed(self, encoder: PIEEncoder | TopicEncoder, queries: list[str], kind: Any) -> np.ndarray:
-        """Embeddings of ``queries`` by ``encoder``, from the cache where possible, the rest in one batch."""
+        """Embeddings of ``queries`` by ``encoder``, from the cache where possible, the rest in one batch.
+
+        A query is cut to one character past the encoder's :attr:`text_limit` first: the encoder reads no
+        further, so the vector is the same, and the cache holds no more of a 5 MB query than that.
+        """
         out = np.empty((len(queries), encoder.dim), dtype=np.float32)
         missing: dict[str, list[int]] = {}
         for i, q in enumerate(queries):
+            q = q[: encoder.text_limit + 1]
             cached = self.cache.get((kind, q))
             if cached is None:
                 missing.setdefault(q, []).append(i)

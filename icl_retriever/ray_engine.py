@@ -7,7 +7,9 @@ instructions: one :class:`PIEEncoder` per actor, on CPU (ONNX Runtime, the cache
 ``gpus_per_actor`` GPUs (torch). The driver gathers the rows in pool order as they stream in (records and
 vectors go to staging files beside the target, read back one at a time and memory-mapped), checks ids across
 files, and indexes and writes the directory exactly as a local build does (manifest, sha256 of every file,
-atomic switch): nothing is written until every record is read and embedded.
+atomic switch): nothing is written until every record is read and embedded. A bad record reaches the user
+as the one-line PoolError a local build gives; Ray's own console output (execution plans, task stacks, the
+core's start-up notes) is kept off the terminal, its logs still under the session directory.
 
 What it does not do (yet): the driver holds every id, the index is filled by the driver (not in parallel
 tasks), and there are no checkpoints to resume from.
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,10 +41,10 @@ from icl_retriever.records import (
     decode_pool_bytes,
     UniqueIds,
     is_parquet,
-    iter_parquet_bytes,
     iter_pool_text,
     pool_files,
 )
+from icl_retriever.pool_parquet import iter_parquet
 from icl_retriever.store import MappedDemos, TopicInfo, new_flat_index
 from icl_retriever.store.demo_file import offset_table, record_line
 from icl_retriever.topic import (
@@ -76,16 +80,15 @@ def _ray() -> Any:
     return ray
 
 
-def _parse(row: dict[str, Any], order: dict[str, int]) -> list[dict[str, Any]]:
-    """One pool file's bytes -> its records (validated), each with the file's place and its own."""
+def _parse(row: dict[str, Any], order: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """One pool file's bytes -> its records (validated), each with the file's place and its own; yielded as
+    they are read, so Ray streams them into blocks instead of holding the whole file's."""
     path = str(row["path"])
     name = next((given for given in order if Path(given).resolve() == Path(path).resolve()), path)
     data = bytes(row["bytes"])
-    records = iter_parquet_bytes(data, name) if is_parquet(name) else iter_pool_text(decode_pool_bytes(data, name), name)
-    return [
-        {"file": order[name], "pos": pos, "where": where, "demo": demo.model_dump_json()}
-        for pos, (where, demo) in enumerate(records)
-    ]
+    records = iter_parquet(data, name) if is_parquet(name) else iter_pool_text(decode_pool_bytes(data, name), name)
+    for pos, (where, demo) in enumerate(records):
+        yield {"file": order[name], "pos": pos, "where": where, "demo": demo.model_dump_json()}
 
 
 class _Embedder:
@@ -148,14 +151,15 @@ def read_and_embed(
     device = "cuda" if options.gpus_per_actor > 0 else "cpu"
     runtime: Runtime = "torch" if options.gpus_per_actor > 0 else encoder.runtime
     started = not ray.is_initialized()
-    for name in ("ray", "ray.data"):  # Ray Data logs every execution plan at INFO on stderr
-        logging.getLogger(name).setLevel(logging.WARNING)
     staging.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=staging.name, dir=staging.parent))
-    if started:
-        ray.init(address=options.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=False)
+    quiet = contextlib.ExitStack()
     try:
+        quiet.enter_context(_quiet_console(ray, starting=started))
+        if started:
+            with _stderr_to_devnull():  # the C++ core's start-up lines go to the process's stderr directly
+                ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
+                         logging_level="ERROR", configure_logging=False)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = True  # rows reach the driver in pool order
@@ -175,7 +179,7 @@ def read_and_embed(
             ),
             batch_size=ACTOR_BATCH,
             batch_format="numpy",
-            concurrency=options.actors,
+            compute=ray.data.ActorPoolStrategy(size=options.actors),
             num_cpus=options.cpus_per_actor,
             num_gpus=options.gpus_per_actor or None,
         )
@@ -184,6 +188,7 @@ def read_and_embed(
         if started:
             ray.shutdown()
             started = False
+        quiet.close()
         if topic_encoder is None or source is None or topic_vectors is None:
             yield Embedded(demos, vectors, None, None, None)
         else:
@@ -192,7 +197,50 @@ def read_and_embed(
     finally:
         if started:
             ray.shutdown()
+        quiet.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """File descriptor 2 pointed at the null device for a moment (what C++ writes bypasses ``sys.stderr``);
+    a failure still raises its Python exception, which says what went wrong."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextmanager
+def _quiet_console(ray: Any, *, starting: bool) -> Iterator[None]:
+    """Ray's chatter kept off the user's terminal while a pool is read and embedded: Ray Data's console
+    handlers (execution plans, deprecation notes, an aborted task's stack) raised above CRITICAL, its log
+    file under the session directory still complete; and, for a cluster started here, the C++ core's
+    stderr lines (token notes, actor warnings) at FATAL unless ``RAY_BACKEND_LOG_LEVEL`` says otherwise.
+    A record's error reaches the user as one PoolError line (:func:`_batches`)."""
+    import ray.data  # noqa: F401  (configures its loggers on import: after it, so they stay changed)
+
+    saved: list[tuple[logging.Handler, int]] = []
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                saved.append((handler, handler.level))
+                handler.setLevel(logging.CRITICAL + 1)
+    level = os.environ.get("RAY_BACKEND_LOG_LEVEL")
+    if starting and level is None:
+        os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"  # read by the core when ray.init starts it
+    try:
+        yield
+    finally:
+        if starting and level is None:
+            os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
+        for handler, before in saved:
+            handler.setLevel(before)
 
 
 def _gather(ds: Any, workdir: Path, name: str, *, with_topic: bool) -> tuple[MappedDemos, np.ndarray, np.ndarray | None]:

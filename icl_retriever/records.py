@@ -1,7 +1,10 @@
 """Demonstration records and the pool formats they are read from.
 
 A pool is validated completely before any embedding work starts, so a bad line at the end of a large
-file fails in seconds, and every error names the file and the line (or record) at fault.
+file fails in seconds, and every error is one line naming the file, the line (or record, or row) and the
+field at fault. Pool files are validated in a first pass that keeps nothing (:func:`check_pool_files`), so
+memory is bounded by a file's text or a batch of Parquet rows (:mod:`icl_retriever.pool_parquet`) until
+the pool is known to be good.
 """
 
 from __future__ import annotations
@@ -9,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import glob
 import json
+import math
+import sys
 from importlib import resources
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from icl_retriever.errors import PoolError
 
@@ -22,7 +27,6 @@ from icl_retriever.errors import PoolError
 CORE_FIELDS = ("id", "instruction", "input", "output")
 #: File name endings read as Parquet (one record per row) rather than JSON / JSONL.
 PARQUET_SUFFIXES = (".parquet", ".pq")
-_PARQUET_BATCH = 4096  # rows converted to Python at a time
 
 
 class Demo(BaseModel):
@@ -34,12 +38,16 @@ class Demo(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str
-    instruction: str
-    input: str = ""
-    output: str = ""
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    score: float | None = None
+    id: str = Field(description="unique within a pool; a content hash of instruction, input and output when the "
+                    "pool gives none")
+    instruction: str = Field(description="what the LLM is asked to do; the only field embedded (it carries the task)")
+    input: str = Field("", description="what the instruction works on (may be empty)")
+    output: str = Field("", description="a good answer: what the demo shows the LLM")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="every other field of the record (e.g. ``task``, ``domain``), for filters and your prompts",
+    )
+    score: float | None = Field(None, description="set on retrieved demos: the PIE (task) cosine to the query")
 
     def record(self) -> dict[str, Any]:
         """The stored form: everything but the retrieval score."""
@@ -119,7 +127,7 @@ def demo_from_record(record: Any, *, path: str | None = None, line: int | None =
         if value is None and name != "instruction":
             value = ""
         if not isinstance(value, str):
-            raise PoolError(f"field '{name}' must be a string, got {type(value).__name__}", path=path, line=line)
+            raise PoolError(f"field '{name}' must be a string, got {_describe(value)}", path=path, line=line)
         values[name] = value
     if not values["instruction"].strip():
         raise PoolError("field 'instruction' is empty", path=path, line=line)
@@ -127,15 +135,14 @@ def demo_from_record(record: Any, *, path: str | None = None, line: int | None =
     raw_meta = record.get("metadata")
     if raw_meta is not None:
         if not isinstance(raw_meta, Mapping):
-            raise PoolError(f"field 'metadata' must be an object, got {type(raw_meta).__name__}", path=path, line=line)
+            raise PoolError(f"field 'metadata' must be an object, got {_describe(raw_meta)}", path=path, line=line)
         metadata.update(raw_meta)
     metadata.update({k: v for k, v in record.items() if k not in CORE_FIELDS and k != "metadata"})
     if task is not None:
         metadata.setdefault("task", task)
-    try:
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise PoolError(f"metadata is not plain JSON ({exc})", path=path, line=line) from exc
+    problem = not_plain_json(metadata, "metadata")
+    if problem:
+        raise PoolError(problem, path=path, line=line)
     try:
         for name, value in values.items():
             check_text(value, f"field '{name}'")
@@ -145,15 +152,108 @@ def demo_from_record(record: Any, *, path: str | None = None, line: int | None =
     raw_id = record.get("id")
     if raw_id is None:
         demo_id = stable_id(values["instruction"], values["input"], values["output"])
-    elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and str(raw_id).strip():
-        demo_id = str(raw_id)
+    elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and _int_text(raw_id).strip():
+        demo_id = _int_text(raw_id)
         try:
             check_text(demo_id, "field 'id'")
         except ValueError as exc:
             raise PoolError(str(exc), path=path, line=line) from None
     else:
-        raise PoolError(f"field 'id' must be a non-empty string or integer, got {raw_id!r}", path=path, line=line)
-    return Demo(id=demo_id, metadata=metadata, **values)
+        raise PoolError(f"field 'id' must be a non-empty string or integer, got {_describe(raw_id)}", path=path, line=line)
+    try:
+        return Demo(id=demo_id, metadata=metadata, **values)
+    except ValidationError as exc:  # the checks above should leave nothing for pydantic: say it in one line
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise PoolError(f"field '{field}': {err['msg']}", path=path, line=line) from None
+
+
+class LongInt:
+    """A JSON integer of more digits than Python converts (``sys.get_int_max_str_digits()``, 4300 by
+    default), kept as its digits so that the record holding it is named instead of the whole file failing."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: str) -> None:
+        self.digits = digits
+
+
+def load_json(text: str) -> Any:
+    """``json.loads``, except that an integer too long for Python is read as a :class:`LongInt` (a second
+    parse, only for such a document), for :func:`demo_from_record` to refuse with its place."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        if "digits" not in str(exc):
+            raise
+        return json.loads(text, parse_int=_parse_int)
+
+
+def _parse_int(digits: str) -> int | LongInt:
+    try:
+        return int(digits)
+    except ValueError:
+        return LongInt(digits)
+
+
+def _int_text(value: str | int) -> str:
+    """``str(value)``, or "" for an integer too long for Python to write out."""
+    try:
+        return str(value)
+    except ValueError:
+        return ""
+
+
+def _describe(value: Any) -> str:
+    """A short description of a wrong value, for messages (never the whole of a huge one)."""
+    if isinstance(value, LongInt):
+        return f"an integer of {len(value.digits.lstrip('-'))} digits (Python reads at most {_max_digits()})"
+    if isinstance(value, int) and not isinstance(value, bool) and not _int_text(value):
+        return f"an integer of more than {_max_digits()} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{type(value).__name__} {text[:60]}..."
+
+
+def _max_digits() -> int:
+    return sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 4300
+
+
+def not_plain_json(value: Any, where: str) -> str | None:
+    """Why ``value`` does not survive a JSON round trip unchanged (naming where in it), or None: a key that
+    is not a string (JSON would turn it into one), a NaN or infinity, an integer too long to write out, or
+    a value of another type."""
+    try:
+        return _first_not_json(value, where)
+    except RecursionError:
+        return f"{where} is nested too deeply"
+
+
+def _first_not_json(value: Any, where: str) -> str | None:
+    if value is None or isinstance(value, (str, bool)):
+        return None
+    if isinstance(value, int):
+        return None if _int_text(value) else f"{where} is {_describe(value)}"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} is {value}, which JSON cannot hold"
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{where} has a key that is not a string: {_describe(key)} ({type(key).__name__})"
+            found = _first_not_json(item, f"{where}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(value, LongInt):
+        return f"{where} is {_describe(value)}"
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _first_not_json(item, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    return f"{where} is not plain JSON: {_describe(value)} ({type(value).__name__})"
 
 
 def read_text(path: Path) -> str:
@@ -176,53 +276,15 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Demo]]:
         if not path.is_file():
             raise PoolError("no such file" if not path.exists() else "is a directory, expected a Parquet file",
                             path=str(path))
-        return iter_parquet_bytes(path.read_bytes(), str(path))
+        from icl_retriever.pool_parquet import iter_parquet
+
+        return iter_parquet(path, str(path))
     return iter_pool_text(read_text(path), str(path))
 
 
 def is_parquet(name: str | Path) -> bool:
     """Whether a pool file is read as Parquet (by its name: ``.parquet`` / ``.pq``)."""
     return str(name).lower().endswith(PARQUET_SUFFIXES)
-
-
-def iter_parquet_bytes(data: bytes, name: str) -> Iterator[tuple[str, Demo]]:
-    """(where, demo) pairs of a Parquet pool file's bytes: one record per row, columns as the fields of a JSONL
-    record (``instruction`` required; other columns go to metadata). A ``metadata`` column may be a struct, a
-    map or a JSON object string. ``where`` is ``file (row N)``, counted from 1.
-
-    Raises:
-        PoolError: pyarrow is missing, the bytes are not Parquet, or a row is malformed (file and row named).
-    """
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise PoolError('reading Parquet needs pyarrow: pip install "icl-retriever[parquet]"', path=name) from None
-    row = 0
-    try:
-        batches = pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=_PARQUET_BATCH)
-        for batch in batches:
-            for record in batch.to_pylist():
-                row += 1
-                where = f"{name} (row {row})"
-                yield where, demo_from_record(_parquet_record(record, where), path=where)
-    except (pa.ArrowException, OSError) as exc:
-        reason = (str(exc).splitlines() or [""])[0]
-        raise PoolError(f"not a readable Parquet file ({type(exc).__name__}: {reason})"
-                        + (f" after row {row}" if row else ""), path=name) from exc
-
-
-def _parquet_record(record: dict[str, Any], where: str) -> dict[str, Any]:
-    """A Parquet row as a JSON-like record: a map column (pairs) or JSON string as the ``metadata`` object."""
-    meta = record.get("metadata")
-    if isinstance(meta, list) and all(isinstance(p, tuple) and len(p) == 2 for p in meta):
-        record["metadata"] = dict(meta)
-    elif isinstance(meta, str):
-        try:
-            record["metadata"] = json.loads(meta)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise PoolError(f"field 'metadata' is a string but not a JSON object ({exc})", path=where) from exc
-    return record
 
 
 def decode_pool_bytes(data: bytes, name: str) -> str:
@@ -240,7 +302,7 @@ def iter_pool_text(text: str, name: str) -> Iterator[tuple[str, Demo]]:
     whole: Any = None
     if stripped[:1] in ("[", "{"):
         try:
-            whole = json.loads(text)
+            whole = load_json(text)
         except json.JSONDecodeError as exc:
             # JSONL is a complete object followed by "extra data"; anything else is a broken JSON document
             # (a pretty-printed list or IEB file), whose error is where the decoder stopped.
@@ -263,11 +325,11 @@ def iter_pool_text(text: str, name: str) -> Iterator[tuple[str, Demo]]:
                 where = f"{name} (task {label!r}, sample {i})"
                 yield where, demo_from_record(record, path=where, task=label)
         return
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    for lineno, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = load_json(line)
         except json.JSONDecodeError as exc:
             raise PoolError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=name, line=lineno) from exc
         except RecursionError as exc:
@@ -275,9 +337,23 @@ def iter_pool_text(text: str, name: str) -> Iterator[tuple[str, Demo]]:
         yield f"{name}:{lineno}", demo_from_record(record, path=name, line=lineno)
 
 
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` one at a time (``str.split`` would copy the whole file at once)."""
+    start = 0
+    while start <= len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        yield text[start:end]
+        start = end + 1
+
+
 def default_pool_path() -> Path:
     """The demo pool shipped in the package (385 demos of 77 tasks; ``examples/demos.jsonl`` in the
-    repository), so ``icl-retriever demo`` works right after ``pip install``."""
+    repository), so ``icl-retriever demo`` works right after ``pip install``.
+
+    Returns:
+        The path of the packaged JSONL pool, ready for :func:`build_index` or :func:`load_pool`.
+    """
     return Path(str(resources.files("icl_retriever") / "data" / "demos.jsonl"))
 
 
@@ -297,6 +373,7 @@ def load_pool(source: str | Path | Iterable[Demo | Mapping[str, Any]]) -> list[D
         PoolError: the pool is empty, a record is malformed, or two records share an id.
     """
     if isinstance(source, (str, Path)):
+        check_pool_files([Path(source)])
         return unique_ids(list(_iter_file(Path(source))), str(source))
     located = [(f"record {i}", demo_from_record(r, line=i)) for i, r in enumerate(source, start=1)]
     return unique_ids(located, None)
@@ -323,8 +400,24 @@ def load_pools(paths: Sequence[str | Path]) -> list[Demo]:
     across them)."""
     if not paths:
         raise PoolError("no pool files given")
-    located = [pair for path in pool_files(paths) for pair in _iter_file(path)]
+    files = pool_files(paths)
+    check_pool_files(files)
+    located = [pair for path in files for pair in _iter_file(path)]
     return unique_ids(located, str(paths[0]) if len(paths) == 1 else f"{len(paths)} pool files")
+
+
+def check_pool_files(files: Sequence[Path]) -> None:
+    """Validate every record of pool files in memory bounded by a file's text (JSON) or a batch of rows
+    (Parquet), keeping none: the pass before a pool is held in memory, so that a bad record at the end of
+    millions (a few kilobytes of Parquet can hold them) is refused without holding all before it. Ids used
+    twice are found while the pool is loaded.
+
+    Raises:
+        PoolError: a file is missing or unreadable, or a record is malformed (file and line or row named).
+    """
+    for path in files:
+        for _ in _iter_file(path):
+            pass
 
 
 def unique_ids(located: list[tuple[str, Demo]], name: str | None) -> list[Demo]:
@@ -346,6 +439,7 @@ class UniqueIds:
 
     def __init__(self) -> None:
         self.first: dict[str, str] = {}
+        self._suffix: dict[str, int] = {}  # the last suffix given to repeats of an id: n repeats cost O(n)
 
     def __len__(self) -> int:
         return len(self.first)
@@ -359,9 +453,10 @@ class UniqueIds:
         if demo.id in self.first:
             if demo.id != stable_id(demo.instruction, demo.input, demo.output):
                 raise PoolError(f"{where}: duplicate id {demo.id!r} (first used at {self.first[demo.id]})")
-            n = 2  # identical content without an explicit id: keep both, distinguishable and still stable
-            while f"{demo.id}-{n}" in self.first:
+            n = self._suffix.get(demo.id, 1) + 1  # identical content without an explicit id: keep both,
+            while f"{demo.id}-{n}" in self.first:  # distinguishable and still stable
                 n += 1
+            self._suffix[demo.id] = n
             demo.id = f"{demo.id}-{n}"
         self.first[demo.id] = where
         return demo

@@ -34,21 +34,33 @@ logger = logging.getLogger(__name__)
 class Retriever:
     """Return, for a request, the k demonstrations that show the same kind of task.
 
-    >>> r = Retriever.from_index("indexes/default")
-    >>> [d.metadata["task"] for d in r.get_demos("Translate 'good night' into German.", k=2)]
-    ['translation_en_de', 'translation_en_de']
+    Build one with :func:`build_index` (on disk) or :meth:`from_demos` (in memory), and open it with
+    :meth:`from_index`; the constructor is for code that already holds the parts. A ``Retriever`` may be
+    queried from many threads at once, and :meth:`add` / :meth:`remove` / :meth:`reload` swap its data as
+    a whole, so a search sees one version or the next, never a mix.
 
-    Build one with :func:`build_index` (on disk) or :meth:`from_demos` (in memory).
+    Examples:
+        >>> r = Retriever.from_index("indexes/default")
+        >>> [d.metadata["task"] for d in r.get_demos("Translate 'good night' into German.", k=2)]
+        ['translation_en_de', 'translation_en_de']
 
     Args:
         encoder: the PIE encoder of the index.
         index: FAISS index of the demos' instruction embeddings (row i is ``demos[i]``).
         demos: the demos.
+        path: the index directory the data was loaded from, which :meth:`add` / :meth:`remove` write
+            back to (``None``: in memory only).
+        manifest: the manifest of the version at ``path``.
         topic_index: optional flat index of the demos' topic vectors (row i is ``demos[i]``), used by
             ``rerank="task_then_topic"`` and ``dedup``; ``topic`` says which encoder made them.
+        topic: which encoder made the topic vectors (with ``topic_index``, or neither).
         topic_encoder: that encoder, if already loaded (else loaded on first use).
         cache_size: query embeddings kept in an LRU cache (per embedding kind); 0 disables it.
         mmap: ``index`` was loaded memory-mapped from ``path``; :meth:`reload` maps newer versions too.
+
+    Raises:
+        ValueError: the index and the demos differ in number, or ``cache_size`` is negative.
+        EncoderMismatchError: the index's vectors are not of the encoder's dimension.
     """
 
     def __init__(
@@ -131,8 +143,8 @@ class Retriever:
     ) -> Retriever:
         """Open an index directory with the encoder it was built with.
 
-        The manifest's model is loaded on its word only if it is the embedded default or a directory
-        inside the index directory (:func:`~icl_retriever.store.trusted_model`); any other model
+        The manifest's model is loaded on its word only if it is a packaged preset (``"default"``, ``"ieb"``,
+        ...) or a directory inside the index directory (:func:`~icl_retriever.store.trusted_model`); any other model
         (a local path, a Hugging Face id) must be named by the caller, with ``model`` or ``encoder``.
 
         Args:
@@ -154,6 +166,10 @@ class Retriever:
             IndexFormatError: the directory is missing, incomplete, corrupted or hostile.
             EncoderMismatchError: the encoder differs from the one the index was built with.
             ModelLoadError: the index's model cannot be loaded, or is not trusted without ``model``.
+            ValueError: both ``encoder`` and ``model`` are given.
+
+        Returns:
+            A retriever over the index's current version; :meth:`add` and :meth:`remove` write back to it.
         """
         if encoder is not None and model is not None:
             raise ValueError("give encoder or model, not both")
@@ -193,11 +209,33 @@ class Retriever:
     ) -> Retriever:
         """Embed a pool (file or records) into an in-memory retriever; nothing is written.
 
+        For a quick start or a test; :func:`build_index` keeps the result on disk, so it is embedded once.
+
         Args:
+            demos: a pool file (JSONL, JSON list, IEB, Parquet) or an iterable of :class:`Demo` / dicts,
+                validated as :func:`load_pool` does.
+            encoder: the encoder to embed with (default: the embedded PIE model).
+            batch_size: instructions per forward pass (default: the runtime's).
+            show_progress_bar: ``None``: on when logging at INFO.
+            cache_size: query embeddings kept in the LRU cache (0 disables it).
             topic: also compute each demo's topic vector (instruction + input) for
                 ``rerank="task_then_topic"`` and content-based ``dedup``; the kinds are those of
                 :func:`~icl_retriever.build.build_index` (default: the plain embedding of the default's
                 base or of another model, a second forward pass; ``"static"``: nearly free).
+
+        Returns:
+            An in-memory retriever; :meth:`save` writes it to a directory.
+
+        Raises:
+            PoolError: the pool is empty or a record is malformed (file and line named).
+
+        Examples:
+            >>> r = Retriever.from_demos([
+            ...     {"instruction": "Write a haiku about rain.", "output": "..."},
+            ...     {"instruction": "Translate 'thank you' into French.", "output": "Merci."},
+            ... ])
+            >>> r.get_demos("Write a haiku about snow.", k=1)[0].instruction
+            'Write a haiku about rain.'
         """
         from icl_retriever.embed import embed_in_memory
 
@@ -218,7 +256,19 @@ class Retriever:
         )
 
     def save(self, path: str | Path, *, force: bool = False) -> Manifest:
-        """Write this retriever's index to a directory (atomically; ``force`` to replace one)."""
+        """Write this retriever's index to a directory, which it then writes its updates to.
+
+        Args:
+            path: the index directory to create.
+            force: replace an index already there (atomically: the old one stays loadable until the switch).
+
+        Returns:
+            The manifest written.
+
+        Raises:
+            IndexExistsError: ``path`` exists and ``force`` is not set.
+            IndexWriteError: the write failed (full disk, permissions); nothing is left half-written.
+        """
         return self._live.save(path, force=force)
 
     # topic vectors ----------------------------------------------------------------------------
@@ -256,6 +306,7 @@ class Retriever:
 
         Raises:
             PoolError: a record is malformed, or an id exists and ``upsert`` is not set.
+            IndexWriteError: writing the new version failed; the index on disk and in memory is unchanged.
             ValueError: an ``ivfpq`` index, which cannot change in place (checked before any embedding).
         """
         check_rebuildable(self.index)
@@ -271,19 +322,34 @@ class Retriever:
         return [d.id for d in new]
 
     def remove(self, ids: Iterable[str], *, persist: bool | None = None) -> list[str]:
-        """Remove demos by id; returns those that were present (unknown ids are ignored).
+        """Remove demos by id (unknown ids are ignored).
 
         Args:
+            ids: the ids of the demos to remove.
             persist: as for :meth:`add`.
+
+        Returns:
+            The ids that were present and are now removed.
 
         Raises:
             ValueError: an ``ivfpq`` index, which cannot change in place.
+            IndexWriteError: writing the new version failed; the index on disk and in memory is unchanged.
         """
         check_rebuildable(self.index)
         return self._live.remove(set(ids), persist=persist)
 
     def reload(self) -> bool:
-        """Pick up a newer version of the index directory; returns whether anything changed."""
+        """Pick up a version of the index directory written by another process (``add``, ``remove``,
+        ``build --force``), verified like a first load. Searches in flight finish on the version they began with.
+
+        Returns:
+            Whether a newer version was loaded (``False``: already current).
+
+        Raises:
+            ValueError: this retriever has no index directory (made with :meth:`from_demos`, never saved).
+            IndexFormatError: the version on disk fails its checks; the retriever keeps the one it has.
+            EncoderMismatchError: the directory now holds an index of another encoder.
+        """
         return self._live.reload()
 
     # look-up --------------------------------------------------------------------------------
@@ -313,7 +379,26 @@ class Retriever:
     def get_demos_batch(
         self, queries: Sequence[str], k: int = 4, **controls: Unpack[SearchKwargs]
     ) -> list[list[Demo]]:
-        """:meth:`get_demos` for many queries: all embedded in one batch (cached ones skipped), same controls."""
+        """:meth:`get_demos` for many queries: all embedded in one batch (cached ones skipped), with the same
+        controls, over one version of the index.
+
+        Args:
+            queries: the incoming instructions (a sequence of strings, not one string).
+            k: demos per query.
+            **controls: the search controls of :meth:`get_demos`.
+
+        Returns:
+            One list of demos per query, in the order of ``queries``.
+
+        Raises:
+            TypeError: ``queries`` is a single string, or holds a non-string.
+            ValueError: an empty query, or a bad control (as for :meth:`get_demos`).
+
+        Examples:
+            >>> batch = r.get_demos_batch(["Write a haiku about rain.", "Translate 'thank you' into French."], k=2)
+            >>> [len(demos) for demos in batch]
+            [2, 2]
+        """
         queries = _checked_queries(queries, "get_demos_batch takes a sequence of queries; use get_demos for one")
         ctl = SearchControls.parse(k=k, **controls)
         return self._search([(queries, ctl)])[0]

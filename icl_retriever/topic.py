@@ -16,6 +16,7 @@ from pathlib import Path
 import threading
 from typing import Any, Literal
 
+from icl_retriever import presets
 from icl_retriever.encoder import EncoderConfig, PIEEncoder, Runtime
 from icl_retriever.encoder.static import StaticEmbedder
 from icl_retriever.records import Demo
@@ -56,24 +57,29 @@ def check_topic_kind(topic: Any) -> TopicKind:
     raise ValueError(f"topic must be True, False, 'static' or 'contextual', got {topic!r}")
 
 
+def _trained_presets() -> list[str]:
+    return [p.name for p in presets.PRESETS.values() if p.trained]
+
+
 def default_topic_encoder(encoder: PIEEncoder, kind: TopicKind = True) -> tuple[TopicEncoder, TopicSource]:
     """The encoder of topic vectors for an index of ``encoder``, and which kind it is.
 
     Raises:
-        ValueError: ``kind`` is ``"static"`` for a model other than the embedded default, or not a kind.
+        ValueError: ``kind`` is ``"static"`` for a model other than a trained preset, or not a kind.
     """
     kind = check_topic_kind(kind)
     if kind is False:
         raise ValueError("no topic encoder for topic=False")
-    default = encoder.config.model == "default"
-    if kind == "static" and not default:
+    preset = presets.find(encoder.config.model)
+    packaged = preset is not None and preset.trained  # a trained preset: its base is the packaged base
+    if kind == "static" and not packaged:
         raise ValueError(
-            f"static topic vectors are made for the embedded default model only, not {encoder.config.model!r}; "
-            "use topic='contextual' (or True)"
+            f"static topic vectors are made for the trained presets ({', '.join(_trained_presets())}) only, not "
+            f"{encoder.config.model!r}; use topic='contextual' (or True)"
         )
-    if default and kind == "static":
+    if packaged and kind == "static":
         return shared_static_embedder(), "base_static"
-    if default:
+    if packaged:
         return shared_base_encoder(str(encoder.device), encoder.runtime), "base_model"
     return encoder.with_template("plain"), "same_model_plain"
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from icl_retriever import presets
 from icl_retriever.encoder import Pooling
 
 #: Optimizer steps when neither ``steps`` nor ``epochs`` is given: about one epoch of eft_train_silver.json.
@@ -41,7 +42,10 @@ class TrainConfig(BaseModel):
         f"geometry (default 0; {POOL_FIT['distill']} with label_field)"
     )
     output_dir: Path
-    base_model: str = Field("default", description="anything PIEEncoder accepts")
+    base_model: str = Field(
+        "default", description=f"where fitting starts: a preset ({', '.join(presets.names())}), a model directory or a "
+        "Hugging Face id owner/name (anything PIEEncoder accepts)"
+    )
     template: str = Field("short", description="template name or text with {instruction}")
     pooling: Pooling = "mean"
     max_length: int = Field(128, ge=8)

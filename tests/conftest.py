@@ -21,6 +21,8 @@ SHARED_IEB = ROOT.parent / "shared" / "data" / "ieb"
 _CACHE = tempfile.mkdtemp(prefix="icl-retriever-test-cache-")
 os.environ["ICL_RETRIEVER_CACHE"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Haystack reads this once, at import: no telemetry calls from any test (the README's blocks import it too).
+os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 
 #: Marks tests that read the benchmark files beside the checkout; they skip only where those are absent.
 needs_shared = pytest.mark.skipif(not SHARED_IEB.is_dir(), reason=f"needs the IEB data in {SHARED_IEB}")

@@ -57,3 +57,12 @@ def resync(index_dir: Path, role: str = VECTORS) -> None:
     file = index_dir / manifest["files"][role]["name"]
     manifest["files"][role].update(size=file.stat().st_size, sha256=hashlib.sha256(file.read_bytes()).hexdigest())
     path.write_text(json.dumps(manifest))
+
+
+def docs_example(page: Path) -> str:
+    """The complete example of a docs page: its one fenced block opened with ```python title="example.py"."""
+    text = page.read_text(encoding="utf-8")
+    blocks = text.split('```python title="example.py"\n')
+    if len(blocks) != 2:
+        raise AssertionError(f"{page}: expected one ```python title=\"example.py\" block, found {len(blocks) - 1}")
+    return blocks[1].split("\n```", 1)[0] + "\n"

@@ -125,7 +125,7 @@ def test_train_on_a_labelled_pool_then_build_with_it(tmp_path: Path) -> None:
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps(r) + "\n" for r in POOL_LINES), encoding="utf-8")
     refused = cli("build", small, "--out", tmp_path / "idx", "--model", model, "--topic", "static")
-    assert refused.returncode != 0 and "static topic vectors are made for the embedded default model only" in refused.stderr
+    assert refused.returncode != 0 and "static topic vectors are made for the trained presets" in refused.stderr
     assert not (tmp_path / "idx").exists()
     built = cli("build", small, "--out", tmp_path / "idx", "--model", model, "--no-topic")
     assert built.returncode == 0, built.stderr

@@ -327,3 +327,38 @@ def test_default_method_is_what_get_demos_returns(
         assert retriever.topic is not None and retriever.topic.fingerprint == content.fingerprint
         for i, text in enumerate(texts):  # the benchmark never offers a query's twin: exclude_query does the same
             assert picked[f"q{i}"] == [d.id for d in retriever.get_demos(text, k=2, exclude_query=True)]
+
+
+def test_cli_eval_downstream_prints_table_and_writes_report(
+    tiny_lm_dir: Path, pool_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from icl_retriever.cli import main
+
+    out = tmp_path / "report.json"
+    argv = [
+        "eval", "--downstream", str(tiny_lm_dir), "--pool", str(pool_file), "--methods", "zero-shot,topic,default",
+        "-k", "1", "--max-queries", "3", "--device", "cpu", "--report", str(out),
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| method | k | NLL/token") and "Δ vs topic" in lines[0]
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["zero-shot", "topic", "default"]
+    assert printed.startswith(f"model {tiny_lm_dir}, pool ") and ", 3 queries" in printed.splitlines()[0]
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["n_queries"] == 3 and data["config"]["methods"] == ["zero-shot", "topic", "default"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--methods", "nearest"], "unknown method 'nearest'"), (["-k", "0"], "ks"), (["--ict", "x.json"], "separately")],
+)
+def test_cli_eval_downstream_checks_settings_before_loading(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from icl_retriever.cli import main
+
+    # The LLM path does not exist: a settings error must come first, before any model is loaded.
+    assert main(["eval", "--downstream", str(tmp_path / "no-such-llm"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -74,7 +74,7 @@ def test_static_fingerprint_is_stable_and_its_own() -> None:
 def test_static_needs_the_packaged_base(tmp_path: Path, encoder: PIEEncoder) -> None:
     with pytest.raises(ModelLoadError, match="packaged base model only"):
         StaticEmbedder("sentence-transformers/all-MiniLM-L6-v2")
-    with pytest.raises(ValueError, match="static topic vectors are made for the embedded default model only"):
+    with pytest.raises(ValueError, match="static topic vectors are made for the trained presets"):
         default_topic_encoder(shared_base_encoder("cpu"), "static")
     with pytest.raises(ValueError, match="topic must be True, False, 'static' or 'contextual', got 'yes'"):
         build_index(POOL, tmp_path / "idx", encoder=encoder, topic="yes")  # type: ignore[arg-type]

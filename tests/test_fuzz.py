@@ -111,11 +111,17 @@ def test_manifest_loader_on_arbitrary_bytes(index_template: Path, data: bytes) -
 
 def test_mutated_index_files_load_cleanly_or_are_refused() -> None:
     """300 mutated FAISS / demos / offset files (flat, HNSW, IVF, IVF-PQ, topic), the manifest forged to vouch for
-    most of them, each loaded into memory or memory-mapped in a child process under a timeout: a clean load or an
-    IndexFormatError, never another exception, a crash or a hang (``python -m benchmarks.fuzz_index --cases N``
-    runs more)."""
+    most of them, each loaded into memory or memory-mapped in a child process under a timeout: a clean load whose
+    search is right (every score a cosine in [-1, 1], the cosine of the demo it names) or an IndexFormatError, never
+    another exception, a wrong score, a crash or a hang (``python -m benchmarks.fuzz_index --cases N`` runs more).
+    Mutations aimed at IVF-PQ codebooks and codes are among them, and some of each load (a code pointing at another
+    honest centroid) while others are refused (a reconstruction that cannot be a unit vector)."""
     from benchmarks.fuzz_index import run
 
     report = run(300, seed=0, timeout=60)
     assert report["failures"] == []
     assert report["outcomes"]["refused"] > 0 and report["outcomes"]["loaded"] > 0
+    for kind in ("flat", "hnsw", "ivf", "ivfpq"):
+        assert report["by_part"][f"loaded {kind} vectors:rows" if kind != "ivfpq" else "loaded ivfpq vectors:codes"] > 0
+    for part in ("codebook", "codes"):
+        assert report["by_part"][f"loaded ivfpq vectors:{part}"] > 0 and report["by_part"][f"refused ivfpq vectors:{part}"] > 0

@@ -112,3 +112,62 @@ def test_select_embeds_on_ray_with_the_same_picks(tmp_path: Path, pool_files: li
     out = tmp_path / "picked.jsonl"
     assert main(["select", str(pool_files[1]), "--n", "2", "--out", str(out), "--engine", "ray", "--actors", "1"]) == 0
     assert "Selected 2 of 4 instructions (kmeans)" in capsys.readouterr().out
+
+
+def _bad_part(tmp_path: Path, kind: str) -> Path:
+    """A pool part holding one record the local engine refuses in one line."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    if kind == "digits":
+        path = tmp_path / "part-1.jsonl"
+        path.write_text(json.dumps(POOL[6]) + "\n" + '{"instruction": "Add.", "n": ' + "9" * 5000 + "}\n")
+        return path
+    path = tmp_path / "part-1.parquet"
+    if kind == "utf8":
+        values = [b"fine", b"bad \xff"]
+        offsets = pa.py_buffer(pa.array([0, 4, 9], type=pa.int32()).buffers()[1])
+        note = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"".join(values))])
+        pq.write_table(pa.table({"instruction": ["Add.", "Sub."], "note": note}), path)
+    else:
+        meta = pa.array([[], [(3, "x")]], type=pa.map_(pa.int64(), pa.string()))
+        pq.write_table(pa.table({"instruction": ["Add.", "Sub."], "metadata": meta}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_encoder() -> PIEEncoder:
+    return PIEEncoder(runtime="onnx")
+
+
+@pytest.mark.parametrize("kind", ["utf8", "map", "digits"])
+def test_records_refused_in_one_line_locally_are_refused_alike_on_ray(
+    tmp_path: Path, pool_files: list[Path], kind: str, onnx_encoder: PIEEncoder, capfd: pytest.CaptureFixture[str]
+) -> None:
+    files = [pool_files[0], _bad_part(tmp_path, kind)]
+    with pytest.raises(PoolError) as local:
+        build_index(files, tmp_path / "local", encoder=onnx_encoder, topic=False)
+    capfd.readouterr()
+    with pytest.raises(PoolError) as remote:
+        build_index(files, tmp_path / "ray", encoder=onnx_encoder, engine="ray", ray=RayOptions(actors=1), topic=False)
+    assert str(remote.value) == str(local.value) and "\n" not in str(remote.value)
+    assert str(files[1]) in str(remote.value) and ("row 2" in str(remote.value) or ":2:" in str(remote.value))
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception" not in err and "ERROR" not in err, err
+    assert not (tmp_path / "ray").exists()
+
+
+def test_ray_build_on_the_command_line_prints_one_line(tmp_path: Path) -> None:
+    """A cluster started by the CLI itself: Ray's start-up and task notes stay off the terminal."""
+    import subprocess
+    import sys
+
+    bad = _bad_part(tmp_path, "utf8")
+    done = subprocess.run(
+        [sys.executable, "-m", "icl_retriever.cli", "build", str(bad), "--out", str(tmp_path / "idx"),
+         "--engine", "ray", "--actors", "1", "--no-topic"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"icl-retriever: error: {bad} (row 2): column 'note' is not valid UTF-8 text (byte 0xff at offset 4)"
+    ], done.stderr

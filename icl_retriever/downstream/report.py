@@ -129,6 +129,16 @@ class DownstreamReport(BaseModel):
     outcomes: list[QueryOutcome]
     seconds: float
 
+    def summary(self) -> str:
+        """What ``icl-retriever eval --downstream`` and the benchmark print: the run, :meth:`table`, a legend."""
+        ref = self.config.reference
+        return "\n".join([
+            f"model {self.model}, pool {self.pool} ({self.n_pool} demos), {self.n_queries} queries",
+            self.table(),
+            f"NLL: mean gold-output NLL per token; Δ: paired difference to {ref} (± standard error); "
+            f"accuracy: option {self.config.option_score} log-likelihood on closed-label queries (n)",
+        ])
+
     def table(self) -> str:
         """A markdown table of :attr:`rows`."""
 

@@ -1,4 +1,4 @@
-"""Loading an encoder's model with torch: the packaged default, a local directory or a Hugging Face id;
+"""Loading an encoder's model with torch: a packaged preset, a local directory or a Hugging Face id;
 its saved settings; the hash of its weights; dynamic int8 on CPU."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from icl_retriever import default_model
+from icl_retriever import presets
 from icl_retriever.encoder.config import PIE_CONFIG_FILE
 from icl_retriever.errors import ModelLoadError
 
@@ -63,10 +63,9 @@ def cuda_visible() -> bool:
 
 def saved_settings(name: str) -> dict[str, Any] | None:
     """Settings saved with a local or packaged model (without loading it); None for a hub id."""
-    if name == "default":
-        return default_model.saved_config()
-    if name == "default-base":
-        return dict(default_model.BASE_CONFIG)
+    preset = presets.find(name)
+    if preset is not None:
+        return preset.settings()
     local = Path(name)
     return read_pie_config(local) if local.is_dir() else None
 
@@ -87,7 +86,7 @@ def quiet_transformers() -> Iterator[None]:
 
 def load_model(model: str) -> tuple[Any, Any, dict[str, Any]]:
     """Load tokenizer, model (an encoder-decoder's encoder) and the saved PIE settings of ``model`` (no
-    network for the default); the tokenizer pads on the right, with eos where it has no pad token."""
+    network for a preset); the tokenizer pads on the right, with eos where it has no pad token."""
     with quiet_transformers():
         tokenizer, hf_model, saved = _load_model_unquiet(model)
     if getattr(hf_model.config, "is_encoder_decoder", False):
@@ -107,10 +106,9 @@ def load_model(model: str) -> tuple[Any, Any, dict[str, Any]]:
 def _load_model_unquiet(model: str) -> tuple[Any, Any, dict[str, Any]]:
     from transformers import AutoModel, AutoTokenizer
 
-    if model == "default":
-        return default_model.load()
-    if model == "default-base":  # the default's base weights, no PIE delta: plain topical embeddings
-        return default_model.load(base=True)
+    preset = presets.find(model)
+    if preset is not None:  # packaged: the verified base weights plus the preset's delta, offline
+        return preset.load()
     source: str | Path = model
     saved: dict[str, Any] = {}
     local = Path(model).expanduser()

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from icl_retriever import default_model
+from icl_retriever import default_model, presets
 from icl_retriever.cache import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -102,12 +102,10 @@ def _stat(path: Path) -> list[Any]:
 def source_files(model: str) -> list[Path] | None:
     """The files that decide ``model``'s weights and tokenizer, or None if they cannot be listed
     cheaply (a Hugging Face id resolved through the hub cache: that model runs on torch)."""
-    if model in ("default", "default-base"):
+    preset = presets.find(model)
+    if preset is not None:  # the base package's files, then the preset's delta and settings
         base = Path(str(importlib.resources.files(default_model.BASE_PACKAGE) / "model"))
-        files = sorted(p for p in base.iterdir() if p.is_file())
-        if model == "default":
-            files += [p for p in (default_model.DELTA_FILE, default_model.CONFIG_FILE) if p.is_file()]
-        return files
+        return sorted(p for p in base.iterdir() if p.is_file()) + preset.files()
     local = Path(model)
     if local.is_dir():
         return sorted(p for p in local.iterdir() if p.is_file())

@@ -19,12 +19,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
+from icl_retriever import presets
+from icl_retriever.calibration import floor_for
 from icl_retriever.encoder.config import (
     TEMPLATES,
     EncoderConfig,
     Pooling,
     Runtime,
     apply_template,
+    char_budget,
     cut_to_budget,
     resolve_template,
 )
@@ -49,14 +52,18 @@ logger = logging.getLogger(__name__)
 class PIEEncoder:
     """Embed instructions by task with a prompt-based instruction embedding.
 
-    >>> enc = PIEEncoder()                      # the embedded, PIE-trained default; offline
-    >>> X = enc.encode(["Summarize the article below."])
-    >>> X.shape, X.dtype                        # rows are L2-normalised
-    ((1, 384), dtype('float32'))
+    Examples:
+        >>> enc = PIEEncoder()                      # the embedded, PIE-trained default; offline
+        >>> fine = PIEEncoder("ieb")                # the preset of the PIE paper's fine-grained tasks
+        >>> X = enc.encode(["Summarize the article below."])
+        >>> X.shape, X.dtype                        # rows are L2-normalised
+        ((1, 384), dtype('float32'))
 
     Args:
-        model: ``None``/``"default"`` for the packaged default, a local model directory or a
-            Hugging Face id.
+        model: a packaged preset (:mod:`icl_retriever.presets`): ``None``/``"default"`` for the default,
+            ``"ieb"`` for the PIE paper's fine-grained tasks, ``"default-base"`` for the untrained base; or a
+            local model directory, or a Hugging Face id (``owner/name``). A bare name that is neither a preset
+            nor an existing directory is an error listing the presets.
         template: a name from :data:`TEMPLATES` or a string with ``{instruction}``. Defaults to the
             setting saved with the model, else ``"short"`` for encoders and ``"pie"`` for decoders.
         pooling: ``"mean"``, ``"cls"`` or ``"last"`` (last real token; the default for decoders).
@@ -96,9 +103,7 @@ class PIEEncoder:
             raise ValueError(f"quantize=True runs on CPU only, not on {device!r}")
         if runtime == "onnx" and not on_cpu:
             raise ValueError("runtime='onnx' runs on CPU: it excludes other devices")
-        name = "default" if model is None or str(model) == "default" else str(model)
-        if name not in ("default", "default-base") and Path(name).expanduser().exists():
-            name = str(Path(name).expanduser().resolve())
+        name = presets.resolve_name(model)  # a preset, an absolute local path or a hub id; else a one-line error
         settings = dict(template=template, pooling=pooling, max_length=max_length, add_period=add_period)
         self._onnx: OnnxRuntime | None = None
         self._fast: FastTokenizer | None = None
@@ -270,14 +275,18 @@ class PIEEncoder:
         Raises:
             ValueError: the model carries no calibration, or one made for other weights or settings.
         """
-        from icl_retriever import calibration
-
-        return calibration.floor_for(self.config.model, self.fingerprint)
+        return floor_for(self.config.model, self.fingerprint)
 
     @property
     def dim(self) -> int:
         """Embedding dimension."""
         return self._dim
+
+    @property
+    def text_limit(self) -> int:
+        """Leading characters of a text that decide its embedding: text past them is never read (a text
+        longer than this is cut to its first tokens within them; see :func:`.config.cut_to_budget`)."""
+        return char_budget(self._instruction_budget)
 
     def _token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of prompts as the model sees them: special tokens added, cut to ``max_length``."""

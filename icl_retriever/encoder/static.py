@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from icl_retriever.default_model import BASE_SHA256
-from icl_retriever.encoder.config import EncoderConfig
+from icl_retriever.encoder.config import EncoderConfig, char_budget
 from icl_retriever.errors import ModelLoadError
 
 #: Name of the kind of vector, hashed into the fingerprint (a new way of pooling is a new kind).
@@ -71,6 +71,8 @@ class StaticEmbedder:
         }, sort_keys=True)
         self.fingerprint = "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
         self.runtime_model = self  # what a retriever locks per model
+        #: Leading characters of a text read: its first MAX_TOKENS word pieces lie within them (ordinary text).
+        self.text_limit = char_budget(MAX_TOKENS)
 
     @property
     def dim(self) -> int:
@@ -88,8 +90,9 @@ class StaticEmbedder:
         del batch_size, show_progress_bar
         if isinstance(texts, str):
             return self.encode([texts])[0]
+        heads = [text[: self.text_limit] for text in texts]  # what lies past them is never tokenised
         with self._lock:
-            encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+            encodings = self._tokenizer.encode_batch(heads, add_special_tokens=False)
         out = np.zeros((len(encodings), self.dim), dtype=np.float32)
         for row, enc in enumerate(encodings):
             pieces = np.unique(np.asarray(enc.ids, dtype=np.int64))

@@ -30,7 +30,18 @@ __all__ = ["PIEFewShot", "demo_to_example", "pie_embedder"]
 
 
 def pie_embedder(encoder: PIEEncoder | None = None, *, batch_size: int | None = None) -> dspy.Embedder:
-    """A ``dspy.Embedder`` over PIE (default: the embedded default model), for ``KNNFewShot`` / ``KNN``."""
+    """A ``dspy.Embedder`` over PIE, for DSPy's ``KNNFewShot`` / ``KNN``.
+
+    Args:
+        encoder: the encoder to embed with (default: the embedded default model).
+        batch_size: texts per forward pass (default: the runtime's).
+
+    Returns:
+        An embedder returning unit vectors, so DSPy's dot products are cosines.
+
+    Examples:
+        >>> knn = dspy.KNNFewShot(k=3, trainset=trainset, vectorizer=pie_embedder())
+    """
     enc = encoder or PIEEncoder()
 
     def embed(texts: list[str]) -> np.ndarray:
@@ -46,6 +57,13 @@ def demo_to_example(demo: Demo, fields: Mapping[str, str] | None = None) -> dspy
     and input). With ``fields`` (program field -> ``instruction`` / ``input`` / ``output`` / a metadata
     key), the example carries the program's field names; fields drawn from ``output`` are its labels,
     the others its inputs.
+
+    Args:
+        demo: the demo to convert.
+        fields: program field -> ``instruction`` / ``input`` / ``output`` / a metadata key.
+
+    Returns:
+        The example, its inputs marked with ``with_inputs``.
 
     Raises:
         KeyError: a field names something the demo does not have.
@@ -74,6 +92,15 @@ class PIEFewShot(Teleprompter):
         fields: program field -> demo attribute / metadata key, as in :func:`demo_to_example`.
         **controls: search controls of ``Retriever.get_demos`` (``filter``, ``diversity``, ``rerank``,
             ...), validated here: an unknown or invalid one is a ``ValueError`` now, not at the first call.
+
+    Raises:
+        ValueError: an unknown or invalid search control, or ``k < 1``.
+
+    Examples:
+        >>> fewshot = PIEFewShot.from_index("indexes/default", k=3,
+        ...                                 fields={"question": "instruction", "answer": "output"})
+        >>> program = fewshot.compile(dspy.Predict("question -> answer"))
+        >>> program(question="Give me a slogan for a coffee shop.")  # calls the configured LM
     """
 
     def __init__(
@@ -103,11 +130,37 @@ class PIEFewShot(Teleprompter):
         verify: bool = True,
         **kwargs: Any,
     ) -> PIEFewShot:
-        """Open an index directory (as :meth:`Retriever.from_index`) and wrap it."""
+        """Open an index directory (as :meth:`Retriever.from_index`) and wrap it.
+
+        Args:
+            path: the index directory.
+            k: demos per call.
+            encoder: an already loaded encoder to share (it must be the index's).
+            model: the model to load when the manifest names one outside the index directory (one you trust).
+            verify: check the index files' sha256.
+            **kwargs: ``input_keys``, ``fields`` and the search controls, as for the constructor.
+
+        Returns:
+            The teleprompter over the opened index.
+
+        Raises:
+            IndexFormatError: the index directory fails its checks.
+            ValueError: an unknown or invalid search control.
+        """
         return cls(Retriever.from_index(path, encoder=encoder, model=model, verify=verify), k, **kwargs)
 
     def query(self, **inputs: Any) -> str:
-        """The request text of a call's inputs (the chosen input fields, joined by blank lines)."""
+        """The request text of a call's inputs: the ``input_keys`` fields (default: all), joined by blank lines.
+
+        Args:
+            **inputs: the keyword inputs of a program call.
+
+        Returns:
+            The text demos are retrieved for.
+
+        Raises:
+            ValueError: the chosen inputs hold no text.
+        """
         keys = self.input_keys if self.input_keys is not None else list(inputs)
         text = join_fields(inputs, keys, among="program's inputs")
         if not text:
@@ -115,7 +168,14 @@ class PIEFewShot(Teleprompter):
         return text
 
     def examples(self, **inputs: Any) -> list[dspy.Example]:
-        """The ``k`` demos for a call's inputs, best first, as ``dspy.Example``s."""
+        """The ``k`` demos for a call's inputs, best first, as ``dspy.Example``s.
+
+        Args:
+            **inputs: the keyword inputs of a program call.
+
+        Returns:
+            The examples :meth:`compile`'s program attaches for these inputs.
+        """
         demos = self.retriever.get_demos(self.query(**inputs), k=self.k, **self.controls)
         return [demo_to_example(d, self.fields) for d in demos]
 
@@ -124,6 +184,15 @@ class PIEFewShot(Teleprompter):
 
         ``trainset`` and ``teacher`` are not used: the index is the training set, and its demos are
         attached as they are (no bootstrapping, no LM call here).
+
+        Args:
+            student: the program to give demos to.
+            trainset: ignored (DSPy's teleprompter signature).
+            teacher: ignored (DSPy's teleprompter signature).
+
+        Returns:
+            A program that retrieves demos for each call's inputs and sets them on every predictor of a
+            fresh copy of ``student`` (concurrent calls never share demos).
         """
         compiled = student.reset_copy()
 

@@ -50,7 +50,8 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from icl_retriever.encoder import PIEEncoder
-from icl_retriever.records import Demo, demo_fields, join_fields
+from icl_retriever.errors import PoolError
+from icl_retriever.records import Demo, demo_fields, join_fields, not_plain_json
 from icl_retriever.search.controls import check_search_kwargs
 from icl_retriever.retriever import Retriever
 
@@ -65,23 +66,44 @@ def demo_to_document(demo: Demo) -> Document:
     ``page_content`` is the instruction, followed by a blank line and the input when there is one;
     ``id`` is the demo id; ``metadata`` holds ``instruction``, ``input``, ``output``, every metadata
     field (``task``, ...) and the retrieval ``score``.
+
+    Args:
+        demo: a demo returned by ``Retriever.get_demos``.
+
+    Returns:
+        The document :class:`PIERetriever` returns for it.
     """
     content = f"{demo.instruction}\n\n{demo.input}" if demo.input else demo.instruction
     return Document(page_content=content, id=demo.id, metadata={**demo_fields(demo), "score": demo.score})
 
 
 def demo_to_example(demo: Demo) -> dict[str, Any]:
-    """A demo as a few-shot example: ``id``, ``instruction``, ``input``, ``output`` and metadata fields."""
+    """A demo as a few-shot example dict, what :class:`PIEExampleSelector` selects.
+
+    Args:
+        demo: a demo returned by ``Retriever.get_demos``.
+
+    Returns:
+        ``id``, ``instruction``, ``input``, ``output`` and every metadata field, as one flat dict.
+    """
     return {"id": demo.id, **demo_fields(demo)}
 
 
-def _example_to_record(example: Mapping[str, Any], input_keys: Sequence[str] | None) -> dict[str, Any]:
+def _example_to_record(example: Mapping[str, Any], input_keys: Sequence[str] | None, number: int = 1) -> dict[str, Any]:
     """Turn a LangChain example dict into a pool record.
 
     Records with an ``instruction`` are used as they are. For others the instruction (the text PIE
     embeds) is made from the ``input_keys`` fields, or, without them, from every field in key order
     (as ``SemanticSimilarityExampleSelector`` does); all fields are kept, so selection returns them.
+
+    Raises:
+        PoolError: the example is not a dict, or has a key that is not a string (``record number:``).
     """
+    if not isinstance(example, Mapping):
+        raise PoolError(f"expected a dict, got {type(example).__name__}", line=number)
+    problem = not_plain_json({key: None for key in example}, "example")
+    if problem:
+        raise PoolError(problem, line=number)
     if "instruction" in example:
         return dict(example)
     keys = list(input_keys) if input_keys else sorted(example)
@@ -96,40 +118,42 @@ class PIERetriever(BaseRetriever):
 
     Setup:
         Build an index once (``icl-retriever build pool.jsonl --out indexes/default``, or
-        :func:`icl_retriever.build_index`), then open it::
+        :func:`icl_retriever.build_index`), then open it:
 
-            from icl_retriever.langchain import PIERetriever
+        ```python
+        from icl_retriever.langchain import PIERetriever
 
-            retriever = PIERetriever.from_index("indexes/default", k=4)
-            # or around a Retriever you already hold (from icl_retriever import Retriever):
-            retriever = PIERetriever(retriever=Retriever.from_demos("pool.jsonl"), k=4)
+        retriever = PIERetriever.from_index("indexes/default", k=4)
+        # or around a Retriever you already hold (from icl_retriever import Retriever):
+        retriever = PIERetriever(retriever=Retriever.from_demos("pool.jsonl"), k=4)
+        ```
 
     Invoke:
-        .. code-block:: python
-
-            docs = retriever.invoke("Translate 'good night' into German.")
-            docs = retriever.invoke("Translate 'good night' into German.", k=8)  # per-call k
-            docs = await retriever.ainvoke("Summarize this report.")
-            many = retriever.batch(["Write a haiku.", "Fix the grammar: he go home."])
+        ```python
+        docs = retriever.invoke("Translate 'good night' into German.")
+        docs = retriever.invoke("Translate 'good night' into German.", k=8)  # per-call k
+        docs = await retriever.ainvoke("Summarize this report.")
+        many = retriever.batch(["Write a haiku.", "Fix the grammar: he go home."])
+        ```
 
         Each ``Document`` has the demo's instruction (and input) as ``page_content``, the demo id as
         ``id``, and ``instruction``, ``input``, ``output``, the metadata fields (``task``, ...) and
         the cosine ``score`` in ``metadata``.
 
     In a chain:
-        .. code-block:: python
+        ```python
+        def format_docs(docs):
+            return "\\n\\n".join(f"{d.page_content}\\n{d.metadata['output']}" for d in docs)
 
-            def format_docs(docs):
-                return "\\n\\n".join(f"{d.page_content}\\n{d.metadata['output']}" for d in docs)
-
-            chain = retriever | format_docs
-            chain.batch(["Write a limerick about a dog.", "Translate 'thanks' into German."])
+        chain = retriever | format_docs
+        chain.batch(["Write a limerick about a dog.", "Translate 'thanks' into German."])
+        ```
 
     Fields:
-        retriever: the :class:`~icl_retriever.retriever.Retriever` searched.
-        k: how many demos per query (default 4).
-        search_kwargs: further keyword controls for ``Retriever.get_demos``, checked against its
-            signature when the retriever is built. ``from_index(path, **controls)`` fills it.
+        - ``retriever``: the :class:`~icl_retriever.retriever.Retriever` searched.
+        - ``k``: how many demos per query (default 4).
+        - ``search_kwargs``: further keyword controls for ``Retriever.get_demos``, checked against its
+          signature when the retriever is built. ``from_index(path, **controls)`` fills it.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
@@ -218,37 +242,37 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
     ``FewShotChatMessagePromptTemplate``.
 
     Setup:
-        .. code-block:: python
+        ```python
+        from icl_retriever.langchain import PIEExampleSelector
 
-            from icl_retriever.langchain import PIEExampleSelector
-
-            selector = PIEExampleSelector.from_index("indexes/default", k=3)
-            # or in memory, from example dicts (or a pool file):
-            selector = PIEExampleSelector.from_examples(
-                [{"instruction": "Translate into German.", "input": "Thank you.", "output": "Danke."}, ...],
-                k=3,
-            )
+        selector = PIEExampleSelector.from_index("indexes/default", k=3)
+        # or in memory, from example dicts (or a pool file):
+        selector = PIEExampleSelector.from_examples(
+            [{"instruction": "Translate into German.", "input": "Thank you.", "output": "Danke."}, ...],
+            k=3,
+        )
+        ```
 
     Select:
-        .. code-block:: python
-
-            selector.select_examples({"query": "Translate 'good night' into German."})
-            # [{'id': ..., 'instruction': ..., 'input': ..., 'output': ..., 'task': ..., ...}, ...]
-            await selector.aselect_examples({"query": "..."})
+        ```python
+        selector.select_examples({"query": "Translate 'good night' into German."})
+        # [{'id': ..., 'instruction': ..., 'input': ..., 'output': ..., 'task': ..., ...}, ...]
+        await selector.aselect_examples({"query": "..."})
+        ```
 
     In a prompt:
-        .. code-block:: python
+        ```python
+        from langchain_core.prompts import ChatPromptTemplate, FewShotChatMessagePromptTemplate
 
-            from langchain_core.prompts import ChatPromptTemplate, FewShotChatMessagePromptTemplate
-
-            few_shot = FewShotChatMessagePromptTemplate(
-                example_selector=selector,
-                example_prompt=ChatPromptTemplate.from_messages(
-                    [("human", "{instruction}\\n{input}"), ("ai", "{output}")]
-                ),
-                input_variables=["query"],
-            )
-            few_shot.format_messages(query="Write a limerick about a cat.")
+        few_shot = FewShotChatMessagePromptTemplate(
+            example_selector=selector,
+            example_prompt=ChatPromptTemplate.from_messages(
+                [("human", "{instruction}\\n{input}"), ("ai", "{output}")]
+            ),
+            input_variables=["query"],
+        )
+        few_shot.format_messages(query="Write a limerick about a cat.")
+        ```
 
     Braces in demos:
         ``FewShotPromptTemplate`` joins the formatted examples and reads the result as an f-string
@@ -256,12 +280,12 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
         whichever selector picked them. ``FewShotChatMessagePromptTemplate`` inserts them verbatim.
 
     Fields:
-        retriever: the :class:`~icl_retriever.retriever.Retriever` searched.
-        k: how many examples per prompt (default 4).
-        input_keys: the prompt variables whose values, in this order, form the query. Default: the
-            prompt's only variable (with several variables, set it).
-        example_keys: the fields each example keeps (default: all of them).
-        search_kwargs: further keyword controls for ``Retriever.get_demos``, checked at construction.
+        - ``retriever``: the :class:`~icl_retriever.retriever.Retriever` searched.
+        - ``k``: how many examples per prompt (default 4).
+        - ``input_keys``: the prompt variables whose values, in this order, form the query. Default: the
+          prompt's only variable (with several variables, set it).
+        - ``example_keys``: the fields each example keeps (default: all of them).
+        - ``search_kwargs``: further keyword controls for ``Retriever.get_demos``, checked at construction.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
@@ -301,7 +325,9 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
 
         Args:
             path: the index directory.
-            k, input_keys, example_keys: as the fields of the same names.
+            k: demos per call (the field of the same name).
+            input_keys: the prompt variables that form the query (the field of the same name).
+            example_keys: the fields each returned example keeps (the field of the same name).
             encoder: an already loaded encoder to share (it must be the index's).
             model: the model to load when the manifest names one outside the index directory (one you
                 trust; see ``Retriever.from_index``).
@@ -331,7 +357,10 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
                 (``instruction``, ``input``, ``output``, any other fields) are used as they are;
                 for dicts without ``instruction``, the ``input_keys`` fields (default: all fields)
                 are joined into the instruction that is embedded, and every field is kept.
-            k, input_keys, example_keys: as the fields of the same names.
+            k: demos per call (the field of the same name).
+            input_keys: the prompt variables that form the query, and the example fields joined into the
+                embedded text of dicts without ``instruction`` (the field of the same name).
+            example_keys: the fields each returned example keeps (the field of the same name).
             encoder: the encoder to embed with (default: the embedded PIE model).
             batch_size: embedding batch size.
             **controls: search controls for ``Retriever.get_demos``.
@@ -343,7 +372,7 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
         if isinstance(examples, (str, Path)):
             pool: Any = examples
         else:
-            pool = [_example_to_record(example, input_keys) for example in examples]
+            pool = [_example_to_record(example, input_keys, i) for i, example in enumerate(examples, start=1)]
         retriever = Retriever.from_demos(pool, encoder=encoder, batch_size=batch_size)
         return cls(retriever=retriever, k=k, input_keys=input_keys, example_keys=example_keys, search_kwargs=controls)
 
@@ -371,7 +400,19 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
         return [{key: example[key] for key in self.example_keys} for example in examples]
 
     def select_examples(self, input_variables: dict[str, Any]) -> list[dict[str, Any]]:
-        """The ``k`` examples showing the request's task, best first."""
+        """The ``k`` examples showing the request's task, best first.
+
+        Args:
+            input_variables: the prompt's variables; the ``input_keys`` ones (default: the only one) form
+                the query.
+
+        Returns:
+            Example dicts (:func:`demo_to_example`), reduced to ``example_keys`` when set.
+
+        Raises:
+            ValueError: the query cannot be formed (several variables and no ``input_keys``, or no text).
+            KeyError: a selected demo lacks one of ``example_keys``.
+        """
         demos = self.retriever.get_demos(self._query(input_variables), k=self.k, **self.search_kwargs)
         return self._to_examples(demos)
 
@@ -384,13 +425,16 @@ class PIEExampleSelector(BaseExampleSelector, BaseModel):
     # updates --------------------------------------------------------------------------------
 
     def add_example(self, example: dict[str, Any], *, save: bool = False) -> str:
-        """Embed one example and add it to the index in memory; returns its id.
+        """Embed one example and add it to the index in memory.
 
         Args:
             example: a dict as for :meth:`from_examples`; an ``id`` field is kept, otherwise the id
                 is a hash of its content.
             save: also write the change to the index directory the selector was opened from (a new
                 version of it, written atomically); otherwise the index changes in memory only.
+
+        Returns:
+            The id of the added example.
 
         Raises:
             ValueError: ``save`` is set but the index has no directory (built in memory).

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from icl_retriever.encoder.config import char_budget
 from icl_retriever.records import Demo
 
 #: Default ``demo_format``: instruction, input (when not empty) and output, one per line.
@@ -61,6 +62,29 @@ def pack_by_tokens(lengths: Iterable[int], budget: int, k: int) -> list[int]:
 
 
 TokenCounter = Callable[[list[str]], list[int]]
+
+
+def count_within(counter: TokenCounter, texts: list[str], budget: int) -> list[int]:
+    """Token counts of ``texts`` as far as a budget of ``budget`` tokens needs them, so that a demo of
+    megabytes is not tokenised whole at every query.
+
+    A text longer than :func:`~icl_retriever.encoder.config.char_budget` characters is first counted up to
+    the last blank before that many: its tokens are the first of the whole text's, so if they are over the
+    budget the text is too, and that count stands in (the demo does not fit either way). Only a text with
+    fewer tokens than that in its head (thousands of characters without a blank, say) is counted whole.
+    """
+    limit = char_budget(budget)
+    long_ids = [i for i, text in enumerate(texts) if len(text) > limit]
+    if not long_ids:
+        return counter(texts)
+    heads = {i: texts[i][: max(0, *(texts[i].rfind(blank, 0, limit) for blank in (" ", "\n", "\t")))] for i in long_ids}
+    short_ids = [i for i in range(len(texts)) if i not in heads]
+    counts = dict(zip(short_ids, counter([texts[i] for i in short_ids]), strict=True))
+    head_counts = dict(zip(heads, counter(list(heads.values())), strict=True))
+    whole = [i for i in long_ids if head_counts[i] <= budget]
+    counts.update({i: head_counts[i] for i in long_ids if head_counts[i] > budget})
+    counts.update(zip(whole, counter([texts[i] for i in whole]), strict=True))
+    return [counts[i] for i in range(len(texts))]
 
 
 def token_counter(tokenizer: Any) -> TokenCounter:

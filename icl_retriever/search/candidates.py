@@ -14,9 +14,9 @@ from collections.abc import Callable
 import numpy as np
 
 from icl_retriever.search.controls import SearchControls
-from icl_retriever.search.filters import as_predicate, is_query_itself
+from icl_retriever.search.filters import as_predicate, query_matcher
 from icl_retriever.search.snapshot import Snapshot
-from icl_retriever.store import search
+from icl_retriever.store import cosines, search
 
 #: A metadata filter matching at most this many demos is searched exactly over just those demos.
 EXACT_FILTER_MAX = 4096
@@ -28,8 +28,9 @@ def find_candidates(
     """The ``need`` best demos passing ``filter`` / ``exclude_query``, filtered during the search."""
     n = len(state.demos)
     spec = ctl.filter
+    is_query = query_matcher(query) if ctl.exclude_query else None
     excluded: Callable[[int], bool] = (
-        (lambda row: is_query_itself(state.demos[row], query)) if ctl.exclude_query else (lambda row: False)
+        (lambda row: is_query(state.demos[row])) if is_query is not None else (lambda row: False)
     )
     if spec is not None and not callable(spec):
         allowed = state.meta.rows(spec)
@@ -54,7 +55,7 @@ def exact(
     state: Snapshot, rows: np.ndarray, vector: np.ndarray, need: int, excluded: Callable[[int], bool]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact search over the given rows only (their stored vectors read back from the index)."""
-    scores = state.index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64)) @ vector
+    scores = cosines(state.index, rows, vector)
     order = np.argsort(-scores, kind="stable")
     keep_rows: list[int] = []
     keep_scores: list[float] = []

@@ -101,7 +101,7 @@ class SearchControls(BaseModel):
     )
     rerank: RerankSetting = Field(
         "auto",
-        description='how the candidates are ordered. "auto": DEFAULT_RERANK (the ranking that helped an LLM most '
+        description='how the candidates are ordered. "auto": "task_then_topic" (DEFAULT_RERANK, the ranking that helped an LLM most '
         "downstream) when the index has topic vectors and diversity is 0, else task order (logged once); None: "
         'task (PIE) order; "task_then_topic": candidates within rerank_margin of the best PIE score (the '
         "query's task) ordered by the plain-embedding similarity of instruction + input to the query, the "

@@ -136,9 +136,21 @@ def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
+def query_matcher(query: str) -> Callable[[Demo], bool]:
+    """:func:`is_query_itself` for one query and many demos: the query is normalised once, and a demo too
+    short to be it is not normalised at all (a 5 MB query costs one pass, not one per candidate)."""
+    q = _norm(query)
+
+    def matches(demo: Demo) -> bool:
+        if len(demo.instruction) + len(demo.input) + 1 < len(q):
+            return False
+        if _norm(demo.instruction) == q:
+            return True
+        return bool(demo.input) and _norm(f"{demo.instruction} {demo.input}") == q
+
+    return matches
+
+
 def is_query_itself(demo: Demo, query: str) -> bool:
     """Whether a demo's instruction (alone, or followed by its input) is the query, whitespace aside."""
-    q = _norm(query)
-    if _norm(demo.instruction) == q:
-        return True
-    return bool(demo.input) and _norm(f"{demo.instruction} {demo.input}") == q
+    return query_matcher(query)(demo)

@@ -9,10 +9,10 @@ import numpy as np
 from icl_retriever.search.candidates import find_candidates
 from icl_retriever.search.controls import SearchControls
 from icl_retriever.search.ranking import dedup_keep, mmr_order, rerank_order
-from icl_retriever.search.budget import format_demo, pack_by_tokens
+from icl_retriever.search.budget import count_within, format_demo, pack_by_tokens
 from icl_retriever.records import Demo
 from icl_retriever.search.snapshot import Snapshot
-from icl_retriever.store import search
+from icl_retriever.store import cosines, search, stored_vectors
 
 Counter = Callable[[list[str]], list[int]]
 
@@ -61,18 +61,18 @@ def select(
     order = list(range(len(rows)))
     if ctl.rerank is not None and ctl.rerank != "auto":
         assert state.topic is not None and topic_vector is not None
-        topic_scores = state.topic.reconstruct_batch(rows) @ topic_vector
+        topic_scores = cosines(state.topic, rows, topic_vector)
         order = rerank_order(ctl.rerank, scores, topic_scores, weight=ctl.rerank_weight, margin=ctl.rerank_margin)
     elif ctl.diversity > 0:
-        order = mmr_order(vector, state.index.reconstruct_batch(rows), ctl.diversity)
+        order = mmr_order(vector, stored_vectors(state.index, rows), ctl.diversity)
     if ctl.dedup is not None:
         space = state.topic if state.topic is not None else state.index
         ordered_rows = np.ascontiguousarray(rows[order], dtype=np.int64)
-        order = [order[j] for j in dedup_keep(space.reconstruct_batch(ordered_rows), ctl.dedup)]
+        order = [order[j] for j in dedup_keep(stored_vectors(space, ordered_rows), ctl.dedup)]
     if ctl.max_tokens is not None:
         assert counter is not None
         texts = [format_demo(state.demos[int(rows[j])], ctl.demo_format) for j in order]
-        order = [order[j] for j in pack_by_tokens(counter(texts), ctl.max_tokens, ctl.k)]
+        order = [order[j] for j in pack_by_tokens(count_within(counter, texts, ctl.max_tokens), ctl.max_tokens, ctl.k)]
     else:
         order = order[: ctl.k]
     return state.scored([rows[j] for j in order], [scores[j] for j in order])

@@ -3,7 +3,7 @@
 Save and load are mirror images over one directory: :mod:`.writer` writes a version atomically under a
 file lock, :mod:`.reader` reads it back, checking every file before parsing it. :mod:`.manifest` holds the
 schema, :mod:`.faiss_index` builds and searches the FAISS indexes, :mod:`.recall` measures and tunes an
-approximate index, :mod:`.layout` checks a FAISS file's bytes before FAISS reads them, :mod:`.demo_file` reads
+approximate index, :mod:`.pq_codes` measures IVF-PQ reconstructions, :mod:`.layout` checks a FAISS file's bytes before FAISS reads them, :mod:`.demo_file` reads
 demo records one at a time. A loaded index can be memory-mapped (``mmap=True``) so that one larger than RAM is
 searched where it lies.
 """
@@ -14,17 +14,21 @@ from icl_retriever.store.faiss_index import (
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
     HNSW_M,
+    SCORE_TOLERANCE,
     UNIT_NORM_TOLERANCE,
     all_vectors,
+    check_scores,
     check_index_fits,
     check_rebuildable,
     configure_index,
+    cosines,
     describe_index,
     new_flat_index,
     new_index,
     non_unit_row,
     rebuild_index,
     search,
+    stored_vectors,
 )
 from icl_retriever.store.manifest import (
     DEMOS,
@@ -40,6 +44,7 @@ from icl_retriever.store.manifest import (
     Manifest,
     TopicInfo,
 )
+from icl_retriever.store.pq_codes import PQ_NORM_RANGE
 from icl_retriever.store.reader import (
     IndexVersion,
     load_index,
@@ -60,6 +65,8 @@ __all__ = [
     "HNSW_M",
     "MANIFEST_FILE",
     "OFFSETS",
+    "PQ_NORM_RANGE",
+    "SCORE_TOLERANCE",
     "TARGET_RECALL",
     "TOPIC",
     "UNIT_NORM_TOLERANCE",
@@ -75,8 +82,10 @@ __all__ = [
     "all_vectors",
     "check_index_fits",
     "check_rebuildable",
+    "check_scores",
     "check_target",
     "configure_index",
+    "cosines",
     "describe_index",
     "load_index",
     "load_manifest",
@@ -91,6 +100,7 @@ __all__ = [
     "replace_file",
     "save_index",
     "search",
+    "stored_vectors",
     "trusted_model",
     "write_lock",
     "write_version",

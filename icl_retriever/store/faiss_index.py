@@ -2,7 +2,9 @@
 
 An index is described by its type and :class:`~icl_retriever.store.manifest.IndexParams`; updates rebuild
 it with the same ones. Stored vectors are unit vectors (cosine = inner product): :func:`non_unit_vector`
-finds one that is not, reading FAISS's storage in place.
+finds one that is not, reading FAISS's storage in place. IVF-PQ stores codes whose reconstructions are
+only near unit length, so :func:`search` and :func:`cosines` divide by the reconstruction's norm: every
+score they return is a cosine, checked to lie in [-1, 1].
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import logging
 import faiss
 import numpy as np
 
+from icl_retriever.errors import IndexFormatError
 from icl_retriever.store.manifest import PARAMS_OF, IndexParams, IndexType
+from icl_retriever.store.pq_codes import pq_out_of_range
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ PQ_GOOD_TRAIN = 39 * PQ_MIN_TRAIN  # FAISS's advice: 39 training points per cent
 _ADD_BLOCK = 20_000  # vectors per add() call while building an approximate index (progress granularity)
 #: A stored vector is a unit vector: its squared norm is 1 within this (float32 round-off is ~1e-6).
 UNIT_NORM_TOLERANCE = 1e-3
+#: A score is a cosine: within this of [-1, 1] (a unit vector's norm is within 5e-4 of 1, plus round-off).
+SCORE_TOLERANCE = 1e-3
 _CHECK_ROWS = 65_536  # rows per block of the norm check (bounded temporary memory)
 
 
@@ -42,10 +48,15 @@ def new_flat_index(vectors: np.ndarray, dim: int | None = None) -> faiss.Index:
 
 
 def all_vectors(index: faiss.Index) -> np.ndarray:
-    """Every stored vector, in id order."""
+    """Every stored vector, in id order, as the unit vectors scores are cosines against (IVF-PQ: its
+    reconstructions, normalised, as :func:`stored_vectors` gives them): what selection, updates and recall read."""
     if index.ntotal == 0:
         return np.empty((0, index.d), dtype=np.float32)
-    return index.reconstruct_n(0, index.ntotal)
+    x = index.reconstruct_n(0, index.ntotal)
+    if isinstance(index, faiss.IndexIVFPQ):
+        with np.errstate(all="ignore"):
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
 
 
 def default_nlist(n: int) -> int:
@@ -202,31 +213,88 @@ def configure_index(index: faiss.Index, params: IndexParams) -> None:
 
 
 def search(index: faiss.Index, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``index.search``, with a single query run on one OpenMP thread.
+    """The ``k`` best stored vectors for each query (unit rows of ``vectors``): ``(scores, ids)`` as FAISS's
+    ``index.search``, every score a cosine in [-1, 1].
 
-    FAISS parallelises over queries; for one query the extra threads only add synchronisation (2
-    threads measured 4-5x slower than 1 on a 2-core machine). OpenMP's thread count is a per-thread
-    setting, so this does not affect searches running concurrently in other threads.
+    For IVF-PQ, FAISS's inner products with reconstructions are replaced by cosines (each divided by the
+    reconstruction's norm) and each row re-sorted by them. A single query runs on one OpenMP thread: FAISS
+    parallelises over queries, and for one query the extra threads only add synchronisation (2 threads
+    measured 4-5x slower than 1 on a 2-core machine); the setting is per thread, so concurrent searches in
+    other threads are unaffected.
+
+    Raises:
+        IndexFormatError: a score that is not a cosine (see :func:`check_scores`).
     """
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if len(x) != 1:
-        return index.search(x, k)
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        return index.search(x, k)
-    finally:
-        faiss.omp_set_num_threads(before)
+        scores, ids = index.search(x, k)
+    else:
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            scores, ids = index.search(x, k)
+        finally:
+            faiss.omp_set_num_threads(before)
+    if isinstance(index, faiss.IndexIVFPQ):
+        for row, (query, found) in enumerate(zip(x, ids, strict=True)):
+            hits = found[found >= 0]  # FAISS puts missing results (-1) last
+            if len(hits):
+                exact = cosines(index, hits, query)
+                order = np.argsort(-exact, kind="stable")
+                ids[row, : len(hits)], scores[row, : len(hits)] = hits[order], exact[order]
+    check_scores(scores[ids >= 0])
+    return scores, ids
+
+
+def stored_vectors(index: faiss.Index, rows: np.ndarray) -> np.ndarray:
+    """The stored vectors at ``rows``, as the unit vectors scores are cosines against (IVF-PQ: its
+    reconstructions, normalised; others: as stored, unit vectors checked at load)."""
+    x = index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
+    if isinstance(index, faiss.IndexIVFPQ) and len(x):
+        with np.errstate(all="ignore"):
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def cosines(index: faiss.Index, rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """Cosine of the unit ``vector`` with the stored vectors at ``rows`` (see :func:`stored_vectors`).
+
+    Raises:
+        IndexFormatError: a score that is not a cosine (see :func:`check_scores`).
+    """
+    scores = stored_vectors(index, rows) @ np.asarray(vector, dtype=np.float32)
+    check_scores(scores)
+    return scores
+
+
+def check_scores(scores: np.ndarray) -> None:
+    """Refuse scores that are not cosines: after the load checks none can be, unless the index changed since
+    (a memory-mapped file rewritten in place) or a vector was added unnormalised. An error, not a clamp: a
+    clamped score would still rank its demo first.
+
+    Raises:
+        IndexFormatError: naming the score.
+    """
+    with np.errstate(all="ignore"):
+        bad = ~(np.abs(scores) <= 1 + SCORE_TOLERANCE)  # NaN fails too
+    if bad.any():
+        raise IndexFormatError(
+            f"a search score of {float(np.asarray(scores)[bad].flat[0]):.4g} is not a cosine in [-1, 1]: the index "
+            "holds a vector that is not a unit vector (changed after it was loaded and checked?)"
+        )
 
 
 def non_unit_vector(index: faiss.Index) -> tuple[int, float] | None:
-    """``(id, norm)`` of the first stored vector that is not a finite unit vector, or ``None``.
+    """``(id, norm)`` of the first stored vector that is not a finite unit vector, or ``None``; for IVF-PQ, of
+    the first code whose reconstruction's norm is outside :data:`~icl_retriever.store.pq_codes.PQ_NORM_RANGE`.
 
     Reads FAISS's storage in place (no copy of a large index), a block at a time.
     """
     d, n = index.d, index.ntotal
-    if n == 0 or isinstance(index, faiss.IndexIVFPQ):  # codes, not vectors: see pq_problem
+    if n == 0:
         return None
+    if isinstance(index, faiss.IndexIVFPQ):
+        return pq_out_of_range(index)
     if isinstance(index, faiss.IndexIVFFlat):
         lists = index.invlists
         blocks = (
@@ -245,20 +313,21 @@ def non_unit_vector(index: faiss.Index) -> tuple[int, float] | None:
     return None
 
 
-def pq_problem(index: faiss.Index) -> str | None:
-    """What makes an IVF-PQ index's scores unbounded, or ``None``.
+def centroid_problem(index: faiss.IndexIVF) -> str | None:
+    """What is wrong with an IVF index's centroids, or ``None``.
 
-    Its codes are not vectors, so they cannot be checked for unit norm; instead the parts every
-    reconstruction is summed from are bounded as training on unit vectors bounds them: a cluster centroid
-    has norm <= 1, and a residual (vector minus centroid) has norm <= 2, so every sub-quantiser centroid,
-    a mean of residual pieces, has norm <= 2. A stored demo thus reconstructs to norm <= 1 + 2 sqrt(pq_m),
-    and a hostile file cannot make one demo outscore the rest by scaling it up without bound.
+    The cluster centroids (spherical k-means over unit vectors) must be finite with norm <= 1: they choose
+    the lists a query probes, and in IVF-PQ each is part of a reconstruction. IVF-PQ's sub-quantiser
+    centroids, means of residual pieces of unit vectors, must be finite with norm <= 2. Only the
+    reconstructions bound the scores (see :func:`non_unit_vector`); these bounds keep the unused parts sane.
     """
     coarse = all_vectors(faiss.downcast_index(index.quantizer))
     with np.errstate(all="ignore"):
         squared = np.einsum("ij,ij->i", coarse, coarse)
     if not (squared <= 1 + UNIT_NORM_TOLERANCE).all():  # NaN fails too
         return "a cluster centroid is not finite or longer than a unit vector"
+    if not isinstance(index, faiss.IndexIVFPQ):
+        return None
     pq = index.pq
     centroids = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
     with np.errstate(all="ignore"):

@@ -26,10 +26,11 @@ import faiss
 import numpy as np
 from pydantic import ValidationError
 
+from icl_retriever import presets
 from icl_retriever.errors import IndexFormatError, ModelLoadError
 from icl_retriever.records import Demo, check_text
 from icl_retriever.store.demo_file import OFFSET_DTYPE, MappedDemos
-from icl_retriever.store.faiss_index import configure_index, describe_index, non_unit_vector, pq_problem
+from icl_retriever.store.faiss_index import centroid_problem, configure_index, describe_index, non_unit_vector
 from icl_retriever.store.layout import check_flat_header, check_layout, index_kind
 from icl_retriever.store.manifest import (
     DEMOS,
@@ -42,6 +43,7 @@ from icl_retriever.store.manifest import (
     Manifest,
     manifest_problem,
 )
+from icl_retriever.store.pq_codes import PQ_NORM_RANGE
 
 _LOAD_RETRIES = 5
 #: A manifest is a few KB; a far larger file is not one (and is not read into memory).
@@ -96,17 +98,17 @@ def load_manifest(path: str | Path) -> Manifest:
 def trusted_model(path: str | Path, model: str) -> str:
     """The model a manifest names, if it may be loaded on the manifest's word alone.
 
-    That is the embedded default (``"default"``, ``"default-base"``) or a directory that exists inside the
+    That is a packaged preset (:mod:`icl_retriever.presets`: ``"default"``, ``"ieb"``, ...) or a directory that exists inside the
     index directory (a path relative to it, or an absolute one that resolves inside it). A manifest can name
     any other local path or Hugging Face id; loading that is the caller's decision, not the index's.
 
     Returns:
-        The model to load: the default's name, or the absolute path of the directory inside the index.
+        The model to load: the preset's name, or the absolute path of the directory inside the index.
 
     Raises:
         ModelLoadError: any other model, with how to pass it explicitly.
     """
-    if model in ("default", "default-base"):
+    if presets.find(model) is not None:
         return model
     root = Path(path).resolve()
     try:
@@ -116,7 +118,7 @@ def trusted_model(path: str | Path, model: str) -> str:
     if candidate != root and candidate.is_relative_to(root) and candidate.is_dir():
         return str(candidate)
     raise ModelLoadError(
-        f"{path}: the manifest names model {model!r}, which is neither the embedded default nor a directory inside "
+        f"{path}: the manifest names model {model!r}, which is neither a packaged preset nor a directory inside "
         "the index, so it is not loaded on the manifest's word; if you trust it, pass it: "
         "Retriever.from_index(path, model=...) (or encoder=...), or --model on the command line"
     )
@@ -304,7 +306,8 @@ def _deserialize(file: Path, data: bytes) -> faiss.Index:
 def _check_contents(file: Path, index: faiss.Index) -> None:
     """What a self-consistent but hostile index could still get wrong: the parts of an approximate index
     must fit together, each id must be stored once, and every vector must be a finite unit vector (a
-    scaled row would win unrelated queries; a NaN row could never be returned)."""
+    scaled row would win unrelated queries; a NaN row could never be returned); for IVF-PQ, every code's
+    reconstruction must be near unit length, measured code by code in bounded memory."""
     if isinstance(index, faiss.IndexHNSWFlat):
         storage = faiss.downcast_index(index.storage)
         if not isinstance(storage, faiss.IndexFlat) or (storage.ntotal, storage.d, storage.metric_type) != (
@@ -318,7 +321,7 @@ def _check_contents(file: Path, index: faiss.Index) -> None:
         if not isinstance(quantizer, faiss.IndexFlat) or (quantizer.ntotal, quantizer.d) != (index.nlist, index.d) or (
             lists.nlist, lists.code_size) != (index.nlist, code_size):
             raise IndexFormatError(f"{file}: the IVF clusters or lists do not match the index")
-        problem = pq_problem(index) if isinstance(index, faiss.IndexIVFPQ) else None
+        problem = centroid_problem(index)
         if problem is not None:
             raise IndexFormatError(f"{file}: {problem}")
         # Rebuilding the id -> position map from the lists refuses ids outside [0, ntotal); a missing id stays -1.
@@ -332,6 +335,12 @@ def _check_contents(file: Path, index: faiss.Index) -> None:
         if stored != index.ntotal or (index.ntotal and faiss.vector_to_array(index.direct_map.array).min() < 0):
             raise IndexFormatError(once)
     bad = non_unit_vector(index)
+    if bad is not None and isinstance(index, faiss.IndexIVFPQ):
+        raise IndexFormatError(
+            f"{file}: the code of stored vector {bad[0]} reconstructs to norm {bad[1]:.4g}, outside "
+            f"[{PQ_NORM_RANGE[0]}, {PQ_NORM_RANGE[1]}] (what codes of unit vectors reconstruct to; a longer one "
+            "would win unrelated queries)"
+        )
     if bad is not None:
         raise IndexFormatError(
             f"{file}: stored vector {bad[0]} has norm {bad[1]:.4g}, not 1 (vectors are unit vectors; a scaled, "

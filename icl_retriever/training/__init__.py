@@ -4,7 +4,7 @@ Each anchor instruction gets a positive (another instruction of its task) and a 
 instruction of a *different* task sharing its verb or noun, e.g. ``write|poem`` vs ``write|story``),
 and the InfoNCE loss ranks the positive above every other positive and negative in the batch. Columns
 that share the anchor's task are masked out, since they are not negatives at all. The output directory
-loads with ``PIEEncoder(output_dir)``; from the packaged default it also holds a float16
+loads with ``PIEEncoder(output_dir)``; from a packaged preset it also holds a float16
 ``delta.safetensors`` that can be shipped as the new default.
 
 Dropout is off by default: with real positives it is no longer needed as augmentation (SimCSE's use), and
@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
-from icl_retriever import default_model
+from icl_retriever import default_model, presets
 from icl_retriever.cache import sha256_file
 from icl_retriever.encoder import PIE_CONFIG_FILE, PIEEncoder
 from icl_retriever.evaluation import cross_group_hits, ict_scores, retrieval_hits
@@ -130,7 +130,7 @@ class TrainingCard(BaseModel):
     versions: dict[str, str]
     base_model: str
     base_weights_sha256: str | None
-    base_delta_sha256: str | None = Field(description="shipped delta the default started from, if any")
+    base_delta_sha256: str | None = Field(description="the packaged preset's delta training started from, if any")
     train_files: list[str]
     train_files_sha256: list[str]
     val_files: list[str] = Field(default_factory=list)
@@ -440,7 +440,7 @@ def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
 
     Writes ``model.safetensors``, tokenizer files, ``pie_config.json``, ``training_card.json``,
     ``calibration.json`` (the floor of ``min_score="auto"``, measured on the held-out tasks) and, from
-    the default model, ``delta.safetensors``.
+    a packaged preset (``default``, ``ieb``, ``default-base``), ``delta.safetensors``.
 
     Raises:
         PoolError: a train or validation file is missing or malformed.
@@ -473,8 +473,8 @@ def train(config: TrainConfig, *, show_progress_bar: bool = True) -> Path:
     out = Path(config.output_dir)
     _save(encoder, out)
     write_calibration(PIEEncoder(out), config, out)  # as users load it: the saved weights and settings
-    from_default = config.base_model in ("default", "default-base")
-    delta = _save_default_delta(encoder.model, out / DELTA_FILE) if from_default else None
+    from_preset = presets.find(config.base_model) is not None  # any preset: the delta is to the packaged base
+    delta = _save_default_delta(encoder.model, out / DELTA_FILE) if from_preset else None
     card = _card(config, encoder, sources, fit, before, delta, time.perf_counter() - started)
     (out / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return out
@@ -491,16 +491,15 @@ def _card(
 ) -> TrainingCard:
     from transformers import __version__ as transformers_version
 
-    default = config.base_model in ("default", "default-base")
-    shipped = config.base_model == "default" and default_model.DELTA_FILE.is_file()
-    shipped_delta = default_model.DELTA_FILE if shipped else None
+    preset = presets.find(config.base_model)
+    shipped_delta = preset.delta_file if preset is not None else None
     steps = len(fit.losses)
     vals = [src.val for src in sources if src.val is not None]
     return TrainingCard(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         versions={"torch": torch.__version__, "transformers": transformers_version, "numpy": np.__version__},
         base_model=config.base_model,
-        base_weights_sha256=default_model.BASE_SHA256 if default else None,
+        base_weights_sha256=default_model.BASE_SHA256 if preset is not None else None,
         base_delta_sha256=sha256_file(shipped_delta) if shipped_delta else None,
         train_files=[str(Path(p).resolve()) for p in config.train_files],
         train_files_sha256=[sha256_file(Path(p)) for p in config.train_files],
