@@ -79,24 +79,15 @@ _MODEL_HELP = (
 )
 
 
-#: Flags of ``serve`` whose spelling is not the ServeSettings field's.
-_SERVE_FLAG_NAMES = {"worker_threads": "--workers-threads"}
-
-
-def serve_flag(name: str) -> str:
-    """The ``serve`` flag of a :class:`ServeSettings` field."""
-    return _SERVE_FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-
-
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`ServeSettings` field (limits, batching, reloading), from its type, default and
     description, so none drifts from the settings (a test checks it)."""
-    from icl_retriever.serve.settings import ServeSettings
+    from icl_retriever.serve.settings import ServeSettings, flag_of
 
     for name, field in ServeSettings.model_fields.items():
         if field.annotation not in (int, float):  # a field of another type: fail loudly, not silently drop it
             raise TypeError(f"ServeSettings.{name}: no CLI flag for type {field.annotation!r}")
-        flag = serve_flag(name)
+        flag = flag_of(name)
         help_text = f"{field.description} (default {field.default})".replace("%", "%%")
         p.add_argument(flag, dest=name, type=field.annotation, default=None, metavar="N", help=help_text)
 
@@ -345,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_flags(p)
     p.add_argument("--model", default=None,
                    help="the model to load, if the index names one outside its directory that you trust "
-                        "(default: the one the manifest names, if it is the embedded default or inside the index)")
+                        "(default: the one the manifest names, if it is a packaged preset or inside the index)")
     p.add_argument("--mmap", action="store_true", help="search the vector files memory-mapped (an index larger than RAM)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",

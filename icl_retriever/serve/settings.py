@@ -1,6 +1,7 @@
 """How a server runs: its limits, its micro-batching and how often it looks for a new index version.
 
-Every field is a ``serve`` flag (``--max-k`` for ``max_k``), generated from this model by the CLI.
+Every field is a ``serve`` flag (``--max-k`` for ``max_k``, see :func:`flag_of`), generated from this model
+by the CLI.
 """
 
 from __future__ import annotations
@@ -32,3 +33,12 @@ class ServeSettings(BaseModel):
     reload_interval_s: float = Field(
         0.5, ge=0.0, description="how often the index directory is checked for a newer version; 0: never"
     )
+
+
+#: Fields whose ``serve`` flag is not spelled after the field (the issue's name for it).
+_FLAG_NAMES = {"worker_threads": "--workers-threads"}
+
+
+def flag_of(name: str) -> str:
+    """The ``icl-retriever serve`` flag of a :class:`ServeSettings` field."""
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
