@@ -275,13 +275,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from icl_retriever.serve import ServeSettings
-    from icl_retriever.serve.server import read_token, serve
-
     from pydantic import ValidationError
 
     from icl_retriever.errors import first_validation_error
-    from icl_retriever.serve.settings import flag_of
+    from icl_retriever.serve.server import read_token, serve
+    from icl_retriever.serve.settings import ServeSettings, flag_of
 
     fields = ServeSettings.model_fields
     try:
