@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,dspy,ray,llamaindex,haystack,docs]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,dspy,ray,llamaindex,haystack,docs,serve]"
 	touch $@
 
 demo: install

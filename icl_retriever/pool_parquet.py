@@ -11,24 +11,22 @@ not UTF-8, a map with keys that are not strings.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from icl_retriever.errors import PoolError
-from icl_retriever.records import Demo, demo_from_record, load_json
 
 #: Rows decoded to Python at a time: the memory of a read is a batch, whatever the file holds.
 BATCH_ROWS = 1024
 
 
-def iter_parquet(source: bytes | str | Path, name: str) -> Iterator[tuple[str, Demo]]:
-    """(where, demo) pairs of a Parquet pool file (its path, or its bytes as Ray reads them): one record
-    per row, columns as the fields of a JSONL record (``instruction`` required; other columns go to
-    metadata). A ``metadata`` column may be a struct, a map with string keys or a JSON object string.
-    ``where`` is ``file (row N)``, counted from 1.
+def iter_parquet_rows(source: bytes | str | Path, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) pairs of a Parquet pool file (its path, or its bytes as Ray reads them): one record
+    per row, columns as the fields of a JSONL record, a map ``metadata`` column as a dict (a JSON string is
+    left to :func:`icl_retriever.records.iter_parquet`, which makes the demos). ``where`` is ``file (row N)``,
+    counted from 1.
 
     Raises:
         PoolError: pyarrow is missing, the file is not Parquet, a column name is used twice, or a row is
@@ -47,7 +45,7 @@ def iter_parquet(source: bytes | str | Path, name: str) -> Iterator[tuple[str, D
             for record in _rows(batch, name, row):
                 row += 1
                 where = f"{name} (row {row})"
-                yield where, demo_from_record(_record(record, where), path=where)
+                yield where, _record(record, where)
     except (pa.ArrowException, OSError) as exc:
         reason = (str(exc).splitlines() or [""])[0]
         raise PoolError(f"not a readable Parquet file ({type(exc).__name__}: {reason})"
@@ -112,8 +110,7 @@ def _rows(batch: Any, name: str, before: int) -> list[dict[str, Any]]:
 
 
 def _record(record: dict[str, Any], where: str) -> dict[str, Any]:
-    """A Parquet row as a JSON-like record: a map column (pairs, string keys) or JSON string as the
-    ``metadata`` object."""
+    """A Parquet row as a JSON-like record: a map column (pairs, string keys) as the ``metadata`` object."""
     meta = record.get("metadata")
     if isinstance(meta, list) and all(isinstance(p, tuple) and len(p) == 2 for p in meta):
         for key, _ in meta:
@@ -122,10 +119,4 @@ def _record(record: dict[str, Any], where: str) -> dict[str, Any]:
                 raise PoolError(f"field 'metadata' is a map with a key that is not a string: {shown} "
                                 f"({type(key).__name__})", path=where)
         record["metadata"] = dict(meta)
-    elif isinstance(meta, str):
-        try:
-            record["metadata"] = load_json(meta)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise PoolError(f"field 'metadata' is a string but not a JSON object ({exc})", path=where) from exc
     return record
-

@@ -41,10 +41,10 @@ from icl_retriever.records import (
     decode_pool_bytes,
     UniqueIds,
     is_parquet,
+    iter_parquet,
     iter_pool_text,
     pool_files,
 )
-from icl_retriever.pool_parquet import iter_parquet
 from icl_retriever.store import MappedDemos, TopicInfo, new_flat_index
 from icl_retriever.store.demo_file import offset_table, record_line
 from icl_retriever.topic import (

@@ -276,10 +276,27 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Demo]]:
         if not path.is_file():
             raise PoolError("no such file" if not path.exists() else "is a directory, expected a Parquet file",
                             path=str(path))
-        from icl_retriever.pool_parquet import iter_parquet
-
         return iter_parquet(path, str(path))
     return iter_pool_text(read_text(path), str(path))
+
+
+def iter_parquet(source: bytes | str | Path, name: str) -> Iterator[tuple[str, Demo]]:
+    """(where, demo) pairs of a Parquet pool file (its path, or its bytes as Ray reads them), read a batch of
+    rows at a time (:mod:`icl_retriever.pool_parquet`). A ``metadata`` column may be a struct, a map with
+    string keys or a JSON object string.
+
+    Raises:
+        PoolError: pyarrow is missing, the file is not Parquet, or a row is malformed (file, row, field named).
+    """
+    from icl_retriever.pool_parquet import iter_parquet_rows  # pyarrow, only for Parquet files
+
+    for where, record in iter_parquet_rows(source, name):
+        if isinstance(meta := record.get("metadata"), str):
+            try:
+                record["metadata"] = load_json(meta)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise PoolError(f"field 'metadata' is a string but not a JSON object ({exc})", path=where) from exc
+        yield where, demo_from_record(record, path=where)
 
 
 def is_parquet(name: str | Path) -> bool:

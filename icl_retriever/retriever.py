@@ -12,6 +12,7 @@ import numpy as np
 
 from icl_retriever.encoder import PIEEncoder, Runtime
 from icl_retriever.errors import EncoderMismatchError
+from icl_retriever.messages import ChatMessage, demo_messages
 from icl_retriever.query_vectors import QueryVectors
 from icl_retriever.records import Demo, check_text, load_pool
 from icl_retriever.search import DEFAULT_RERANK, SearchControls, SearchKwargs, Snapshot, select_batch
@@ -413,18 +414,65 @@ class Retriever:
             >>> [len(demos) for demos in batch]
             [2, 2]
         """
-        if isinstance(queries, str):
-            raise TypeError("get_demos_batch takes a sequence of queries; use get_demos for one")
-        queries = list(queries)
-        check_queries(queries)
+        queries = _checked_queries(queries, "get_demos_batch takes a sequence of queries; use get_demos for one")
+        ctl = SearchControls.parse(k=k, **controls)
+        return self._search([(queries, ctl)])[0]
+
+    def get_demos_grouped(self, groups: Sequence[tuple[Sequence[str], SearchControls]]) -> list[list[list[Demo]]]:
+        """Several groups of queries, each with its own ``k`` and controls, embedded in one encoder batch.
+
+        This is how a server answers requests that arrived together (each group is one request): the
+        queries share the encoder pass, then each group is searched with its own controls over the same
+        snapshot, so every answer equals :meth:`get_demos_batch` of that group.
+
+        Args:
+            groups: ``(queries, controls)`` pairs; build the controls with :meth:`SearchControls.parse`.
+
+        Returns:
+            For each group, for each of its queries, the demos.
+
+        Raises:
+            ValueError: an empty query, or a group's controls ask for a ranking this index cannot give.
+        """
+        groups = [
+            (_checked_queries(queries, f"group {g}: expected a sequence of queries"), ctl)
+            for g, (queries, ctl) in enumerate(groups)
+        ]
+        return self._search(groups)
+
+    def get_messages(self, query: str, k: int = 4, **controls: Unpack[SearchKwargs]) -> list[ChatMessage]:
+        """The demos of :meth:`get_demos` as alternating user / assistant chat messages (instruction and
+        input as the user turn, output as the assistant turn, best demo first): the shape chat-completion
+        APIs take, to put before the real request.
+
+        Raises:
+            ValueError: as :meth:`get_demos`.
+        """
+        return demo_messages(self.get_demos(query, k=k, **controls))
+
+    def _search(self, groups: list[tuple[list[str], SearchControls]]) -> list[list[list[Demo]]]:
+        """Checked groups: one snapshot and one embedding pass for all, then each group's selection."""
         state = self.snapshot  # one version for the whole batch
-        ctl = self._controls(SearchControls.parse(k=k, **controls), has_topic=state.topic is not None)
-        counter = resolve_tokenizer(ctl.tokenizer, self.encoder.tokenizer) if ctl.max_tokens is not None else None
-        if not queries:
-            return []
-        topic_encoder = self.topic_encoder() if ctl.rerank is not None else None
-        vectors, topic_vectors = self._queries.embed_both(self.encoder, topic_encoder, queries)
-        return select_batch(state, queries, vectors, topic_vectors, ctl, counter)
+        has_topic = state.topic is not None
+        resolved = [(queries, self._controls(ctl, has_topic=has_topic)) for queries, ctl in groups]
+        flat = [q for queries, _ in resolved for q in queries]
+        if not flat:
+            return [[] for _ in resolved]
+        # the topic model runs for every query when one group ranks by topic: one pass, and cached
+        topic_encoder = self.topic_encoder() if any(ctl.rerank is not None for _, ctl in resolved) else None
+        vectors, topic_vectors = self._queries.embed_both(self.encoder, topic_encoder, flat)
+        out: list[list[list[Demo]]] = []
+        start = 0
+        for queries, ctl in resolved:
+            rows = slice(start, start + len(queries))
+            start += len(queries)
+            if not queries:
+                out.append([])
+                continue
+            counter = resolve_tokenizer(ctl.tokenizer, self.encoder.tokenizer) if ctl.max_tokens is not None else None
+            topic = None if topic_vectors is None or ctl.rerank is None else topic_vectors[rows]
+            out.append(select_batch(state, queries, vectors[rows], topic, ctl, counter))
+        return out
 
     def _controls(self, ctl: SearchControls, *, has_topic: bool) -> SearchControls:
         """``ctl`` resolved for this index: ``rerank="auto"`` and ``min_score="auto"`` made concrete."""
@@ -445,3 +493,12 @@ class Retriever:
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""
         return f"Retriever(demos={len(self.demos)}, encoder={self.encoder!r}{where})"
+
+
+def _checked_queries(queries: Sequence[str], not_a_sequence: str) -> list[str]:
+    """``queries`` as a list, each a non-empty string that UTF-8 can encode."""
+    if isinstance(queries, str):
+        raise TypeError(not_a_sequence)
+    queries = list(queries)
+    check_queries(queries)
+    return queries

@@ -270,6 +270,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from pydantic import ValidationError
+
+    from icl_retriever.errors import first_validation_error
+    from icl_retriever.serve.server import read_token, serve
+    from icl_retriever.serve.settings import ServeSettings, flag_of
+
+    fields = ServeSettings.model_fields
+    try:
+        settings = ServeSettings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    except ValidationError as exc:
+        field, _, msg = first_validation_error(exc, "settings")
+        raise ValueError(f"{flag_of(field)}: {msg}") from None
+    read_token(args.token_env)  # an unset variable fails before the model loads
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    serve(args.index, host=args.host, port=args.port, token_env=args.token_env, settings=settings, model=args.model,
+          runtime=args.runtime, mmap=args.mmap, access_log=args.access_log, log_level=args.log_level)
+    return 0
+
+
 def cmd_select(args: argparse.Namespace) -> int:
     from icl_retriever.encoder import PIEEncoder
     from icl_retriever.selection import select_pool

@@ -19,6 +19,7 @@ from icl_retriever.cli.commands import (
     cmd_query,
     cmd_remove,
     cmd_select,
+    cmd_serve,
     cmd_train,
 )
 
@@ -76,6 +77,21 @@ _MODEL_HELP = (
     f"a preset: {', '.join(presets.names())} (default: {presets.DEFAULT}; see docs/models.md, 'Which model?'), "
     "a model directory or a Hugging Face id owner/name"
 )
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`ServeSettings` field (limits, batching, reloading), from its type, default and
+    description, so none drifts from the settings (a test checks it)."""
+    from icl_retriever.serve.settings import ServeSettings, flag_of
+
+    for name, field in ServeSettings.model_fields.items():
+        if field.annotation not in (int, float):  # a field of another type: fail loudly, not silently drop it
+            raise TypeError(f"ServeSettings.{name}: no CLI flag for type {field.annotation!r}")
+        flag = flag_of(name)
+        help_text = f"{field.description} (default {field.default})".replace("%", "%%")
+        p.add_argument(flag, dest=name, type=field.annotation, default=None, metavar="N", help=help_text)
+
+
 BATCH_HELP = "instructions per forward pass (default: 16 on ONNX Runtime, 32 on torch)"
 _RUNTIME_HELP = (
     "where vectors are computed: auto (default): ONNX Runtime on CPU, exported from the model once and cached "
@@ -312,6 +328,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("serve", help="serve an index over HTTP (JSON API under /v1; needs the serve extra)")
+    p.add_argument("index", help="index directory; versions written there later (add, remove, build --force) are "
+                                 "served as they appear")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--token-env", default=None, metavar="NAME",
+                   help="environment variable holding the bearer token every path but /healthz then needs; "
+                        "without it there is no authentication and /v1/demos:add and :remove are refused")
+    _add_serve_flags(p)
+    p.add_argument("--model", default=None,
+                   help="the model to load, if the index names one outside its directory that you trust "
+                        "(default: the one the manifest names, if it is a packaged preset or inside the index)")
+    p.add_argument("--mmap", action="store_true", help="search the vector files memory-mapped (an index larger than RAM)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="server log level (default info)")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="describe an index directory")
     p.add_argument("index", help="index directory")
