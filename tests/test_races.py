@@ -111,6 +111,25 @@ def test_two_builds_into_one_out_give_one_index_and_a_clean_error(tmp_path: Path
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
+def test_two_processes_export_a_model_to_onnx_once(tmp_path: Path) -> None:
+    """Both find no export: one exports under the entry's lock, the other waits and loads that export."""
+    cache = tmp_path / "cache"
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from icl_retriever import PIEEncoder\n"
+            "enc = PIEEncoder(runtime='onnx'); print(enc.runtime, enc.encode(['Write a poem.'])[0][:3].round(4).tolist())\n")
+    env = {**_ENV, "ICL_RETRIEVER_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    runs = _finish(procs, timeout=600)  # type: ignore[arg-type]
+    for code_, stdout, stderr in runs:
+        assert code_ == 0, stderr
+        assert stdout.startswith("onnx ")
+    assert runs[0][1] == runs[1][1]  # the same vectors: the same export
+    assert sum(stderr.count("exported 'default' to ONNX") for _, _, stderr in runs) == 1, [r[2] for r in runs]
+    assert len([p for p in (cache / "onnx").iterdir() if p.is_dir()]) == 1 and _leftovers(cache) == []
+
+
 def test_file_digests_of_processes_starting_at_once_are_all_kept(tmp_path: Path) -> None:
     """Each process remembers the digest of its own file in one shared store; none is lost to the other."""
     cache, go = tmp_path / "cache", tmp_path / "go"
