@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from icl_retriever.embed import check_batch_size
-from icl_retriever.encoder import PIEEncoder
+from icl_retriever.encoder import PIEEncoder, Runtime
 from icl_retriever.ray_engine import RayOptions
 from icl_retriever.records import Demo, load_pool
 
@@ -206,6 +206,7 @@ def select_pool(
     show_progress_bar: bool = False,
     engine: Literal["local", "ray"] = "local",
     ray: RayOptions | None = None,
+    runtime: Runtime = "auto",
 ) -> Selection:
     """Pick ``n`` demos of a pool file or an index directory that cover the space of tasks.
 
@@ -219,6 +220,8 @@ def select_pool(
     Args:
         encoder: the encoder, or a function that makes it (called only once the arguments and the pool
             passed their checks), or ``None`` (the default model; an index directory's own).
+        runtime: where the model made for ``encoder=None`` computes (:class:`PIEEncoder`; an index
+            directory's model too).
         batch_size: instructions per forward pass of a pool file's local embedding (an index's vectors are
             stored; Ray batches on its actors).
 
@@ -243,14 +246,15 @@ def select_pool(
             raise ValueError(f"{source}: an index directory's stored vectors are used as they are; engine='ray' "
                              "and batch_size apply to a pool file, which is embedded")
         check_selection(n, method=method, rows=load_manifest(path).count)  # the cap: once its labels are read
-        retriever = Retriever.from_index(path, encoder=_made(encoder) if encoder is not None else None)
+        retriever = Retriever.from_index(path, encoder=_made(encoder, runtime) if encoder is not None else None,
+                                         runtime=runtime)
         demos, vectors = retriever.demos, all_vectors(retriever.index)
     elif engine == "ray":
         import tempfile
 
         from icl_retriever import ray_engine
 
-        with ray_engine.read_and_embed([source], _made(encoder), topic=False, options=ray or RayOptions(),
+        with ray_engine.read_and_embed([source], _made(encoder, runtime), topic=False, options=ray or RayOptions(),
                                        staging=Path(tempfile.gettempdir()) / ".icl-retriever-select-") as embedded:
             return _select(str(source), embedded.demos, embedded.vectors, n, method, label_field, per_task_cap, seed,
                            started)
@@ -258,15 +262,15 @@ def select_pool(
         demos = load_pool(path)
         check_selection(n, method=method, per_task_cap=per_task_cap, rows=len(demos),
                         labels=_labels(demos, label_field))
-        vectors = _made(encoder).encode([d.instruction for d in demos], batch_size=batch_size,
+        vectors = _made(encoder, runtime).encode([d.instruction for d in demos], batch_size=batch_size,
                                         show_progress_bar=show_progress_bar)
     return _select(str(source), demos, vectors, n, method, label_field, per_task_cap, seed, started)
 
 
-def _made(encoder: PIEEncoder | Callable[[], PIEEncoder] | None) -> PIEEncoder:
+def _made(encoder: PIEEncoder | Callable[[], PIEEncoder] | None, runtime: Runtime) -> PIEEncoder:
     """The encoder itself, made by its factory, or the default one."""
     if encoder is None:
-        return PIEEncoder(runtime="auto")
+        return PIEEncoder(runtime=runtime)
     return encoder if isinstance(encoder, PIEEncoder) else encoder()
 
 

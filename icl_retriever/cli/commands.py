@@ -309,7 +309,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     result = select_pool(
         args.source, args.n, method=args.method, label_field=args.label_field, per_task_cap=args.per_task_cap,
         encoder=encoder, batch_size=args.batch_size, seed=args.seed, show_progress_bar=True, engine=args.engine,
-        ray=ray,
+        ray=ray, runtime=args.runtime,
     )
     replace_file(out, [record_line(d) for d in result.demos])
     if args.json:
