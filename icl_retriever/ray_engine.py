@@ -225,11 +225,11 @@ def _quiet_console(ray: Any, *, starting: bool) -> Iterator[None]:
     A record's error reaches the user as one PoolError line (:func:`_batches`)."""
     import ray.data  # noqa: F401  (configures its loggers on import: after it, so they stay changed)
 
-    saved: list[tuple[logging.Handler, int]] = []
+    saved: dict[logging.Handler, int] = {}  # each handler once: one shared by both loggers must get its level back
     for name in ("ray", "ray.data"):
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                saved.append((handler, handler.level))
+                saved.setdefault(handler, handler.level)
                 handler.setLevel(logging.CRITICAL + 1)
     level = os.environ.get("RAY_BACKEND_LOG_LEVEL")
     if starting and level is None:
@@ -239,7 +239,7 @@ def _quiet_console(ray: Any, *, starting: bool) -> Iterator[None]:
     finally:
         if starting and level is None:
             os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
-        for handler, before in saved:
+        for handler, before in saved.items():
             handler.setLevel(before)
 
 

@@ -171,3 +171,27 @@ def test_ray_build_on_the_command_line_prints_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [
         f"icl-retriever: error: {bad} (row 2): column 'note' is not valid UTF-8 text (byte 0xff at offset 4)"
     ], done.stderr
+
+
+def test_quiet_console_gives_every_handler_its_level_back() -> None:
+    """A handler on both Ray loggers (as a test's log capture can be) is silenced once and restored once."""
+    import logging
+
+    import ray
+
+    from icl_retriever.ray_engine import _quiet_console
+
+    shared, own = logging.StreamHandler(), logging.StreamHandler()
+    own.setLevel(logging.INFO)
+    loggers = [logging.getLogger("ray"), logging.getLogger("ray.data")]
+    for lg in loggers:
+        lg.addHandler(shared)
+    loggers[1].addHandler(own)
+    try:
+        with _quiet_console(ray, starting=False):
+            assert shared.level == own.level == logging.CRITICAL + 1
+        assert shared.level == logging.NOTSET and own.level == logging.INFO
+    finally:
+        for lg in loggers:
+            lg.removeHandler(shared)
+        loggers[1].removeHandler(own)
