@@ -178,6 +178,7 @@ def test_quiet_console_gives_every_handler_its_level_back() -> None:
     import logging
 
     import ray
+    import ray.data  # noqa: F401  (configures its loggers on first import: before the handlers are added)
 
     from icl_retriever.ray_engine import _quiet_console
 
