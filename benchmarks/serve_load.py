@@ -164,7 +164,9 @@ def check_added(url: str, index: Path, added: list[dict[str, Any]], timeout_s: f
     return found
 
 
-def in_process_p50(index: Path, queries: list[str], k: int) -> float:
+def in_process(index: Path, queries: list[str], k: int, batch: int) -> tuple[float, float]:
+    """The in-process ``get_demos`` p50 (ms), and the ceiling of micro-batching on this machine: queries/s of
+    ``get_demos_batch`` over ``batch`` queries at a time against ``get_demos`` one at a time (no HTTP at all)."""
     from icl_retriever import Retriever
 
     retriever = Retriever.from_index(index, cache_size=0)
@@ -174,7 +176,11 @@ def in_process_p50(index: Path, queries: list[str], k: int) -> float:
         start = time.perf_counter()
         retriever.get_demos(query, k=k)
         ms.append(1000 * (time.perf_counter() - start))
-    return p(ms, 0.5)
+    start = time.perf_counter()
+    for i in range(0, len(queries), batch):
+        retriever.get_demos_batch(queries[i : i + batch], k=k)
+    batched = time.perf_counter() - start
+    return p(ms, 0.5), sum(ms) / 1000 / batched
 
 
 def main() -> None:
@@ -198,7 +204,7 @@ def main() -> None:
         else:
             subprocess.run(cli("build", str(DEFAULT_POOL), "--out", str(index)), env=ENV, check=True, capture_output=True)
         queries = Queries()
-        reference = in_process_p50(index, queries.take(args.reference), args.k)
+        reference, ceiling = in_process(index, queries.take(args.reference), args.k, args.concurrency)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = start_server(index, port, args.serve_args.split())
@@ -229,6 +235,8 @@ def main() -> None:
               f"{c1['p50'] - reference:+.2f} ms")
         print(f"throughput at concurrency {args.concurrency} / concurrency 1: {cn['rps'] / c1['rps']:.2f}x "
               "(issue 33's target on 2 cores: at least 2.5x)")
+        print(f"in process, no HTTP: get_demos_batch of {args.concurrency} queries / get_demos one at a time: "
+              f"{ceiling:.2f}x (what batching the encoder can buy on this machine)")
         print(f"CLI adds: {len(added)} of {args.adds} succeeded; added demos returned by the server afterwards: "
               f"{found} of {len(added)}" + (f"; add failures: {add_failures}" if add_failures else ""))
         for name, r in runs:

@@ -35,7 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from icl_retriever.encoder import PIEEncoder
-from icl_retriever.records import Demo
+from icl_retriever.records import PIECE_CHARS, Demo
 from icl_retriever.store import TopicInfo, new_flat_index, non_unit_row, replace_file
 from icl_retriever.topic import TopicEncoder, TopicKind, topic_encoder_or_none, topic_info, topic_text
 
@@ -95,13 +95,22 @@ def embed_in_memory(
 
 
 def resume_dir(out: str | Path, instructions: Sequence[str], encoder: PIEEncoder | TopicEncoder, chunk_size: int) -> Path:
-    """Where a build of ``instructions`` into ``out`` keeps its finished chunks.
-
-    The key hashes JSON (unambiguous: no two lists of texts serialise alike, whatever they contain).
-    """
-    payload = json.dumps([encoder.fingerprint, chunk_size, list(instructions)])
+    """Where a build of ``instructions`` into ``out`` keeps its finished chunks (a key over the encoder, the
+    chunk size and every text: :func:`_texts_digest`)."""
+    digest = _texts_digest(json.dumps([encoder.fingerprint, chunk_size]), instructions)
     out = Path(out)
-    return out.parent / f".{out.name}.build-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+    return out.parent / f".{out.name}.build-{digest.hex()[:16]}"
+
+
+def _texts_digest(head: str, texts: Sequence[str]) -> bytes:
+    """sha256 over ``head`` and every text, each framed by its length in characters (unambiguous: no two lists
+    of texts hash the same input), fed a megabyte of characters at a time, so a huge text is never copied whole."""
+    digest = hashlib.sha256(head.encode())
+    for text in texts:
+        digest.update(len(text).to_bytes(8, "little"))
+        for start in range(0, len(text), PIECE_CHARS):
+            digest.update(text[start : start + PIECE_CHARS].encode("utf-8"))
+    return digest.digest()
 
 
 def remove_abandoned_checkpoints(out: Path) -> None:
@@ -208,8 +217,8 @@ def _chunk_name(number: int) -> str:
 
 
 def _source(encoder: PIEEncoder | TopicEncoder, texts: Sequence[str]) -> bytes:
-    """What produces a chunk: the encoder (its fingerprint) and the chunk's texts, as JSON."""
-    return json.dumps([encoder.fingerprint, list(texts)]).encode()
+    """What produces a chunk: a digest of the encoder (its fingerprint) and the chunk's texts."""
+    return _texts_digest(json.dumps([encoder.fingerprint]), texts)
 
 
 def _checksum(source: bytes, array: np.ndarray) -> str:

@@ -46,7 +46,7 @@ from icl_retriever.records import (
     pool_files,
 )
 from icl_retriever.store import MappedDemos, TopicInfo, new_flat_index
-from icl_retriever.store.demo_file import offset_table, record_line
+from icl_retriever.store.demo_file import offset_table, record_chunks
 from icl_retriever.topic import (
     TopicEncoder,
     TopicKind,
@@ -260,9 +260,7 @@ def _gather(ds: Any, workdir: Path, name: str, *, with_topic: bool) -> tuple[Map
                     raise RuntimeError("Ray returned the records out of pool order")  # preserve_order prevents it
                 last = (int(file), int(pos))
                 demo = ids.add(str(where), Demo.model_validate_json(text))
-                line = record_line(demo)
-                fh.write(line)
-                sizes.append(len(line))
+                sizes.append(sum(fh.write(piece) for piece in record_chunks(demo)))
             for col in columns:
                 block = _matrix(batch[col])
                 dims[col] = block.shape[1]

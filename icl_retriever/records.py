@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import glob
 import json
+import re
 import math
 import sys
 from importlib import resources
@@ -54,10 +55,38 @@ class Demo(BaseModel):
         return self.model_dump(exclude={"score"})
 
 
+#: Characters of a long text escaped and encoded at a time (:func:`json_string_pieces`).
+PIECE_CHARS = 1 << 20
+
+
+def json_string_pieces(text: str) -> Iterator[bytes]:
+    """``json.dumps(text, ensure_ascii=False).encode()``, in pieces of :data:`PIECE_CHARS` characters: the same
+    bytes (JSON escapes character by character, and a Python string has no surrogate pairs to split), without
+    ever holding a whole copy of a long text, escaped or encoded."""
+    if len(text) <= PIECE_CHARS:
+        yield json.dumps(text, ensure_ascii=False).encode()
+        return
+    yield b'"'
+    for start in range(0, len(text), PIECE_CHARS):
+        yield json.dumps(text[start : start + PIECE_CHARS], ensure_ascii=False)[1:-1].encode()
+    yield b'"'
+
+
 def stable_id(instruction: str, input: str, output: str) -> str:
-    """A content hash, so rebuilding the same pool gives the same ids."""
-    payload = json.dumps([instruction, input, output], ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+    """A content hash, so rebuilding the same pool gives the same ids: sha256 of
+    ``json.dumps([instruction, input, output], ensure_ascii=False)``, fed in pieces."""
+    digest = hashlib.sha256(b"[")
+    for i, text in enumerate((instruction, input, output)):
+        if i:
+            digest.update(b", ")
+        for piece in json_string_pieces(text):
+            digest.update(piece)
+    digest.update(b"]")
+    return digest.hexdigest()[:16]
+
+
+#: What UTF-8 cannot encode: UTF-16 surrogates (lone halves, or bytes Python carries as ``\\udcXX``).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_text(value: Any, what: str) -> None:
@@ -71,7 +100,11 @@ def check_text(value: Any, what: str) -> None:
         ValueError: naming ``what`` (and, inside data, where: ``.key`` / ``[i]``) and the offending character.
     """
     try:
-        (value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)).encode("utf-8")
+        if isinstance(value, str):  # a scan, not an encoded copy of a long text: only surrogates fail UTF-8
+            if _SURROGATE.search(value):
+                value.encode("utf-8")
+        else:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         where, text = _first_bad_string(value, "")
         exc = _encode_error(text)
@@ -129,7 +162,7 @@ def demo_from_record(record: Any, *, path: str | None = None, line: int | None =
         if not isinstance(value, str):
             raise PoolError(f"field '{name}' must be a string, got {_describe(value)}", path=path, line=line)
         values[name] = value
-    if not values["instruction"].strip():
+    if _blank(values["instruction"]):
         raise PoolError("field 'instruction' is empty", path=path, line=line)
     metadata: dict[str, Any] = {}
     raw_meta = record.get("metadata")
@@ -343,7 +376,7 @@ def iter_pool_text(text: str, name: str) -> Iterator[tuple[str, Demo]]:
                 yield where, demo_from_record(record, path=where, task=label)
         return
     for lineno, line in enumerate(_lines(text), start=1):
-        if not line.strip():
+        if _blank(line):
             continue
         try:
             record = load_json(line)
@@ -352,6 +385,11 @@ def iter_pool_text(text: str, name: str) -> Iterator[tuple[str, Demo]]:
         except RecursionError as exc:
             raise PoolError("JSON nested too deeply", path=name, line=lineno) from exc
         yield f"{name}:{lineno}", demo_from_record(record, path=name, line=lineno)
+
+
+def _blank(text: str) -> bool:
+    """``not text.strip()`` without the copy ``strip`` makes of a long text."""
+    return not text or text.isspace()
 
 
 def _lines(text: str) -> Iterator[str]:

@@ -4,6 +4,7 @@ one for ordinary text."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections.abc import Iterator
@@ -164,3 +165,29 @@ def test_max_tokens_counts_a_huge_demo_only_as_far_as_the_budget_needs(encoder: 
     assert counts[1] > 200 and max(seen[:4]) <= char_budget(200)  # the huge one: its head, over the budget
     assert counts[3] == counter([texts[3]])[0]  # no blank in its head: counted whole, as before
     assert pack_by_tokens(counts, 200, 4) == pack_by_tokens(counter(texts), 200, 4) == [0, 2, 3]
+
+
+def test_records_are_written_in_pieces_with_the_bytes_of_one_json_dump(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long text is escaped a piece at a time (pieces of 7 characters here), and the line is byte for byte
+    what json.dumps gives: quotes, backslashes, control characters and non-BMP characters across the cuts."""
+    import json
+
+    from icl_retriever import Demo, records
+    from icl_retriever.store import demo_file
+
+    monkeypatch.setattr(records, "PIECE_CHARS", 7)
+    tricky = 'a"b\\c\nd\te\u2028f\U0001F600g' * 5
+    demos = [
+        Demo(id="x", instruction=tricky, input="short", output=tricky[::-1], metadata={"k": tricky, "n": [1, 2]}),
+        Demo(id="y", instruction="plain", output=""),
+    ]
+    for demo in demos:
+        pieces = list(demo_file.record_chunks(demo))
+        line = b"".join(pieces)
+        assert line == (json.dumps(demo.record(), ensure_ascii=False) + "\n").encode()
+        assert demo_file.record_line(demo) == line
+        assert Demo.model_validate_json(line) == demo
+    assert len(list(demo_file.record_chunks(demos[0]))) > 20  # the long fields went in pieces
+    # the content-hash id of a record without one is unchanged by hashing in pieces
+    payload = json.dumps([tricky, "short", tricky[::-1]], ensure_ascii=False).encode()
+    assert records.stable_id(tricky, "short", tricky[::-1]) == hashlib.sha256(payload).hexdigest()[:16]

@@ -8,7 +8,7 @@ demo records one at a time. A loaded index can be memory-mapped (``mmap=True``) 
 searched where it lies.
 """
 
-from icl_retriever.store.demo_file import MappedDemos, record_line
+from icl_retriever.store.demo_file import MappedDemos, record_chunks, record_line
 from icl_retriever.store.faiss_index import (
     AUTO_HNSW_FROM,
     HNSW_EF_CONSTRUCTION,
@@ -97,6 +97,7 @@ __all__ = [
     "new_index",
     "non_unit_row",
     "rebuild_index",
+    "record_chunks",
     "record_line",
     "replace_file",
     "save_index",

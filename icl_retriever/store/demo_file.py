@@ -20,15 +20,29 @@ import numpy as np
 from pydantic import ValidationError
 
 from icl_retriever.errors import IndexFormatError
-from icl_retriever.records import Demo
+from icl_retriever.records import Demo, json_string_pieces
 
 #: dtype of the offset table: little-endian unsigned 64-bit byte offsets.
 OFFSET_DTYPE = np.dtype("<u8")
 
 
+def record_chunks(demo: Demo) -> Iterator[bytes]:
+    """A demo as one line of a records file (JSON, UTF-8, newline-ended), in pieces: the one place that format
+    is written. The bytes are those of ``json.dumps(record, ensure_ascii=False) + "\\n"``, but a long text goes
+    through :func:`~icl_retriever.records.json_string_pieces`, so writing a demo of a 60 MB instruction holds a
+    piece of it, not three copies."""
+    for i, (key, value) in enumerate(demo.record().items()):
+        yield (("{" if i == 0 else ", ") + json.dumps(key, ensure_ascii=False) + ": ").encode()
+        if isinstance(value, str):
+            yield from json_string_pieces(value)
+        else:
+            yield json.dumps(value, ensure_ascii=False).encode()
+    yield b"}\n"
+
+
 def record_line(demo: Demo) -> bytes:
-    """A demo as one line of a records file (JSON, UTF-8, newline-ended): the one place that format is written."""
-    return (json.dumps(demo.record(), ensure_ascii=False) + "\n").encode()
+    """A demo's whole line of a records file (see :func:`record_chunks`), for writers of a few demos."""
+    return b"".join(record_chunks(demo))
 
 
 def offset_table(sizes: Iterable[int]) -> bytes:

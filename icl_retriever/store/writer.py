@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 from icl_retriever.encoder import EncoderConfig
 from icl_retriever.errors import IndexBusyError, IndexExistsError, IndexWriteError
 from icl_retriever.records import Demo
-from icl_retriever.store.demo_file import offset_table, record_line
+from icl_retriever.store.demo_file import offset_table, record_chunks
 from icl_retriever.store.faiss_index import describe_index, non_unit_vector
 from icl_retriever.store.manifest import (
     DEMOS,
@@ -211,9 +211,11 @@ def write_version(
 
         def lines() -> Iterator[bytes]:
             for demo in demos:
-                line = record_line(demo)
-                sizes.append(len(line))
-                yield line
+                size = 0
+                for piece in record_chunks(demo):
+                    size += len(piece)
+                    yield piece
+                sizes.append(size)
 
         files[DEMOS] = write(DEMOS, lines())
         files[OFFSETS] = write(OFFSETS, [offset_table(sizes)])
