@@ -5,7 +5,7 @@ that ``rerank="task_then_topic"`` can order demos of the query's task by content
 default it is the untrained base model's plain embedding (``"default-base"``, no template, loaded once
 per process); for any other model it is the same model without its template. ``topic="static"`` asks
 for :class:`~icl_retriever.encoder.static.StaticEmbedder` vectors instead (no forward pass: builds about
-twice as fast, a slightly worse LLM downstream; README, "Choosing the default ranking"). An index is
+twice as fast, a slightly worse LLM downstream; docs/benchmarks.md, "Choosing the default ranking"). An index is
 always queried with the kind it was built with.
 """
 

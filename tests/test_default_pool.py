@@ -12,7 +12,7 @@ from conftest import DEFAULT_POOL
 
 # Task types whose queries the shipped default ranks first. Its IEB training splits tasks by verb *and*
 # noun, so some coarse families of this pool (summaries of a story vs an article, en-de vs en-fr
-# translation) are not all first: README's "The default model" gives the measured pool figures.
+# translation) are not all first: docs/model-card.md gives the measured pool figures.
 QUERIES = {
     "poem_writing": "Write a poem about the ocean at night.",
     "limerick_writing": "Write a limerick about a cat who loves lasagna.",

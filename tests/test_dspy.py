@@ -41,7 +41,7 @@ def test_pie_embedder_drives_dspy_knn(encoder: PIEEncoder) -> None:
     poems = knn(question="Write a poem about the mountains.")
     assert {e.answer for e in poems} == {"Waves...", "Leaves..."}  # the task, not the topic "sea"
     assert dspy.KNNFewShot(k=1, trainset=trainset, vectorizer=embedder).compile(dspy.Predict("question -> answer"))
-    # the README's plain swap works too: dspy.Embedder over PIEEncoder.encode
+    # the DSPy page's plain swap (docs/integrations/dspy.md) works too: dspy.Embedder over PIEEncoder.encode
     plain = KNN(k=2, trainset=trainset, vectorizer=dspy.Embedder(encoder.encode))
     assert {e.answer for e in plain(question="Write a poem about the mountains.")} == {"Waves...", "Leaves..."}
 

@@ -3,7 +3,7 @@
 A topic vector only has to say which of a few demos of the query's task share its content (the same
 entities, words, subject), which a bag of word-piece embeddings captures at almost no cost, where the
 default contextual vectors (a full forward pass of the base model over instruction + input) double the
-work of every build (``topic="static"``; README, "Choosing the default ranking", for what it costs
+work of every build (``topic="static"``; docs/benchmarks.md, "Static topic vectors as the content signal", for what it costs
 downstream). The table is the base model's own (all-MiniLM-L6-v2's
 ``embeddings.word_embeddings``, frozen during PIE training), read from its safetensors file with numpy;
 neither torch nor ONNX Runtime is needed. Each distinct word piece of the text counts once, weighted by

@@ -26,8 +26,9 @@ from icl_retriever.search.ranking import DEFAULT_DEDUP_THRESHOLD, DEFAULT_HYBRID
 #: Candidates examined when a control re-orders or drops results and ``fetch_k`` is not given.
 DEFAULT_FETCH_K = 20
 #: What ``rerank="auto"`` (the default) uses over an index with topic vectors: the ranking that lowered an
-#: LLM's gold-output NLL most in the downstream benchmark on data that is not a test set (README,
-#: "Downstream benchmark"), with ``rerank_weight`` / ``rerank_margin`` at their defaults.
+#: LLM's gold-output NLL most in the downstream benchmark on data that is not a test set
+#: (docs/benchmarks.md, "Choosing the default ranking"), with ``rerank_weight`` / ``rerank_margin`` at their
+#: defaults.
 DEFAULT_RERANK = "task_then_topic"
 
 #: ``rerank`` values: a method, ``"auto"`` (the default ranking) or ``None`` (task order only).

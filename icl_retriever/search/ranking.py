@@ -10,7 +10,7 @@ import numpy as np
 #: Cosine above which two demos count as near-duplicates when ``dedup=True``.
 DEFAULT_DEDUP_THRESHOLD = 0.95
 #: ``rerank="task_then_topic"``: demos whose PIE similarity is within this of the best one count as the
-#: query's task. Chosen downstream (README, "Downstream benchmark"): with 0.1, an LLM's gold-output NLL
+#: query's task. Chosen downstream (docs/benchmarks.md, "Choosing the default ranking"): with 0.1, an LLM's gold-output NLL
 #: was lowest on the default pool and SNI dev; larger margins trade task for topic.
 DEFAULT_RERANK_MARGIN = 0.1
 #: ``rerank="hybrid"``: weight of the PIE (task) cosine; the plain (content) cosine gets ``1 - weight``.
