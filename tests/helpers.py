@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import shutil
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from icl_retriever import Demo
-from icl_retriever.store import MANIFEST_FILE, VECTORS
+from icl_retriever import Demo, default_pool_path
+from icl_retriever.encoder import EncoderConfig
+from icl_retriever.store import MANIFEST_FILE, VECTORS, IndexParams
+
+ROOT = Path(__file__).resolve().parents[1]
+#: An encoder config for indexes of synthetic vectors (no model behind them).
+SYNTHETIC_CFG = EncoderConfig(model="m", template="{instruction}")
+#: Small parameters of every index type, for indexes of a few thousand synthetic vectors.
+SMALL_INDEX_PARAMS = {
+    "flat": None,
+    "hnsw": IndexParams(M=8, ef_construction=40, ef_search=32),
+    "ivf": IndexParams(nlist=20, nprobe=4),
+    "ivfpq": IndexParams(nlist=20, nprobe=4, pq_m=8),
+}
 
 #: Ten demos of five tasks, two per task.
 POOL = [
@@ -66,3 +81,30 @@ def docs_example(page: Path) -> str:
     if len(blocks) != 2:
         raise AssertionError(f"{page}: expected one ```python title=\"example.py\" block, found {len(blocks) - 1}")
     return blocks[1].split("\n```", 1)[0] + "\n"
+
+
+def run_docs_example(page: Path, default_index: Path, workdir: Path) -> None:
+    """Run a docs page's example as written, in ``workdir``, where it finds ``indexes/default``: the session's
+    index of the packaged pool, which is what the example would build there (so it is copied, not built)."""
+    assert default_pool_path().read_bytes() == (ROOT / "examples" / "demos.jsonl").read_bytes()
+    shutil.copytree(default_index, workdir / "indexes" / "default")
+    code = docs_example(page)
+    exec(compile(code, page.name, "exec"), {"__name__": "__main__"})  # noqa: S102 (the page's own asserts run)
+
+
+async def ticking(coro: Awaitable[Any]) -> tuple[Any, int]:
+    """Await ``coro`` while a ticker counts 10 ms steps of the event loop: many ticks mean the loop stayed
+    free while the work ran (in a thread)."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        return await coro, ticks
+    finally:
+        task.cancel()

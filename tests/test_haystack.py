@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,14 @@ import pytest
 os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")  # read once, when haystack is imported
 pytest.importorskip("haystack")  # the [haystack] extra; CI installs it
 
-from conftest import DEFAULT_POOL, ROOT  # noqa: E402
+from conftest import ROOT  # noqa: E402
 from haystack import Document, Pipeline  # noqa: E402
 from haystack.components.builders import PromptBuilder  # noqa: E402
 from haystack.core.errors import DeserializationError, SerializationError  # noqa: E402
 from haystack.errors import FilterError  # noqa: E402
-from helpers import docs_example  # noqa: E402
+from helpers import run_docs_example  # noqa: E402
 
-from icl_retriever import IndexFormatError, PIEEncoder, Retriever, default_pool_path  # noqa: E402
+from icl_retriever import IndexFormatError, PIEEncoder, Retriever  # noqa: E402
 from icl_retriever.integrations.haystack import PIEDemoRetriever, check_filters, demo_to_document  # noqa: E402
 from icl_retriever.records import demo_fields  # noqa: E402
 from icl_retriever.search.budget import format_demo  # noqa: E402
@@ -291,13 +290,8 @@ def test_docs_example_runs_as_written(
     default_index: Path, default_retriever: Retriever, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # The example builds indexes/default from the packaged pool when it is missing; the session index is that
-    # build already (the same pool file), so it is copied in rather than built again.
-    assert default_pool_path().read_bytes() == DEFAULT_POOL.read_bytes()
-    shutil.copytree(default_index, tmp_path / "indexes" / "default")
     monkeypatch.chdir(tmp_path)
-    code = docs_example(ROOT / "docs" / "integrations" / "haystack.md")
-    exec(compile(code, "haystack.md", "exec"), {"__name__": "__main__"})  # noqa: S102 (asserts the YAML round trip)
+    run_docs_example(ROOT / "docs" / "integrations" / "haystack.md", default_index, tmp_path)
     out = capsys.readouterr().out
     query = "Give me a slogan for a coffee shop."
     demos = default_retriever.get_demos(query, k=2)

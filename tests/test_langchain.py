@@ -13,6 +13,7 @@ from uuid import UUID
 
 import pytest
 from conftest import DEFAULT_POOL
+from helpers import ticking
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.example_selectors import BaseExampleSelector
@@ -217,21 +218,7 @@ def test_async_is_native_and_keeps_the_loop_free(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(slow, "get_demos", slow_get_demos)
     retriever = PIERetriever(retriever=slow, k=1)
 
-    async def main() -> tuple[list[Document], int]:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        task = asyncio.create_task(ticker())
-        docs = await retriever.ainvoke("Translate 'hello' into German.")
-        task.cancel()
-        return docs, ticks
-
-    docs, ticks = asyncio.run(main())
+    docs, ticks = asyncio.run(ticking(retriever.ainvoke("Translate 'hello' into German.")))
     assert [d.id for d in docs] == ["de-1"]
     assert ticks >= 5  # the event loop kept running while the model worked
 

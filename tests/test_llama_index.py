@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,14 @@ import pytest
 
 pytest.importorskip("llama_index.core")  # the [llamaindex] extra; CI installs it
 
-from conftest import DEFAULT_POOL, ROOT  # noqa: E402
-from helpers import docs_example  # noqa: E402
+from conftest import ROOT  # noqa: E402
+from helpers import run_docs_example, ticking  # noqa: E402
 from llama_index.core import PromptTemplate  # noqa: E402
 from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler  # noqa: E402
 from llama_index.core.retrievers import BaseRetriever  # noqa: E402
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode  # noqa: E402
 
-from icl_retriever import Demo, PIEEncoder, Retriever, default_pool_path  # noqa: E402
+from icl_retriever import Demo, PIEEncoder, Retriever  # noqa: E402
 from icl_retriever.integrations.llama_index import PIEDemoRetriever, demo_to_node, few_shot_fn  # noqa: E402
 from icl_retriever.records import demo_fields  # noqa: E402
 from icl_retriever.search.budget import format_demo  # noqa: E402
@@ -104,21 +103,6 @@ def test_controls_reach_get_demos_and_shape_the_nodes(default_retriever: Retriev
     assert texts and sum(len(default_retriever.encoder.tokenizer.encode(t, add_special_tokens=False)) for t in texts) <= 60
 
 
-async def _ticking(coro: Any) -> tuple[Any, int]:
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
-    result = await coro
-    task.cancel()
-    return result, ticks
-
-
 def test_async_matches_sync_and_keeps_the_loop_free(
     pie: PIEDemoRetriever, default_retriever: Retriever, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -135,7 +119,7 @@ def test_async_matches_sync_and_keeps_the_loop_free(
         return get_demos(query, **kwargs)
 
     monkeypatch.setattr(default_retriever, "get_demos", slow_get_demos)
-    nodes, ticks = asyncio.run(_ticking(pie.aretrieve("Write a haiku about the rain.")))
+    nodes, ticks = asyncio.run(ticking(pie.aretrieve("Write a haiku about the rain.")))
     assert len(nodes) == 2 and ticks >= 5  # the event loop ran while the look-up worked
 
 
@@ -239,13 +223,8 @@ def test_docs_example_runs_as_written(
     default_index: Path, default_retriever: Retriever, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # The example builds indexes/default from the packaged pool when it is missing; the session index is that
-    # build already (the same pool file), so it is copied in rather than built again.
-    assert default_pool_path().read_bytes() == DEFAULT_POOL.read_bytes()
-    shutil.copytree(default_index, tmp_path / "indexes" / "default")
     monkeypatch.chdir(tmp_path)
-    code = docs_example(ROOT / "docs" / "integrations" / "llamaindex.md")
-    exec(compile(code, "llamaindex.md", "exec"), {"__name__": "__main__"})  # noqa: S102
+    run_docs_example(ROOT / "docs" / "integrations" / "llamaindex.md", default_index, tmp_path)
     out = capsys.readouterr().out
     query = "Give me a slogan for a coffee shop."
     demos = default_retriever.get_demos(query, k=2)

@@ -12,7 +12,6 @@ import pytest
 
 from icl_retriever import IndexFormatError, PIEEncoder, Retriever, build_index
 from icl_retriever.cli import main
-from icl_retriever.encoder import EncoderConfig
 from icl_retriever.records import Demo
 from icl_retriever.store import (
     DEMOS,
@@ -31,15 +30,10 @@ from icl_retriever.store import (
     save_index,
 )
 
-from helpers import POOL, resync
+from helpers import POOL, SMALL_INDEX_PARAMS, SYNTHETIC_CFG, resync
 
-CFG = EncoderConfig(model="m", template="{instruction}")
-PARAMS = {
-    "flat": None,
-    "hnsw": IndexParams(M=8, ef_construction=40, ef_search=32),
-    "ivf": IndexParams(nlist=20, nprobe=4),
-    "ivfpq": IndexParams(nlist=20, nprobe=4, pq_m=8),
-}
+CFG = SYNTHETIC_CFG
+PARAMS = SMALL_INDEX_PARAMS
 
 
 def clustered(n: int = 3000, d: int = 32, seed: int = 0) -> np.ndarray:

@@ -10,10 +10,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from helpers import resync
+from helpers import SMALL_INDEX_PARAMS, SYNTHETIC_CFG, resync
 
 from icl_retriever import IndexFormatError, PIEEncoder, Retriever
-from icl_retriever.encoder import EncoderConfig
 from icl_retriever.records import Demo
 from icl_retriever.store import (
     PQ_NORM_RANGE,
@@ -31,13 +30,8 @@ from icl_retriever.store import (
 )
 from icl_retriever.store.pq_codes import reconstruction_norms
 
-CFG = EncoderConfig(model="m", template="{instruction}")
-PARAMS = {
-    "flat": None,
-    "hnsw": IndexParams(M=8, ef_construction=40, ef_search=32),
-    "ivf": IndexParams(nlist=20, nprobe=4),
-    "ivfpq": IndexParams(nlist=20, nprobe=4, pq_m=8),
-}
+CFG = SYNTHETIC_CFG
+PARAMS = SMALL_INDEX_PARAMS
 UNRELATED = ["Write a haiku about rain.", "Translate 'good night' into German.", "What is 17 times 3?",
              "Summarize the following paragraph in one sentence.", "Classify the sentiment of this review."]
 HIJACKED = 7  # the demo a forger wants first
