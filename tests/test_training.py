@@ -402,7 +402,7 @@ def test_config_takes_one_file_or_several(tmp_path: Path) -> None:
 
 
 def test_split_seed_fixes_the_held_out_tasks_across_training_seeds(tmp_path: Path) -> None:
-    from icl_retriever.training import _sources
+    from icl_retriever.training.validation import _sources
 
     def held_out(**seeds: int) -> list[str]:
         config = TrainConfig(train_file=TINY_IEB, output_dir=tmp_path, val_fraction=0.4, **seeds)
@@ -416,7 +416,7 @@ def test_split_seed_fixes_the_held_out_tasks_across_training_seeds(tmp_path: Pat
 
 
 def test_batch_shares() -> None:
-    from icl_retriever.training import _shares
+    from icl_retriever.training.validation import _shares
 
     assert _shares(32, [1, 1]) == [16, 16]
     assert _shares(32, [2, 1]) == [21, 11]

@@ -7,7 +7,6 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
-
 from icl_retriever.training.tasks import Facets, parse_facets
 
 

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from icl_retriever.datasets import iter_labelled
 from icl_retriever.errors import PoolError
 
