@@ -10,6 +10,9 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
+import faiss
+import numpy as np
+
 from icl_retriever import Demo, default_pool_path
 from icl_retriever.encoder import EncoderConfig
 from icl_retriever.store import MANIFEST_FILE, VECTORS, IndexParams
@@ -108,3 +111,12 @@ async def ticking(coro: Awaitable[Any]) -> tuple[Any, int]:
         return await coro, ticks
     finally:
         task.cancel()
+
+
+def clustered(n: int = 3000, d: int = 32, seed: int = 0) -> np.ndarray:
+    """``n`` unit vectors in 40 clusters: synthetic embeddings for indexes of every type."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((40, d)).astype(np.float32)
+    x = centers[rng.integers(0, 40, n)] + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
+    faiss.normalize_L2(x)
+    return x

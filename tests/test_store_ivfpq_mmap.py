@@ -30,18 +30,10 @@ from icl_retriever.store import (
     save_index,
 )
 
-from helpers import POOL, SMALL_INDEX_PARAMS, SYNTHETIC_CFG, resync
+from helpers import POOL, SMALL_INDEX_PARAMS, SYNTHETIC_CFG, clustered, resync
 
 CFG = SYNTHETIC_CFG
 PARAMS = SMALL_INDEX_PARAMS
-
-
-def clustered(n: int = 3000, d: int = 32, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((40, d)).astype(np.float32)
-    x = centers[rng.integers(0, 40, n)] + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
-    faiss.normalize_L2(x)
-    return x
 
 
 def write(path: Path, kind: str, x: np.ndarray) -> Path:

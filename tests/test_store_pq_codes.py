@@ -10,7 +10,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from helpers import SMALL_INDEX_PARAMS, SYNTHETIC_CFG, resync
+from helpers import SMALL_INDEX_PARAMS, SYNTHETIC_CFG, clustered, resync
 
 from icl_retriever import IndexFormatError, PIEEncoder, Retriever
 from icl_retriever.records import Demo
@@ -35,14 +35,6 @@ PARAMS = SMALL_INDEX_PARAMS
 UNRELATED = ["Write a haiku about rain.", "Translate 'good night' into German.", "What is 17 times 3?",
              "Summarize the following paragraph in one sentence.", "Classify the sentiment of this review."]
 HIJACKED = 7  # the demo a forger wants first
-
-
-def clustered(n: int = 3000, d: int = 32, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((40, d)).astype(np.float32)
-    x = centers[rng.integers(0, 40, n)] + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
-    faiss.normalize_L2(x)
-    return x
 
 
 @pytest.fixture(scope="module")
