@@ -83,8 +83,9 @@ class QueryVectors:
         """
         out = np.empty((len(queries), encoder.dim), dtype=np.float32)
         missing: dict[str, list[int]] = {}
+        cut = encoder.text_limit + 1
         for i, q in enumerate(queries):
-            q = q[: encoder.text_limit + 1]
+            q = q[:cut]
             cached = self.cache.get((kind, q))
             if cached is None:
                 missing.setdefault(q, []).append(i)

@@ -74,7 +74,10 @@ def json_string_pieces(text: str) -> Iterator[bytes]:
 
 def stable_id(instruction: str, input: str, output: str) -> str:
     """A content hash, so rebuilding the same pool gives the same ids: sha256 of
-    ``json.dumps([instruction, input, output], ensure_ascii=False)``, fed in pieces."""
+    ``json.dumps([instruction, input, output], ensure_ascii=False)`` (fed in pieces when a text is long)."""
+    if max(len(instruction), len(input), len(output)) <= PIECE_CHARS:
+        payload = json.dumps([instruction, input, output], ensure_ascii=False)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
     digest = hashlib.sha256(b"[")
     for i, text in enumerate((instruction, input, output)):
         if i:

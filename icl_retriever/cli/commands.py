@@ -8,10 +8,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from icl_retriever import presets
 from icl_retriever.cli.output import print_demos, print_json, printable, shorten
+
+if TYPE_CHECKING:
+    from icl_retriever.encoder import PIEEncoder
 
 
 def _ray_options(args: argparse.Namespace) -> Any:
@@ -276,7 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from icl_retriever.errors import first_validation_error
-    from icl_retriever.serve.server import read_token, serve
+    from icl_retriever.serve.server import serve
     from icl_retriever.serve.settings import ServeSettings, flag_of
 
     fields = ServeSettings.model_fields
@@ -285,7 +288,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         field, _, msg = first_validation_error(exc, "settings")
         raise ValueError(f"{flag_of(field)}: {msg}") from None
-    read_token(args.token_env)  # an unset variable fails before the model loads
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     serve(args.index, host=args.host, port=args.port, token_env=args.token_env, settings=settings, model=args.model,
           runtime=args.runtime, mmap=args.mmap, access_log=args.access_log, log_level=args.log_level)
@@ -343,8 +345,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _eval_encoder(args: argparse.Namespace) -> PIEEncoder:
+    """The encoder ``eval`` measures (or ranks demos with, for ``--downstream``)."""
     from icl_retriever.encoder import PIEEncoder
+
+    return PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime,
+                      quantize=args.quantize)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
     from icl_retriever.evaluation import evaluate
 
     if args.downstream is not None:
@@ -357,12 +366,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.label_field is not None and args.pool is None:
         raise ValueError("--label-field names the label of a --pool's demos; give --pool")
 
-    def encoder() -> PIEEncoder:  # loaded by evaluate once every file is read and checked
-        return PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime,
-                          quantize=args.quantize)
-
-    report = evaluate(
-        encoder, args.ict, args.iis, cross_group_path=args.cross_group, pool_path=args.pool,
+    report = evaluate(  # the encoder is loaded once every file is read and checked
+        lambda: _eval_encoder(args), args.ict, args.iis, cross_group_path=args.cross_group, pool_path=args.pool,
         label_field=args.label_field or "task", batch_size=args.batch_size, show_progress_bar=not args.json,
     )
     print(report.model_dump_json(indent=2) if args.json else report.table())
@@ -372,7 +377,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_downstream(args: argparse.Namespace) -> int:
     """``eval --downstream LLM``: the downstream benchmark on the user's pool and LLM (settings checked first)."""
     from icl_retriever.downstream import DownstreamConfig, load_causal_lm, run_downstream
-    from icl_retriever.encoder import PIEEncoder
     from icl_retriever.records import default_pool_path
 
     if args.ict is not None or args.iis is not None or args.cross_group is not None:
@@ -384,8 +388,7 @@ def _eval_downstream(args: argparse.Namespace) -> int:
         batch_size=args.llm_batch_size, label_field=args.label_field or "task", option_score=args.option_score,
         **reference,
     )
-    encoder = PIEEncoder(args.model, template=args.template, pooling=args.pooling, runtime=args.runtime,
-                         quantize=args.quantize)
+    encoder = _eval_encoder(args)
     lm = load_causal_lm(args.downstream, gguf_file=args.gguf_file, device=args.device)
     report = run_downstream(
         lm, args.pool or default_pool_path(), queries=args.queries, config=config, encoder=encoder,

@@ -25,7 +25,6 @@ BASE_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 HERE = Path(__file__).resolve().parent
 DELTA_FILE = HERE / "delta.safetensors"
-CONFIG_FILE = HERE / "pie_config.json"
 
 
 def base_model_dir() -> Path:

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from icl_retriever.encoder import PIEEncoder
 from icl_retriever.errors import PoolError
+from icl_retriever.messages import user_turn
 from icl_retriever.records import Demo, demo_fields, join_fields, not_plain_json
 from icl_retriever.search.controls import check_search_kwargs
 from icl_retriever.retriever import Retriever
@@ -73,8 +74,7 @@ def demo_to_document(demo: Demo) -> Document:
     Returns:
         The document :class:`PIERetriever` returns for it.
     """
-    content = f"{demo.instruction}\n\n{demo.input}" if demo.input else demo.instruction
-    return Document(page_content=content, id=demo.id, metadata={**demo_fields(demo), "score": demo.score})
+    return Document(page_content=user_turn(demo), id=demo.id, metadata={**demo_fields(demo), "score": demo.score})
 
 
 def demo_to_example(demo: Demo) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from icl_retriever.retriever import Retriever
 from icl_retriever.search import SearchControls
 from icl_retriever.serve.auth import AuthMiddleware, BearerToken
 from icl_retriever.serve.batching import MicroBatcher
-from icl_retriever.serve.errors import ErrorBody, RequestError, field_of, install_error_handlers
+from icl_retriever.serve.errors import ErrorBody, RequestError, field_of, install_error_handlers, validation_message
 from icl_retriever.serve.limits import BodyLimitMiddleware, check_demo_format, check_queries, check_sizes
 from icl_retriever.serve.metrics import MetricsMiddleware, ServeMetrics
 from icl_retriever.serve.models import (
@@ -250,8 +250,7 @@ def _controls(request: BaseModel) -> SearchControls:
         return controls_of(request)
     except ValidationError as exc:
         err = exc.errors()[0]
-        cause = (err.get("ctx") or {}).get("error")
-        message = str(cause) if cause is not None else str(err["msg"])
+        message = validation_message(err)
         raise RequestError(422, message, field_of(err.get("loc", ())) or _control_named(message)) from None
 
 

@@ -53,7 +53,8 @@ def field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
     return ".".join(keep)
 
 
-def _validation_message(err: dict[str, Any]) -> str:
+def validation_message(err: dict[str, Any]) -> str:
+    """A pydantic error's message: the library's own (a validator's ``ValueError``) where there is one."""
     cause = (err.get("ctx") or {}).get("error")
     if cause is not None:
         return str(cause)
@@ -81,7 +82,7 @@ def install_error_handlers(app: FastAPI, explain: Callable[[str, Any], str | Non
             return error_response(422, f"the body is not valid JSON (character {where}: {reason})", "body")
         field = field_of(err.get("loc", ()))
         better = explain(field, err.get("input")) if explain is not None and field is not None else None
-        return error_response(422, better or _validation_message(err), field)
+        return error_response(422, better or validation_message(err), field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
@@ -94,4 +95,5 @@ def install_error_handlers(app: FastAPI, explain: Callable[[str, Any], str | Non
         return error_response(500, "internal server error (logged by the server)")
 
 
-__all__ = ["ErrorBody", "ErrorDetail", "RequestError", "error_response", "field_of", "install_error_handlers"]
+__all__ = ["ErrorBody", "ErrorDetail", "RequestError", "error_response", "field_of", "install_error_handlers",
+           "validation_message"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from icl_retriever.retriever import Retriever
 from icl_retriever.store import MANIFEST_FILE
+from icl_retriever.store.reader import try_manifest
 
 logger = logging.getLogger("icl_retriever.serve")
 
@@ -56,6 +57,9 @@ class IndexWatcher:
         """
         seen = _identity(self._manifest)
         if seen is None or seen == self._seen:
+            return False
+        if try_manifest(self._retriever.path) == self._retriever.manifest:  # the version we serve (our own write)
+            self._seen = seen
             return False
         try:
             changed = self._retriever.reload()

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from icl_retriever.errors import IndexFormatError
+from icl_retriever import records
 from icl_retriever.records import Demo, json_string_pieces
 
 #: dtype of the offset table: little-endian unsigned 64-bit byte offsets.
@@ -31,7 +32,11 @@ def record_chunks(demo: Demo) -> Iterator[bytes]:
     is written. The bytes are those of ``json.dumps(record, ensure_ascii=False) + "\\n"``, but a long text goes
     through :func:`~icl_retriever.records.json_string_pieces`, so writing a demo of a 60 MB instruction holds a
     piece of it, not three copies."""
-    for i, (key, value) in enumerate(demo.record().items()):
+    record = demo.record()
+    if all(not isinstance(v, str) or len(v) <= records.PIECE_CHARS for v in record.values()):
+        yield (json.dumps(record, ensure_ascii=False) + "\n").encode()  # the usual demo: one piece
+        return
+    for i, (key, value) in enumerate(record.items()):
         yield (("{" if i == 0 else ", ") + json.dumps(key, ensure_ascii=False) + ": ").encode()
         if isinstance(value, str):
             yield from json_string_pieces(value)

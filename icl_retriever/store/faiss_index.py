@@ -52,8 +52,13 @@ def all_vectors(index: faiss.Index) -> np.ndarray:
     reconstructions, normalised, as :func:`stored_vectors` gives them): what selection, updates and recall read."""
     if index.ntotal == 0:
         return np.empty((0, index.d), dtype=np.float32)
-    x = index.reconstruct_n(0, index.ntotal)
-    if isinstance(index, faiss.IndexIVFPQ):
+    return _as_unit(index, index.reconstruct_n(0, index.ntotal))
+
+
+def _as_unit(index: faiss.Index, x: np.ndarray) -> np.ndarray:
+    """Reconstructed rows of ``index`` as the unit vectors its scores are cosines against: IVF-PQ's
+    reconstructions normalised in place; other types store unit vectors (checked at load)."""
+    if isinstance(index, faiss.IndexIVFPQ) and len(x):
         with np.errstate(all="ignore"):
             x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
@@ -239,7 +244,7 @@ def search(index: faiss.Index, vectors: np.ndarray, k: int) -> tuple[np.ndarray,
         for row, (query, found) in enumerate(zip(x, ids, strict=True)):
             hits = found[found >= 0]  # FAISS puts missing results (-1) last
             if len(hits):
-                exact = cosines(index, hits, query)
+                exact = stored_vectors(index, hits) @ query  # checked with the rest below
                 order = np.argsort(-exact, kind="stable")
                 ids[row, : len(hits)], scores[row, : len(hits)] = hits[order], exact[order]
     check_scores(scores[ids >= 0])
@@ -249,11 +254,7 @@ def search(index: faiss.Index, vectors: np.ndarray, k: int) -> tuple[np.ndarray,
 def stored_vectors(index: faiss.Index, rows: np.ndarray) -> np.ndarray:
     """The stored vectors at ``rows``, as the unit vectors scores are cosines against (IVF-PQ: its
     reconstructions, normalised; others: as stored, unit vectors checked at load)."""
-    x = index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
-    if isinstance(index, faiss.IndexIVFPQ) and len(x):
-        with np.errstate(all="ignore"):
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
+    return _as_unit(index, index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64)))
 
 
 def cosines(index: faiss.Index, rows: np.ndarray, vector: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from icl_retriever import default_model, presets
 from icl_retriever.cache import sha256_file
 from icl_retriever.encoder import PIE_CONFIG_FILE, PIEEncoder
+from icl_retriever.presets import CARD_FILE, DELTA_FILE
 from icl_retriever.train_config import TrainConfig
 from icl_retriever.training.loss import _batch_loss, _Source, _Teacher
 from icl_retriever.training.tasks import TaskSet
@@ -34,8 +35,6 @@ from icl_retriever.training.validation import _held_out, _sources, _validate, wr
 
 logger = logging.getLogger(__name__)
 
-CARD_FILE = "training_card.json"
-DELTA_FILE = "delta.safetensors"
 
 
 # --------------------------------------------------------------------------------------------- card
